@@ -1,0 +1,1 @@
+"""Online half: serve a model bundle over HTTP with onnxruntime. Never imports TensorFlow or training/."""

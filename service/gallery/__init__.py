@@ -1,0 +1,1 @@
+"""Searchable identities: exported class centers plus identities enrolled at run time."""

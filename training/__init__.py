@@ -1,0 +1,1 @@
+"""Offline half: learn identity embeddings with softmax (or a margin head) + center loss, evaluate, export."""
