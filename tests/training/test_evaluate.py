@@ -1,0 +1,232 @@
+"""Open-set metrics and threshold calibration checked against numbers computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bundle.manifest import Thresholds
+from training.evaluate import (
+    EvaluationSettings,
+    calibrate_threshold,
+    dir_at_far,
+    equal_error_rate,
+    evaluate_embeddings,
+    far_is_resolvable,
+    identification_report,
+    kfold_accuracy,
+    make_pairs,
+    measure_at,
+    pair_scores,
+    threshold_at_far,
+    verification_report,
+)
+
+# Genuine 0.9 0.8 0.4 / impostor 0.6 0.3 0.1. Sweeping the threshold down the sorted scores:
+#   t=0.9: FAR 0, FRR 2/3;  t=0.8: FAR 0, FRR 1/3;  t=0.6: FAR 1/3, FRR 1/3  -> EER = 1/3 exactly at t=0.6.
+# Thresholds are placed halfway to the next lower score (same rates, more margin): 0.6 -> 0.5.
+OVERLAP_SCORES = np.array([0.9, 0.8, 0.4, 0.6, 0.3, 0.1])
+OVERLAP_SAME = np.array([True, True, True, False, False, False])
+
+
+def test_eer_of_separable_scores_is_zero_with_threshold_in_the_gap():
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.0])
+    same = np.array([True, True, True, False, False, False])
+    eer, point = equal_error_rate(scores, same)
+    assert eer == 0.0
+    assert point.threshold == pytest.approx((0.7 + 0.2) / 2)
+    assert (point.far, point.tar) == (0.0, 1.0)
+
+
+def test_eer_of_overlapping_scores_matches_hand_computation():
+    eer, point = equal_error_rate(OVERLAP_SCORES, OVERLAP_SAME)
+    assert eer == pytest.approx(1 / 3)
+    assert point.threshold == pytest.approx(0.5)
+    assert point.far == pytest.approx(1 / 3)
+    assert point.tar == pytest.approx(2 / 3)
+
+
+def test_eer_is_interpolated_when_far_and_frr_cross_between_thresholds():
+    # Genuine 0.9 0.5 / impostor 0.6 0.1:  t=0.9 FAR 0 FRR 1/2;  t=0.6 FAR 1/2 FRR 1/2 -> crossing at 1/2.
+    # Genuine 0.9 0.8 0.5 0.4 / impostor 0.7 0.3: t=0.8 (FAR 0, FRR 1/2) -> t=0.7 (FAR 1/2, FRR 1/2): 1/2.
+    # Use a case with a true crossing inside a segment: genuine 0.9 0.4, impostor 0.8 0.7 0.1 0.0.
+    #   t=0.9: FAR 0, FRR 1/2 (diff +1/2);  t=0.8: FAR 1/4, FRR 1/2 (diff +1/4);
+    #   t=0.7: FAR 1/2, FRR 1/2 (diff 0)    -> EER 1/2 exactly at a point.
+    scores = np.array([0.9, 0.4, 0.8, 0.7, 0.1, 0.0])
+    same = np.array([True, True, False, False, False, False])
+    assert equal_error_rate(scores, same)[0] == pytest.approx(0.5)
+    # Genuine 0.9 0.8 0.3, impostor 0.85 0.2: t=0.85 (FAR 1/2, FRR 2/3, diff 1/6) -> t=0.8 (FAR 1/2, FRR 1/3,
+    # diff -1/6): the crossing is halfway along the segment, where FAR = 1/2 and FRR = 1/2.
+    scores = np.array([0.9, 0.8, 0.3, 0.85, 0.2])
+    same = np.array([True, True, True, False, False])
+    assert equal_error_rate(scores, same)[0] == pytest.approx(0.5)
+
+
+def test_calibration_picks_lowest_threshold_meeting_target_far():
+    # 10 impostors 0.0..0.9 and genuine 0.95 0.85 0.75 0.55. FAR <= 0.1 allows one impostor (0.9) through;
+    # scores can go down to 0.85 before the next impostor (0.8) would be accepted, so the threshold sits
+    # halfway between 0.85 and 0.8 and accepts genuine 0.95 and 0.85: TAR 2/4.
+    impostor = np.arange(10) / 10
+    genuine = np.array([0.95, 0.85, 0.75, 0.55])
+    scores = np.concatenate([genuine, impostor])
+    same = np.concatenate([np.ones(4, bool), np.zeros(10, bool)])
+    point = threshold_at_far(scores, same, 0.1)
+    assert point.threshold == pytest.approx(0.825)
+    assert point.far == pytest.approx(0.1)
+    assert point.tar == pytest.approx(0.5)
+    # FAR <= 0.2 lets 0.9 and 0.8 through: down to genuine 0.75, before impostor 0.7 -> 0.725, TAR 3/4.
+    point = threshold_at_far(scores, same, 0.2)
+    assert point.threshold == pytest.approx(0.725)
+    assert point.tar == pytest.approx(0.75)
+
+
+def test_calibrate_threshold_fills_manifest_thresholds_with_measured_rates():
+    impostor = np.arange(10) / 10
+    genuine = np.array([0.95, 0.85, 0.75, 0.55])
+    scores = np.concatenate([genuine, impostor])
+    same = np.concatenate([np.ones(4, bool), np.zeros(10, bool)])
+    th = calibrate_threshold(scores, same, target_far=0.2)
+    assert isinstance(th, Thresholds)
+    assert th.default == pytest.approx(0.725)
+    assert th.target_far == pytest.approx(0.2)
+    assert th.at_target_far.tar == pytest.approx(0.75)
+    assert (th.num_genuine_pairs, th.num_impostor_pairs) == (4, 10)
+    # The recorded rates are what the threshold really gives on these pairs.
+    again = measure_at(scores, same, th.eer.threshold)
+    assert (again.far, again.tar) == (th.eer.far, th.eer.tar)
+
+
+def test_calibration_falls_back_to_lowest_resolvable_far_when_impostors_are_few():
+    impostor = np.arange(10) / 10
+    genuine = np.array([0.95, 0.85])
+    scores = np.concatenate([genuine, impostor])
+    same = np.concatenate([np.ones(2, bool), np.zeros(10, bool)])
+    th = calibrate_threshold(scores, same, target_far=1e-3)
+    # 10 impostors resolve FAR 0.1 at best.
+    assert th.target_far == pytest.approx(0.1)
+    assert th.default == pytest.approx(0.825)
+
+
+def test_calibration_rejects_impossible_target():
+    with pytest.raises(ValueError, match="target FAR"):
+        calibrate_threshold(OVERLAP_SCORES, OVERLAP_SAME, target_far=0.0)
+
+
+def test_threshold_above_every_score_when_even_the_top_score_is_an_impostor():
+    scores = np.array([0.99, 0.5, 0.4])
+    same = np.array([False, True, False])
+    point = threshold_at_far(scores, same, 0.1)
+    assert point.far == 0.0 and point.tar == 0.0
+    assert 0.99 < point.threshold <= 1.0
+
+
+def test_far_resolvability_needs_enough_impostors():
+    assert far_is_resolvable(1000, 1e-3)
+    assert not far_is_resolvable(999, 1e-3)
+    assert not far_is_resolvable(5000, 1e-3, min_errors=10)
+
+
+def test_verification_report_marks_unresolvable_fars_instead_of_guessing():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.7, 0.1, 200), rng.normal(0.2, 0.1, 500)])
+    same = np.concatenate([np.ones(200, bool), np.zeros(500, bool)])
+    rep = verification_report(scores, same)
+    assert set(rep.tar_at_far) == {"1e-01", "1e-02"}
+    assert "500 impostor pairs" in rep.unresolved_fars["1e-03"]
+    assert 0.99 < rep.auc <= 1.0
+    assert rep.summary()["tar_at_far_1e-03"].startswith("not measured")
+
+
+def test_kfold_accuracy_is_perfect_on_separable_scores_and_chance_on_identical_ones():
+    scores = np.concatenate([np.linspace(0.6, 1.0, 50), np.linspace(-0.5, 0.4, 50)])
+    same = np.concatenate([np.ones(50, bool), np.zeros(50, bool)])
+    assert kfold_accuracy(scores, same, folds=10) == (1.0, 0.0)
+    flat = np.full(100, 0.3)
+    mean, _ = kfold_accuracy(flat, same, folds=10)
+    assert mean == pytest.approx(0.5)
+
+
+def test_kfold_accuracy_picks_threshold_on_training_folds_only():
+    # Each fold of 2 pairs holds one genuine and one impostor. A threshold placed on the lowest training
+    # genuine would reject the held-out genuine 0.6; the max-margin threshold (halfway into the gap) accepts.
+    scores = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.1, 0.2, 0.3, 0.4, 0.45])
+    same = np.array([True] * 5 + [False] * 5)
+    mean, std = kfold_accuracy(scores, same, folds=5, balance=False)
+    assert mean == 1.0 and std == 0.0
+
+
+def test_all_pairs_are_counted_exactly():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    pairs = make_pairs(labels)
+    # Genuine: C(3,2) + C(2,2) = 4; impostor: C(6,2) - 4 = 11.
+    assert (pairs.num_genuine, pairs.num_impostor) == (4, 11)
+    assert np.all((labels[pairs.idx_a] == labels[pairs.idx_b]) == pairs.same)
+    assert np.all(pairs.idx_a != pairs.idx_b)
+
+
+def test_sampled_pairs_are_distinct_seeded_and_of_the_requested_kind():
+    labels = np.repeat(np.arange(5), 40)
+    p1 = make_pairs(labels, max_genuine=300, max_impostor=500, seed=3)
+    p2 = make_pairs(labels, max_genuine=300, max_impostor=500, seed=3)
+    assert (p1.num_genuine, p1.num_impostor) == (300, 500)
+    assert np.array_equal(p1.idx_a, p2.idx_a) and np.array_equal(p1.idx_b, p2.idx_b)
+    assert np.all((labels[p1.idx_a] == labels[p1.idx_b]) == p1.same)
+    keys = set(
+        zip(np.minimum(p1.idx_a, p1.idx_b).tolist(), np.maximum(p1.idx_a, p1.idx_b).tolist(), strict=True)
+    )
+    assert len(keys) == 800
+    assert np.all(p1.idx_a != p1.idx_b)
+
+
+def test_make_pairs_rejects_a_split_without_impostors():
+    with pytest.raises(ValueError, match="no impostor pairs"):
+        make_pairs([1, 1, 1])
+
+
+def test_pair_scores_are_cosine_of_normalised_embeddings():
+    e = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    s = pair_scores(e, np.array([0, 0, 1]), np.array([1, 2, 2]))
+    assert s == pytest.approx([0.0, math.sqrt(0.5), math.sqrt(0.5)])
+
+
+def test_dir_at_far_counts_only_correct_known_probes_above_the_alarm_threshold():
+    # Unknown probes' best scores 0.9 0.5 0.4 0.3 ... (10 of them); FAR 0.1 allows one alarm -> threshold
+    # just above 0.5. Known probes: (0.95, correct) hit, (0.6, wrong) miss, (0.55, correct) hit,
+    # (0.5, correct) miss.
+    unknown = np.array([0.9, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2, -0.3])
+    top = np.concatenate([[0.95, 0.6, 0.55, 0.5], unknown])
+    correct = np.concatenate([[True, False, True, True], np.zeros(10, bool)])
+    known = np.concatenate([np.ones(4, bool), np.zeros(10, bool)])
+    assert dir_at_far(top, correct, known, 0.1) == pytest.approx(0.5)
+    # FAR 0 (no alarm) puts the threshold above 0.9: only 0.95 passes.
+    assert dir_at_far(top, correct, known, 0.01) == pytest.approx(0.25)
+
+
+def test_identification_on_perfect_clusters_is_perfect():
+    rng = np.random.default_rng(1)
+    centers = np.eye(6)
+    labels = np.repeat(np.arange(6), 20)
+    emb = centers[labels] + rng.normal(0, 0.01, (len(labels), 6))
+    rep = identification_report(emb, labels, unknown_fraction=0.34, trials=3)
+    assert rep.rank1 == 1.0
+    assert rep.dir_at_far["1e-01"] == 1.0
+    assert rep.gallery_size == 4 and rep.num_unknown_probes == 40
+    assert rep.num_known_probes == 4 * 19
+
+
+def test_evaluate_embeddings_ranks_clean_clusters_above_noise():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 30)
+    good = np.eye(4)[labels] + rng.normal(0, 0.2, (120, 4))
+    noise = rng.normal(0, 1, (120, 4))
+    settings = EvaluationSettings(ident_trials=2)
+    g = evaluate_embeddings("good", good, labels, settings)
+    n = evaluate_embeddings("noise", noise, labels, settings)
+    assert g.verification.eer < 0.1 < n.verification.eer
+    # Same labels + seed -> the same pairs for both embedders.
+    assert np.array_equal(g.pairs.idx_a, n.pairs.idx_a)
+    summary = g.summary()
+    assert summary["num_genuine_pairs"] == 4 * 435
+    assert isinstance(summary["rank1"], float)

@@ -1,0 +1,626 @@
+"""Open-set evaluation on identities unseen in training: verification, identification, threshold calibration.
+
+Pure numpy + scikit-learn (no TensorFlow), so the math is tested with hand-computed numbers and the same code
+scores any embedder (trained model, softmax-only baseline, PCA on pixels).
+
+Conventions used throughout:
+- A score is the cosine similarity of two L2-normalised embeddings; a pair is accepted ("same identity") when
+  `score >= threshold`, which is exactly how the service applies `Thresholds.default`.
+- FAR = accepted impostor pairs / impostor pairs; TAR = accepted genuine pairs / genuine pairs.
+- A false-accept rate is only *resolvable* when the impostor count can express it:
+  `num_impostors * far >= min_errors`. Below that, TAR@FAR is reported as missing with the reason, never
+  extrapolated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold
+
+from bundle.manifest import OperatingPoint, Thresholds
+
+DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+DEFAULT_TARGET_FAR = 1e-3
+
+
+# --------------------------------------------------------------------------------------------- embeddings
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit length (float64 for stable metrics); zero rows stay zero rather than NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("embeddings contain NaN or infinite values")
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def pair_scores(embeddings: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair (idx_a[i], idx_b[i]) of rows of `embeddings`."""
+    e = l2_normalize(embeddings)
+    # Clip: rounding can push a self-similar pair a hair above 1, outside the manifest's threshold range.
+    return np.clip(np.einsum("ij,ij->i", e[idx_a], e[idx_b]), -1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Index pairs into one set of samples; `same[i]` says whether pair i is genuine."""
+
+    idx_a: np.ndarray
+    idx_b: np.ndarray
+    same: np.ndarray
+
+    @property
+    def num_genuine(self) -> int:
+        return int(self.same.sum())
+
+    @property
+    def num_impostor(self) -> int:
+        return int((~self.same).sum())
+
+
+def _all_genuine(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a_parts, b_parts = [], []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        ia, ib = np.triu_indices(len(members), k=1)
+        a_parts.append(members[ia])
+        b_parts.append(members[ib])
+    return np.concatenate(a_parts), np.concatenate(b_parts)
+
+
+def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
+    n = len(labels)
+    counts = np.unique(labels, return_counts=True)[1].astype(np.int64)
+    genuine = int((counts * (counts - 1) // 2).sum())
+    return genuine, n * (n - 1) // 2 - genuine
+
+
+def _sample_genuine(
+    labels: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    # Uniform over all genuine pairs without listing them: pick a class with probability proportional to its
+    # pair count, then two distinct members; duplicates are dropped and the draw repeated until `count`.
+    classes, counts = np.unique(labels, return_counts=True)
+    weights = (counts * (counts - 1) / 2).astype(np.float64)
+    weights /= weights.sum()
+    members = [np.flatnonzero(labels == c) for c in classes]
+    return _draw_unique(
+        count,
+        rng,
+        lambda n: _draw_within(members, rng.choice(len(classes), size=n, p=weights), rng),
+    )
+
+
+def _draw_within(
+    members: list[np.ndarray], which: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    a = np.empty(len(which), dtype=np.int64)
+    b = np.empty(len(which), dtype=np.int64)
+    for k in np.unique(which):
+        rows = np.flatnonzero(which == k)
+        m = members[k]
+        first = rng.integers(0, len(m), size=len(rows))
+        # Second member drawn from the other len(m)-1 so a pair never repeats an image.
+        second = (first + rng.integers(1, len(m), size=len(rows))) % len(m)
+        a[rows], b[rows] = m[first], m[second]
+    return a, b
+
+
+def _sample_impostor(
+    labels: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    n = len(labels)
+
+    def draw(k: int) -> tuple[np.ndarray, np.ndarray]:
+        a = rng.integers(0, n, size=k)
+        b = rng.integers(0, n, size=k)
+        keep = labels[a] != labels[b]
+        return a[keep], b[keep]
+
+    return _draw_unique(count, rng, draw)
+
+
+def _draw_unique(
+    count: int,
+    rng: np.random.Generator,
+    draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    # Keys encode an unordered pair (lo, hi) as one int64, so repeats across draws are found with np.isin.
+    seen_a: list[np.ndarray] = []
+    seen_b: list[np.ndarray] = []
+    have = 0
+    key_set: np.ndarray = np.empty(0, dtype=np.int64)
+    while have < count:
+        a, b = draw(max(1024, 2 * (count - have)))
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        keys = lo.astype(np.int64) * (1 << 31) + hi
+        keys, first = np.unique(keys, return_index=True)
+        fresh = ~np.isin(keys, key_set)
+        keys, first = keys[fresh], first[fresh]
+        key_set = np.concatenate([key_set, keys])
+        seen_a.append(lo[first])
+        seen_b.append(hi[first])
+        have += len(first)
+    a = np.concatenate(seen_a)[:count]
+    b = np.concatenate(seen_b)[:count]
+    order = rng.permutation(len(a))
+    return a[order], b[order]
+
+
+def make_pairs(
+    labels: Sequence[int] | np.ndarray,
+    *,
+    max_genuine: int | None = None,
+    max_impostor: int | None = None,
+    seed: int = 0,
+) -> Pairs:
+    """Genuine and impostor pairs among samples of (unseen) identities.
+
+    Every unordered pair of distinct samples is used when a kind has at most `max_*` pairs (or `max_*` is
+    None); otherwise a seeded uniform sample of `max_*` distinct pairs of that kind is drawn.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) < 2:
+        raise ValueError("labels must be a 1-D sequence of at least 2 samples")
+    for name, value in (("max_genuine", max_genuine), ("max_impostor", max_impostor)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for all pairs), got {value}")
+    n_gen, n_imp = _count_pairs(labels)
+    if n_gen == 0:
+        raise ValueError("no genuine pairs: every identity has a single sample")
+    if n_imp == 0:
+        raise ValueError("no impostor pairs: all samples share one identity")
+    rng = np.random.default_rng(seed)
+
+    if max_genuine is None or n_gen <= max_genuine:
+        ga, gb = _all_genuine(labels)
+    else:
+        ga, gb = _sample_genuine(labels, max_genuine, rng)
+    if max_impostor is None or n_imp <= max_impostor:
+        ia, ib = np.triu_indices(len(labels), k=1)
+        keep = labels[ia] != labels[ib]
+        ia, ib = ia[keep], ib[keep]
+    else:
+        ia, ib = _sample_impostor(labels, max_impostor, rng)
+    same = np.concatenate([np.ones(len(ga), dtype=bool), np.zeros(len(ia), dtype=bool)])
+    return Pairs(
+        idx_a=np.concatenate([ga, ia]).astype(np.int64),
+        idx_b=np.concatenate([gb, ib]).astype(np.int64),
+        same=same,
+    )
+
+
+# ----------------------------------------------------------------------------------------- verification
+
+
+def _check_scores(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    same = np.asarray(same, dtype=bool).reshape(-1)
+    if len(scores) != len(same):
+        raise ValueError(f"{len(scores)} scores for {len(same)} labels")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinite values")
+    if same.all() or not same.any():
+        raise ValueError("need both genuine and impostor pairs")
+    return scores, same
+
+
+def _roc(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # drop_intermediate=False keeps every distinct score as a threshold, so each operating point is exact.
+    fpr, tpr, thr = roc_curve(same, scores, drop_intermediate=False)
+    return fpr, tpr, thr
+
+
+def measure_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> OperatingPoint:
+    """FAR and TAR measured when accepting `score >= threshold`."""
+    scores, same = _check_scores(scores, same)
+    accept = scores >= threshold
+    return OperatingPoint(
+        threshold=float(np.clip(threshold, -1.0, 1.0)),
+        far=float(accept[~same].mean()),
+        tar=float(accept[same].mean()),
+    )
+
+
+def _threshold_after(thr: np.ndarray, i: int, scores: np.ndarray) -> float:
+    """A threshold that accepts exactly the scores >= thr[i] (sklearn's ROC thresholds, descending).
+
+    Placed halfway to the next lower score rather than on thr[i] itself: the rates measured here are the same,
+    but a new genuine pair scoring a hair below the lowest accepted one is not rejected (a max-margin choice,
+    like an SVM's). sklearn's first threshold is +inf ("accept nothing"); for cosine scores that becomes just
+    above the highest score, capped at 1.0 so it stays a valid similarity.
+    """
+    if not math.isfinite(thr[i]):
+        return float(min(1.0, np.nextafter(scores.max(), np.inf)))
+    if i + 1 < len(thr):
+        return float((thr[i] + thr[i + 1]) / 2.0)
+    return float(thr[i])
+
+
+def equal_error_rate(scores: np.ndarray, same: np.ndarray) -> tuple[float, OperatingPoint]:
+    """EER (where FAR == FRR, linearly interpolated between ROC points) and the measured point nearest it.
+
+    The returned operating point is a real threshold at the ROC point nearest the crossing, so its FAR/TAR are
+    what that threshold actually gives, not interpolated values.
+    """
+    scores, same = _check_scores(scores, same)
+    fpr, tpr, thr = _roc(scores, same)
+    fnr = 1.0 - tpr
+    diff = fnr - fpr  # decreasing from 1 (threshold=inf) to -1 (lowest threshold)
+    i = int(np.flatnonzero(diff <= 0)[0])
+    if i == 0 or diff[i] == 0:
+        eer = float(fpr[i])
+    else:
+        # Segment (i-1, i) crosses fnr == fpr; interpolate both rates along it.
+        t = diff[i - 1] / (diff[i - 1] - diff[i])
+        eer = float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+    j = i if i == 0 or abs(diff[i]) <= abs(diff[i - 1]) else i - 1
+    point = measure_at(scores, same, _threshold_after(thr, j, scores))
+    return eer, point
+
+
+def threshold_at_far(scores: np.ndarray, same: np.ndarray, target_far: float) -> OperatingPoint:
+    """The lowest threshold whose measured FAR is <= `target_far` (the highest TAR that keeps the FAR)."""
+    if not 0.0 < target_far < 1.0:
+        raise ValueError(f"target FAR must be in (0, 1), got {target_far}")
+    scores, same = _check_scores(scores, same)
+    fpr, _, thr = _roc(scores, same)
+    i = int(np.flatnonzero(fpr <= target_far)[-1])
+    return measure_at(scores, same, _threshold_after(thr, i, scores))
+
+
+def far_is_resolvable(num_impostor: int, far: float, min_errors: int = 1) -> bool:
+    """Whether `num_impostor` pairs can measure `far` with at least `min_errors` false accepts."""
+    return num_impostor * far >= min_errors - 1e-9
+
+
+def kfold_accuracy(
+    scores: np.ndarray, same: np.ndarray, *, folds: int = 10, seed: int = 0, balance: bool = True
+) -> tuple[float, float]:
+    """LFW-protocol verification accuracy: threshold chosen on k-1 folds, accuracy on the held-out fold.
+
+    Returns (mean, std) over folds. LFW's folds hold equal numbers of genuine and impostor pairs; with
+    `balance=True` the larger kind is subsampled (seeded) to the size of the smaller one so that accuracy
+    is not dominated by the (usually far more numerous) impostor pairs.
+    """
+    scores, same = _check_scores(scores, same)
+    rng = np.random.default_rng(seed)
+    if balance:
+        gen, imp = np.flatnonzero(same), np.flatnonzero(~same)
+        n = min(len(gen), len(imp))
+        keep = np.concatenate([rng.choice(gen, n, replace=False), rng.choice(imp, n, replace=False)])
+        scores, same = scores[keep], same[keep]
+    if min(same.sum(), (~same).sum()) < folds:
+        raise ValueError(f"{folds}-fold accuracy needs at least {folds} pairs of each kind")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    accs = []
+    for train, test in splitter.split(scores, same):
+        fpr, tpr, thr = _roc(scores[train], same[train])
+        pos, neg = same[train].sum(), (~same[train]).sum()
+        acc = (tpr * pos + (1.0 - fpr) * neg) / (pos + neg)
+        k = int(np.argmax(acc))
+        best = thr[k] if k == 0 else _threshold_after(thr, k, scores[train])
+        accs.append(float(((scores[test] >= best) == same[test]).mean()))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """Verification metrics of one embedder on one set of pairs."""
+
+    num_genuine: int
+    num_impostor: int
+    auc: float
+    eer: float
+    eer_point: OperatingPoint
+    tar_at_far: dict[str, float]  # key "1e-02" -> TAR, only resolvable FARs
+    unresolved_fars: dict[str, str]  # key -> reason it is not reported
+    kfold_mean: float
+    kfold_std: float
+    roc_fpr: np.ndarray = field(repr=False)
+    roc_tpr: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Flat numbers for tables, JSON and the manifest's `evaluation` section."""
+        out: dict[str, float | int | str] = {
+            "num_genuine_pairs": self.num_genuine,
+            "num_impostor_pairs": self.num_impostor,
+            "roc_auc": round(self.auc, 6),
+            "eer": round(self.eer, 6),
+            "eer_threshold": round(self.eer_point.threshold, 6),
+            "kfold_accuracy_mean": round(self.kfold_mean, 6),
+            "kfold_accuracy_std": round(self.kfold_std, 6),
+        }
+        for key, tar in self.tar_at_far.items():
+            out[f"tar_at_far_{key}"] = round(tar, 6)
+        for key, why in self.unresolved_fars.items():
+            out[f"tar_at_far_{key}"] = why
+        return out
+
+
+def far_key(far: float) -> str:
+    return f"{far:.0e}"
+
+
+def verification_report(
+    scores: np.ndarray,
+    same: np.ndarray,
+    *,
+    fars: Sequence[float] = DEFAULT_FARS,
+    folds: int = 10,
+    min_errors: int = 1,
+    seed: int = 0,
+) -> VerificationReport:
+    """ROC AUC, EER, TAR at each resolvable FAR and k-fold accuracy for one set of scored pairs."""
+    scores, same = _check_scores(scores, same)
+    n_imp = int((~same).sum())
+    tar: dict[str, float] = {}
+    unresolved: dict[str, str] = {}
+    for far in fars:
+        if far_is_resolvable(n_imp, far, min_errors):
+            tar[far_key(far)] = threshold_at_far(scores, same, far).tar
+        else:
+            unresolved[far_key(far)] = (
+                f"not measured: {n_imp} impostor pairs cannot resolve FAR {far:g} "
+                f"(need >= {math.ceil(min_errors / far)})"
+            )
+    eer, eer_point = equal_error_rate(scores, same)
+    mean, std = kfold_accuracy(scores, same, folds=folds, seed=seed)
+    fpr, tpr, _ = roc_curve(same, scores)
+    return VerificationReport(
+        num_genuine=int(same.sum()),
+        num_impostor=n_imp,
+        auc=float(roc_auc_score(same, scores)),
+        eer=eer,
+        eer_point=eer_point,
+        tar_at_far=tar,
+        unresolved_fars=unresolved,
+        kfold_mean=mean,
+        kfold_std=std,
+        roc_fpr=fpr,
+        roc_tpr=tpr,
+    )
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+
+def calibrate_threshold(
+    scores: np.ndarray,
+    same: np.ndarray,
+    *,
+    target_far: float = DEFAULT_TARGET_FAR,
+    min_errors: int = 1,
+) -> Thresholds:
+    """Decision thresholds for the manifest, calibrated on pairs of identities unseen in training.
+
+    `default` is the lowest threshold whose measured FAR is <= the target FAR. When the impostor count cannot
+    resolve `target_far`, the lowest resolvable FAR (`min_errors / num_impostor`) is used instead and recorded
+    as `target_far`. The EER operating point is recorded beside it.
+    """
+    scores, same = _check_scores(scores, same)
+    if not 0.0 < target_far < 1.0:
+        raise ValueError(f"target FAR must be in (0, 1), got {target_far}")
+    n_imp = int((~same).sum())
+    achievable = min_errors / n_imp
+    if achievable >= 1.0:
+        raise ValueError(f"{n_imp} impostor pairs are too few to calibrate any FAR below 1")
+    target = max(target_far, achievable)
+    at_far = threshold_at_far(scores, same, target)
+    _, eer_point = equal_error_rate(scores, same)
+    return Thresholds(
+        default=at_far.threshold,
+        target_far=target,
+        at_target_far=at_far,
+        eer=eer_point,
+        num_genuine_pairs=int(same.sum()),
+        num_impostor_pairs=n_imp,
+    )
+
+
+# ---------------------------------------------------------------------------------------- identification
+
+
+@dataclass(frozen=True)
+class IdentificationReport:
+    """Open-set identification averaged over seeded trials (different gallery images/unknown identities)."""
+
+    trials: int
+    gallery_size: int
+    num_known_probes: int
+    num_unknown_probes: int
+    rank1: float
+    dir_at_far: dict[str, float]
+    unresolved_fars: dict[str, str]
+
+    def summary(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {
+            "ident_trials": self.trials,
+            "ident_gallery_size": self.gallery_size,
+            "ident_known_probes": self.num_known_probes,
+            "ident_unknown_probes": self.num_unknown_probes,
+            "rank1": round(self.rank1, 6),
+        }
+        for key, v in self.dir_at_far.items():
+            out[f"dir_at_far_{key}"] = round(v, 6)
+        for key, why in self.unresolved_fars.items():
+            out[f"dir_at_far_{key}"] = why
+        return out
+
+
+def open_set_scores(
+    embeddings: np.ndarray, labels: np.ndarray, gallery_idx: np.ndarray, probe_idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each probe: best gallery similarity, whether that best match has the probe's identity, and
+    whether the probe's identity is in the gallery at all."""
+    e = l2_normalize(embeddings)
+    sims = e[probe_idx] @ e[gallery_idx].T
+    best = np.argmax(sims, axis=1)
+    top_score = sims[np.arange(len(probe_idx)), best]
+    correct = labels[gallery_idx][best] == labels[probe_idx]
+    known = np.isin(labels[probe_idx], labels[gallery_idx])
+    return top_score, correct, known
+
+
+def dir_at_far(top_score: np.ndarray, correct: np.ndarray, known: np.ndarray, far: float) -> float:
+    """Detection-and-identification rate at a false-alarm rate (FRVT open-set protocol).
+
+    The threshold is the lowest one at which at most `far` of the unknown probes' best scores reach it; DIR is
+    the fraction of known probes whose best match is correct AND reaches the threshold.
+    """
+    unknown_scores = np.sort(top_score[~known])[::-1]
+    allowed = math.floor(far * len(unknown_scores) + 1e-9)  # false alarms permitted
+    # Accept score >= t; with `allowed` alarms permitted, t must sit just above the (allowed+1)-th highest.
+    threshold = -np.inf if allowed >= len(unknown_scores) else np.nextafter(unknown_scores[allowed], np.inf)
+    hits = correct[known] & (top_score[known] >= threshold)
+    return float(hits.mean())
+
+
+def identification_report(
+    embeddings: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    unknown_fraction: float = 0.3,
+    fars: Sequence[float] = (1e-2, 1e-1),
+    trials: int = 10,
+    min_errors: int = 1,
+    seed: int = 0,
+) -> IdentificationReport:
+    """Open-set identification on unseen identities.
+
+    Per trial (seeded): `unknown_fraction` of the identities (at least one) are kept out of the gallery and
+    all their samples become unknown probes; every other identity enrols ONE random sample as its gallery
+    entry and its remaining samples are known probes. Rank-1 is closed-set accuracy of known probes; DIR@FAR
+    is the detection-and-identification rate at a false-alarm rate measured on the unknown probes.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError("open-set identification needs at least 2 identities (1 known + 1 unknown)")
+    if not 0.0 < unknown_fraction < 1.0:
+        raise ValueError(f"unknown_fraction must be in (0, 1), got {unknown_fraction}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    n_unknown_ids = min(len(classes) - 1, max(1, round(unknown_fraction * len(classes))))
+    rng = np.random.default_rng(seed)
+    rank1s: list[float] = []
+    dirs: dict[str, list[float]] = {far_key(f): [] for f in fars}
+    unresolved: dict[str, str] = {}
+    sizes = (0, 0, 0)
+    for _ in range(trials):
+        unknown_ids = rng.choice(classes, n_unknown_ids, replace=False)
+        gallery, known_probes = [], []
+        for cls in classes:
+            if cls in unknown_ids:
+                continue
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            gallery.append(members[0])
+            known_probes.extend(members[1:])
+        unknown_probes = np.flatnonzero(np.isin(labels, unknown_ids))
+        probes = np.concatenate([np.asarray(known_probes, dtype=np.int64), unknown_probes])
+        top, correct, known = open_set_scores(embeddings, labels, np.asarray(gallery), probes)
+        if not known.any():
+            raise ValueError("no known probes: every gallery identity has a single sample")
+        rank1s.append(float(correct[known].mean()))
+        for far in fars:
+            key = far_key(far)
+            if far_is_resolvable(len(unknown_probes), far, min_errors):
+                dirs[key].append(dir_at_far(top, correct, known, far))
+            else:
+                unresolved[key] = (
+                    f"not measured: {len(unknown_probes)} unknown probes cannot resolve FAR {far:g}"
+                )
+        sizes = (len(gallery), int(known.sum()), len(unknown_probes))
+    return IdentificationReport(
+        trials=trials,
+        gallery_size=sizes[0],
+        num_known_probes=sizes[1],
+        num_unknown_probes=sizes[2],
+        rank1=float(np.mean(rank1s)),
+        dir_at_far={k: float(np.mean(v)) for k, v in dirs.items() if v},
+        unresolved_fars=unresolved,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ all-in-one
+
+
+@dataclass(frozen=True)
+class OpenSetEvaluation:
+    """Everything measured for one embedder on one held-out split."""
+
+    name: str
+    verification: VerificationReport
+    identification: IdentificationReport
+    pairs: Pairs = field(repr=False)
+    scores: np.ndarray = field(repr=False)
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {**self.verification.summary(), **self.identification.summary()}
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, **self.summary()}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Knobs of the open-set protocol; defaults work for the bundled digits and Fashion-MNIST splits."""
+
+    max_genuine: int | None = 50_000
+    max_impostor: int | None = 200_000
+    fars: tuple[float, ...] = DEFAULT_FARS
+    folds: int = 10
+    min_errors: int = 1
+    unknown_fraction: float = 0.3
+    ident_fars: tuple[float, ...] = (1e-2, 1e-1)
+    ident_trials: int = 10
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate_embeddings(
+    name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray, settings: EvaluationSettings
+) -> OpenSetEvaluation:
+    """Verification + open-set identification of one embedder's embeddings of the held-out samples.
+
+    Pairs depend only on `labels` and the seed, so several embedders of the same samples are scored on the
+    same pairs (a like-for-like comparison).
+    """
+    labels = np.asarray(labels)
+    embeddings = np.asarray(embeddings)
+    if len(embeddings) != len(labels):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(labels)} labels")
+    pairs = make_pairs(
+        labels, max_genuine=settings.max_genuine, max_impostor=settings.max_impostor, seed=settings.seed
+    )
+    scores = pair_scores(embeddings, pairs.idx_a, pairs.idx_b)
+    verification = verification_report(
+        scores,
+        pairs.same,
+        fars=settings.fars,
+        folds=settings.folds,
+        min_errors=settings.min_errors,
+        seed=settings.seed,
+    )
+    identification = identification_report(
+        embeddings,
+        labels,
+        unknown_fraction=settings.unknown_fraction,
+        fars=settings.ident_fars,
+        trials=settings.ident_trials,
+        min_errors=settings.min_errors,
+        seed=settings.seed,
+    )
+    return OpenSetEvaluation(name, verification, identification, pairs, scores)
