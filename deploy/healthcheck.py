@@ -26,8 +26,9 @@ def probe_url() -> str:
 
 def main() -> int:
     url = probe_url()
+    timeout = float(os.environ.get("IDEMBED_HEALTHCHECK_TIMEOUT", "4"))
     try:
-        with urllib.request.urlopen(url, timeout=float(os.environ.get("IDEMBED_HEALTHCHECK_TIMEOUT", "4"))) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             ok = r.status == 200
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"unhealthy: {url}: {exc}", file=sys.stderr)

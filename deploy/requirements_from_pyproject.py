@@ -25,7 +25,7 @@ def requirements(pyproject: Path, extras: list[str], with_build_system: bool) ->
     reqs = list(project.get("dependencies", []))
     if with_build_system:
         # pip builds the project wheel in an isolated env; offline, its backend must come from the wheelhouse.
-        reqs += list(data.get("build-system", {}).get("requires", [])) + ["wheel"]
+        reqs += [*data.get("build-system", {}).get("requires", []), "wheel"]
     for extra in extras:
         reqs += available[extra]
     return list(dict.fromkeys(reqs))
