@@ -1,0 +1,245 @@
+"""Approximate (HNSW) vector index for galleries of millions, and `make_index` to pick exact, HNSW or auto.
+
+Why usearch and not faiss (measured with `bench/identify_bench.py`, see docs/performance.md): at equal recall
+the two have similar single-query latency, but faiss' HNSW cannot delete vectors (`remove_ids` is unsupported
+for `IndexHNSWFlat`), so every un-enrollment would mean a full rebuild; usearch removes a key in place and
+keeps the graph searchable. usearch also stores vectors quantised (f16 / i8), which halves or quarters memory
+at 1M x 128-d with no measurable loss of recall@1.
+
+All vectors are L2-normalised by the caller, so the index uses the inner-product metric and reports
+`similarity = 1 - distance` (usearch's "ip" distance is `1 - dot`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import numpy as np
+from usearch.index import BatchMatches, Index, Matches
+
+from service.gallery.index import ExactIndex, VectorIndex
+
+IndexKind = Literal["exact", "hnsw", "auto"]
+INDEX_KINDS: tuple[str, ...] = ("exact", "hnsw", "auto")
+StorageDtype = Literal["f32", "f16", "bf16", "i8"]
+STORAGE_DTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "i8")
+
+# Defaults chosen by measurement at 1M x 128-d on clustered vectors (docs/performance.md): connectivity 16 and
+# expansion_search 256 give recall@1 >= 0.99 with p50 well under 2 ms; expansion_add 128 is usearch's own
+# default and building with a larger one bought no recall at this size.
+DEFAULT_CONNECTIVITY = 16
+DEFAULT_EXPANSION_ADD = 128
+DEFAULT_EXPANSION_SEARCH = 256
+DEFAULT_DTYPE: StorageDtype = "f16"
+# Below this many vectors exact numpy search is as fast as HNSW and has perfect recall (measured crossover,
+# docs/performance.md), so the "auto" index only starts answering from the graph above it.
+DEFAULT_AUTO_THRESHOLD = 20_000
+
+_HNSW_OPTIONS = ("connectivity", "expansion_add", "expansion_search", "dtype", "threads")
+
+# usearch reserves the all-ones key (uint64 max, i.e. int64 -1) as its "free slot" marker, and -1 is also the
+# padding key of every VectorIndex result, so it cannot be a real key.
+_PAD_KEY = -1
+
+
+def _as_keys(keys: np.ndarray) -> np.ndarray:
+    k = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(-1))
+    if np.any(k == _PAD_KEY):
+        raise ValueError("key -1 is reserved as the padding key of search results; use another key")
+    return k
+
+
+def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape [n, {dim}], got {tuple(v.shape)}")
+    return v
+
+
+def _last_occurrence(keys: np.ndarray) -> np.ndarray:
+    """Row positions that keep only the last vector given for each key (a batch may repeat a key)."""
+    _, first_in_reversed = np.unique(keys[::-1], return_index=True)
+    return np.sort(len(keys) - 1 - first_in_reversed)
+
+
+class HnswIndex:
+    """usearch HNSW graph under the `VectorIndex` protocol: incremental add, replace and remove.
+
+    `add` with a key that is already present replaces its vector (remove, then insert: usearch refuses
+    duplicate keys). `remove` of unknown keys is a no-op. One lock serialises every call: usearch may grow its
+    storage during `add`, which is not safe against a concurrent search, and a single query takes well under a
+    millisecond, so the lock costs nothing measurable at service request rates.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        connectivity: int = DEFAULT_CONNECTIVITY,
+        expansion_add: int = DEFAULT_EXPANSION_ADD,
+        expansion_search: int = DEFAULT_EXPANSION_SEARCH,
+        dtype: StorageDtype = DEFAULT_DTYPE,
+        threads: int = 1,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"index dim must be >= 1, got {dim}")
+        for option, value in (
+            ("connectivity", connectivity),
+            ("expansion_add", expansion_add),
+            ("expansion_search", expansion_search),
+            ("threads", threads),
+        ):
+            if value < 1:
+                raise ValueError(f"HNSW option {option} must be >= 1, got {value}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"HNSW option dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+        self.dim = int(dim)
+        self.threads = int(threads)
+        self._index = Index(
+            ndim=self.dim,
+            metric="ip",
+            dtype=dtype,
+            connectivity=connectivity,
+            expansion_add=expansion_add,
+            expansion_search=expansion_search,
+        )
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def expansion_search(self) -> int:
+        return int(self._index.expansion_search)
+
+    @expansion_search.setter
+    def expansion_search(self, value: int) -> None:
+        # Tunable at run time: the graph does not depend on it, only how many candidates a search visits.
+        if value < 1:
+            raise ValueError(f"HNSW option expansion_search must be >= 1, got {value}")
+        with self._lock:
+            self._index.expansion_search = int(value)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes usearch holds for vectors and graph (its own accounting, including reserved capacity)."""
+        return int(self._index.memory_usage)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        keys = _as_keys(keys)
+        vectors = _as_vectors(vectors, self.dim)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys for {len(vectors)} vectors")
+        if len(keys) == 0:
+            return
+        keep = _last_occurrence(keys)
+        if len(keep) != len(keys):
+            keys, vectors = keys[keep], vectors[keep]
+        ukeys = keys.view(np.uint64)
+        with self._lock:
+            present = np.asarray(self._index.contains(ukeys), dtype=bool).reshape(-1)
+            if present.any():
+                self._index.remove(ukeys[present])
+            self._index.add(ukeys, vectors, threads=self.threads)
+
+    def remove(self, keys: np.ndarray) -> None:
+        keys = _as_keys(keys)
+        if len(keys) == 0:
+            return
+        with self._lock:
+            self._index.remove(keys.view(np.uint64))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_vectors(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        sims_out = np.full((len(q), k), -np.inf, dtype=np.float32)
+        keys_out = np.full((len(q), k), _PAD_KEY, dtype=np.int64)
+        with self._lock:
+            if len(self._index) == 0 or len(q) == 0:
+                return sims_out, keys_out
+            found = self._index.search(q, k, threads=self.threads)
+        if isinstance(found, Matches):  # usearch unwraps a batch of one query
+            counts = np.array([len(found.keys)])
+            keys_2d, dist_2d = found.keys[None, :], found.distances[None, :]
+        else:
+            assert isinstance(found, BatchMatches)
+            counts, keys_2d, dist_2d = found.counts, found.keys, found.distances
+        for row, count in enumerate(np.asarray(counts).tolist()):
+            keys_out[row, :count] = keys_2d[row, :count].view(np.int64)
+            sims_out[row, :count] = 1.0 - dist_2d[row, :count]
+        return sims_out, keys_out
+
+
+class AutoIndex:
+    """Exact search while the gallery is small, the HNSW graph once it has grown past `threshold` vectors.
+
+    Both indexes are maintained while small (so crossing the threshold needs no rebuild and no pause); once
+    crossed, the exact copy is dropped to save memory and the graph answers from then on, even if deletions
+    later bring the size back under the threshold (no flapping, no rebuild).
+    """
+
+    def __init__(self, dim: int, *, threshold: int = DEFAULT_AUTO_THRESHOLD, **hnsw_options: object) -> None:
+        if threshold < 0:
+            raise ValueError(f"auto index threshold must be >= 0, got {threshold}")
+        self.dim = int(dim)
+        self.threshold = int(threshold)
+        self._hnsw = HnswIndex(dim, **hnsw_options)  # type: ignore[arg-type]
+        self._exact: ExactIndex | None = ExactIndex(dim) if threshold > 0 else None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> str:
+        """Which index answers searches now: "exact" or "hnsw"."""
+        return "exact" if self._exact is not None else "hnsw"
+
+    def __len__(self) -> int:
+        return len(self._hnsw)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        with self._lock:
+            self._hnsw.add(keys, vectors)
+            if self._exact is not None:
+                if len(self._hnsw) > self.threshold:
+                    self._exact = None
+                else:
+                    self._exact.add(keys, vectors)
+
+    def remove(self, keys: np.ndarray) -> None:
+        with self._lock:
+            self._hnsw.remove(keys)
+            if self._exact is not None:
+                self._exact.remove(keys)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        exact = self._exact  # read once: add() may drop it concurrently
+        return (exact if exact is not None else self._hnsw).search(queries, k)
+
+
+def make_index(kind: IndexKind | str, dim: int, **options: object) -> VectorIndex:
+    """Build the gallery index named by configuration.
+
+    kind: "exact" (numpy, perfect recall; default for small galleries), "hnsw" (usearch graph; options
+    connectivity, expansion_add, expansion_search, dtype, threads) or "auto" (exact up to `threshold` vectors,
+    then HNSW; takes the HNSW options too). For the gallery's `index_factory`, bind the kind and options:
+    `functools.partial(make_index, "auto", threshold=50_000)`.
+    """
+    if kind == "exact":
+        if options:
+            raise ValueError(f"index kind 'exact' takes no options, got {', '.join(sorted(options))}")
+        return ExactIndex(dim)
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    allowed = set(_HNSW_OPTIONS) | ({"threshold"} if kind == "auto" else set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for index kind {kind!r}; "
+            f"valid: {', '.join(sorted(allowed))}"
+        )
+    if kind == "hnsw":
+        return HnswIndex(dim, **options)  # type: ignore[arg-type]
+    return AutoIndex(dim, **options)  # type: ignore[arg-type]
