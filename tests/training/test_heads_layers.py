@@ -167,13 +167,28 @@ def test_head_config_round_trips(name):
         ("amsoftmax", {"m": 1.5}, "K/\\(K-1\\)"),
         ("combined", {"m2": 0.2, "m3": -0.1}, "'m3'"),
         ("arcface", {"easy_margin": "yes"}, "easy_margin"),
-        ("arcface", {"margin": 0.5}, "does not take option"),
+        ("arcface", {"margins": 0.5}, "does not take option"),
         ("nosuchhead", {}, "unknown head"),
     ],
 )
 def test_invalid_head_options_raise_clear_errors(name, params, message):
     with pytest.raises(ValueError, match=message):
         make_head(name, 5, **params)
+
+
+def test_generic_margin_and_scale_options_map_to_each_heads_own():
+    arc = make_head("arcface", 5, margin=0.3, scale=16.0)
+    assert (arc.m2, arc.s) == (0.3, 16.0)
+    sphere = make_head("asoftmax", 5, margin=2.0)
+    assert sphere.m == 2
+    with pytest.raises(ValueError, match="does not take option"):
+        make_head("asoftmax", 5, scale=10.0)
+    with pytest.raises(ValueError, match="not both"):
+        make_head("arcface", 5, margin=0.3, m=0.4)
+
+
+def test_easy_margin_stored_as_number_in_a_run_config_is_accepted():
+    assert make_head("arcface", 5, easy_margin=1.0).easy_margin is True
 
 
 def test_single_class_is_rejected():

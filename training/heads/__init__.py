@@ -24,13 +24,26 @@ HEADS: dict[str, type[keras.layers.Layer]] = {
 }
 
 
+# Head-independent spellings used by the CLI (`--margin`, `--scale`) -> each head's own option name.
+GENERIC_OPTIONS = {"margin": "m", "scale": "s"}
+
+
 def make_head(name: str, num_classes: int, **params: Any) -> keras.layers.Layer:
-    """Build the head registered under `name`; unknown names list the known ones."""
+    """Build the head registered under `name`; unknown names or options list the known ones.
+
+    `margin` and `scale` are accepted for every head that has an `m` / `s` option, so one pair of CLI flags
+    serves all heads.
+    """
     try:
         cls = HEADS[name]
     except KeyError:
         raise ValueError(f"unknown head {name!r}; choose one of {', '.join(sorted(HEADS))}") from None
     accepted = head_options(name)
+    for generic, specific in GENERIC_OPTIONS.items():
+        if generic in params and specific in accepted:
+            if specific in params:
+                raise ValueError(f"head {name!r}: give {generic!r} or {specific!r}, not both")
+            params[specific] = params.pop(generic)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(

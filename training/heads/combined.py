@@ -71,9 +71,10 @@ class CombinedMarginHead(CosineHead):
         self.s = check_scale(s)
         self.m2 = check_angular_margin(m2)
         self.m3 = check_cosine_margin(m3, self.num_classes)
-        if not isinstance(easy_margin, bool):
+        # 0/1 are accepted because run configs store head options as numbers.
+        if easy_margin not in (True, False):
             raise ValueError(f"head option 'easy_margin' must be true or false, got {easy_margin!r}")
-        self.easy_margin = easy_margin
+        self.easy_margin = bool(easy_margin)
 
     def _target_logit(self, cos_target: tf.Tensor) -> tf.Tensor:
         return combined_margin(cos_target, m2=self.m2, m3=self.m3, easy_margin=self.easy_margin)
