@@ -1,0 +1,73 @@
+"""Prometheus metrics of one app instance: requests, latency, batches, queue depth and gallery size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `*_created` timestamp series double the output and no dashboard uses them.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServiceMetrics:
+    """A private registry per app, so several apps in one process (tests) never clash."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "idembed_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "idembed_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "idembed_batch_size", "images per onnxruntime call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "idembed_inference_seconds", "onnxruntime time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("idembed_queue_depth", "images waiting for inference", registry=r)
+        self.gallery_size = Gauge(
+            "idembed_gallery_size", "searchable identities by source", ["source"], registry=r
+        )
+        self.model_info = Gauge(
+            "idembed_model_info", "1 for the model being served", ["model_id"], registry=r
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def bind(
+        self, queue_depth: Callable[[], float], centers: Callable[[], float], enrolled: Callable[[], float]
+    ) -> None:
+        """Gauges read live values at scrape time rather than being updated on every change."""
+        self.queue_depth.set_function(queue_depth)
+        self.gallery_size.labels("center").set_function(centers)
+        self.gallery_size.labels("enrolled").set_function(enrolled)
+
+    def set_model(self, model_id: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model_id).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,119 @@
+"""/v1/identities: enroll (from images or embeddings), list with paging, get and delete identities."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from service.api.bodies import check_count, read_body, request_body_doc
+from service.api.deps import RuntimeDep, SettingsDep, require_read_key, require_write_key
+from service.api.errors import error_responses
+from service.api.schemas import EnrollRequest, EnrollResponse, Identity, IdentityPage
+from service.errors import IdentityConflictError, IdentityNotFoundError
+from service.gallery.store import EnrolledIdentity, IdentityExistsError
+
+router = APIRouter(prefix="/v1/identities", tags=["identities"])
+
+FILES = {"images": "images", "image": "images"}
+NameParam = Annotated[str, Path(description="the identity's name (URL-encoded)", max_length=512)]
+
+
+def to_schema(record: EnrolledIdentity) -> Identity:
+    return Identity(
+        name=record.name,
+        image_count=record.image_count,
+        model_id=record.model_id,
+        metadata=record.metadata,
+        created_at=record.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=EnrollResponse,
+    summary="Enroll an identity",
+    description="Its template is the normalised mean embedding of the given images (or embeddings). "
+    "Multipart: `name`, one or more `images` file parts, optional `metadata` (a JSON object) and `replace`. "
+    "The identity is durable once this returns 201.",
+    dependencies=[Depends(require_write_key)],
+    openapi_extra=request_body_doc(EnrollRequest, FILES),
+    responses=error_responses(400, 401, 409, 413, 415, 422, 503),
+)
+async def enroll(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> EnrollResponse:
+    body, files = await read_body(
+        request, EnrollRequest, settings, file_fields=FILES, json_fields=("metadata",)
+    )
+    if "images" in files:
+        vectors, model_id = await runtime.embed_images(files["images"])
+    else:
+        assert body.embeddings is not None
+        check_count(len(body.embeddings), settings, "embeddings")
+        vectors = runtime.check_embeddings(body.embeddings, "embeddings")
+        model_id = runtime.current.model_id
+    gallery = runtime.gallery
+    try:
+        # The store commits with fsync: keep that wait off the event loop.
+        record, replaced = await to_thread.run_sync(
+            lambda: gallery.enroll(
+                body.name, vectors, model_id=model_id, metadata=body.metadata, replace=body.replace
+            )
+        )
+    except IdentityExistsError as exc:
+        raise IdentityConflictError(
+            f"identity {body.name!r} is already enrolled; send replace=true to overwrite it",
+            detail={"name": body.name},
+        ) from exc
+    return EnrollResponse(**to_schema(record).model_dump(), replaced=replaced)
+
+
+@router.get(
+    "",
+    response_model=IdentityPage,
+    summary="List enrolled identities",
+    description="In enrollment order; page with `offset` and `limit`.",
+    dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 422, 503),
+)
+async def list_identities(
+    runtime: RuntimeDep,
+    offset: Annotated[int, Query(ge=0, le=2**53)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> IdentityPage:
+    store = runtime.gallery.store
+    records = await to_thread.run_sync(lambda: store.list(offset=offset, limit=limit))
+    total = await to_thread.run_sync(store.count)
+    return IdentityPage(items=[to_schema(r) for r in records], total=total, offset=offset, limit=limit)
+
+
+@router.get(
+    "/{name}",
+    response_model=Identity,
+    summary="Get one enrolled identity",
+    dependencies=[Depends(require_read_key)],
+    responses=error_responses(401, 404, 422, 503),
+)
+async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
+    store = runtime.gallery.store
+    record = await to_thread.run_sync(store.get, name)
+    if record is None:
+        raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
+    return to_schema(record)
+
+
+@router.delete(
+    "/{name}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete an enrolled identity",
+    dependencies=[Depends(require_write_key)],
+    responses=error_responses(401, 404, 422, 503),
+)
+async def delete_identity(name: NameParam, runtime: RuntimeDep) -> Response:
+    gallery = runtime.gallery
+    record = await to_thread.run_sync(gallery.delete, name)
+    if record is None:
+        raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""Process-wide service concerns: typed settings and logging."""

@@ -1,0 +1,102 @@
+"""Service settings: one typed, validated object read from `IDEMBED_*` environment variables and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, with a default that works for `idembed-serve` on `models/default`.
+
+    Set any field with `IDEMBED_<FIELD>` (e.g. `IDEMBED_PORT=9000`) or a `.env` file in the working folder.
+    Invalid values stop start-up with a message naming the variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="IDEMBED_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    bundle_path: Path = Field(Path("models/default"), description="bundle folder served at start-up")
+    models_dir: Path | None = Field(
+        None, description="folder hot reload may load bundles from (default: the bundle's parent folder)"
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys accepted in X-API-Key for writes (enroll, delete, reload); "
+        "with none set, writes are refused",
+    )
+    require_key_for_reads: bool = Field(False, description="require a key for embed/identify/verify too")
+
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    max_images_per_request: int = Field(64, ge=1, description="most images (or embeddings) in one request")
+    max_image_pixels: int = Field(
+        16_000_000, ge=1, description="largest decoded image width*height (decompression-bomb guard, 413)"
+    )
+    max_top_k: int = Field(100, ge=1, le=10_000, description="largest top_k accepted by /v1/identify")
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most images in one onnxruntime call")
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="extra time the batcher waits for more requests once one arrived; 0 batches whatever "
+        "queued while the previous batch ran, which adds no latency to a lone request",
+    )
+    max_queue_depth: int = Field(
+        1024, ge=1, description="most images waiting for inference; beyond it requests get 503 + Retry-After"
+    )
+    ort_intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: default)")
+    ort_inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
+
+    store_url: str = Field(
+        "sqlite:///data/identities.sqlite3",
+        description="enrolled identities: sqlite:///path (WAL file) or postgresql://... (needs .[pg])",
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="how long shutdown waits for in-flight requests and batches"
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            if len(key.get_secret_value()) < 8:
+                raise ValueError("every API key must have at least 8 characters")
+        return keys
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_queue_depth < self.max_images_per_request:
+            raise ValueError(
+                f"max_queue_depth ({self.max_queue_depth}) must be >= max_images_per_request "
+                f"({self.max_images_per_request}), or a full-size request could never be queued"
+            )
+        return self
+
+    @property
+    def reload_root(self) -> Path:
+        return (self.models_dir or self.bundle_path.parent).resolve()
+
+    def api_key_values(self) -> list[bytes]:
+        return [k.get_secret_value().encode() for k in self.api_keys]

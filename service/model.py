@@ -1,0 +1,124 @@
+"""A verified bundle turned into a runnable onnxruntime session whose graph agrees with the manifest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bundle.errors import BundleError
+from bundle.files import Bundle, l2_normalize, load_bundle
+from bundle.manifest import MODEL_FILE
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+def _dim_ok(declared: object, expected: int | None) -> bool:
+    # ONNX dims are ints when fixed and strings (symbolic) or None when dynamic.
+    if expected is None:
+        return not isinstance(declared, int) or declared in (-1, 0)
+    return not isinstance(declared, int) or declared == expected
+
+
+class EmbeddingModel:
+    """The served model: bundle + onnxruntime session. `run` maps a float32 batch to L2-normalised embeddings.
+
+    Construction checks the ONNX graph against the manifest (input name, rank, layout dims, dynamic batch,
+    output name and embedding dim) and runs one inference, so a model that would fail on the first request
+    fails at load time instead, with a `BundleError` naming model.onnx.
+    """
+
+    def __init__(self, bundle: Bundle, options: RuntimeOptions | None = None) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        options = options or RuntimeOptions()
+        model_path = bundle.path / MODEL_FILE
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                bundle.model_bytes, sess_options=so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors for any bad graph
+            raise BundleError(model_path, f"onnxruntime cannot load the model: {exc}") from exc
+        self._check_graph(model_path)
+        self.input_name = self.manifest.input.name
+        self.output_name = self.manifest.embedding.output_name
+        self.dim = self.manifest.embedding.dim
+        self.input_shape = self.manifest.input.shape(None)[1:]
+        self.warmup_ms = self._warm_up(model_path)
+
+    @classmethod
+    def load(cls, path: Path | str, options: RuntimeOptions | None = None) -> EmbeddingModel:
+        return cls(load_bundle(path), options)
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    def _check_graph(self, model_path: Path) -> None:
+        spec = self.manifest.input
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if spec.name not in inputs:
+            raise BundleError(
+                model_path, f"has no input {spec.name!r} (manifest input.name); inputs are {sorted(inputs)}"
+            )
+        if len(inputs) != 1:
+            raise BundleError(model_path, f"must have exactly one input, has {sorted(inputs)}")
+        declared = inputs[spec.name]
+        if declared.type != "tensor(float)":
+            raise BundleError(model_path, f"input {spec.name!r} is {declared.type}, manifest says float32")
+        expected = spec.shape(None)
+        if len(declared.shape) != 4 or not all(
+            _dim_ok(d, e) for d, e in zip(declared.shape, expected, strict=True)
+        ):
+            raise BundleError(
+                model_path,
+                f"input {spec.name!r} has shape {declared.shape}; manifest ({spec.layout}) says "
+                f"{['N', *expected[1:]]} with a dynamic batch axis",
+            )
+        out_name = self.manifest.embedding.output_name
+        if out_name not in outputs:
+            raise BundleError(
+                model_path,
+                f"has no output {out_name!r} (manifest embedding.output_name); outputs are {sorted(outputs)}",
+            )
+        out_shape = outputs[out_name].shape
+        dim = self.manifest.embedding.dim
+        if len(out_shape) != 2 or not _dim_ok(out_shape[1], dim):
+            raise BundleError(
+                model_path, f"output {out_name!r} has shape {out_shape}; manifest says [N, {dim}]"
+            )
+
+    def _warm_up(self, model_path: Path) -> float:
+        # Two different batch sizes: the first call allocates, the second proves the batch axis is dynamic.
+        start = time.perf_counter()
+        for n in (1, 2):
+            probe = np.zeros((n, *self.input_shape), dtype=np.float32)
+            try:
+                out = self.session.run([self.output_name], {self.input_name: probe})[0]
+            except Exception as exc:
+                raise BundleError(model_path, f"warm-up inference with batch {n} failed: {exc}") from exc
+            if out.shape != (n, self.dim):
+                raise BundleError(
+                    model_path, f"warm-up with batch {n} gave shape {out.shape}, expected ({n}, {self.dim})"
+                )
+        return (time.perf_counter() - start) * 1000.0
+
+    def run_raw(self, batch: np.ndarray) -> np.ndarray:
+        """One onnxruntime call on a float32 batch: the raw (unnormalised) features."""
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Embeddings for a float32 batch `[N, ...]`, L2-normalised (the space centers and search use)."""
+        return l2_normalize(self.run_raw(batch))

@@ -1,0 +1,85 @@
+"""Request bytes -> model input: Pillow decode under size limits, then the bundle's shared preprocessing."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from bundle.manifest import InputSpec, Preprocessing
+from bundle.preprocess import preprocess_pil
+from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+# PGM/PPM are read by Pillow's PPM plugin.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "PPM", "BMP")
+
+
+def decode_base64(text: str, *, index: int) -> bytes:
+    """Standard base64 (a `data:image/...;base64,` prefix is accepted) -> bytes; errors name the image."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImageError(f"images[{index}] is not valid base64: {exc}") from exc
+
+
+def decode_image(data: bytes, *, max_pixels: int, where: str = "image") -> Image.Image:
+    """Decode PNG/JPEG/PGM/PPM/BMP bytes, refusing empty, corrupt, unsupported or oversized images.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing; Pillow's own global bomb limit is not relied upon because it is process-wide and only warns
+    below twice its value.
+    """
+    if not data:
+        raise InvalidImageError(f"{where} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, Image.DecompressionBombWarning | Image.DecompressionBombError):
+            raise PayloadTooLargeError(f"{where} has too many pixels") from exc
+        raise InvalidImageError(f"{where} is not a recognised image (PNG, JPEG, PGM/PPM or BMP)") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImageError(f"{where} cannot be decoded: {exc}") from exc
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedMediaTypeError(
+            f"{where} is {image.format}; supported formats are PNG, JPEG, PGM/PPM and BMP",
+            detail={"format": image.format},
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"{where} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLargeError(
+            f"{where} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
+            detail={"width": width, "height": height, "max_pixels": max_pixels},
+        )
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"{where} is truncated or corrupt: {exc}") from exc
+    return image
+
+
+class ImagePreprocessor:
+    """Bytes of many images -> one float32 batch shaped for the bundle's model."""
+
+    def __init__(self, preprocessing: Preprocessing, input_spec: InputSpec, *, max_pixels: int) -> None:
+        self.preprocessing = preprocessing
+        self.input_spec = input_spec
+        self.max_pixels = max_pixels
+
+    def __call__(self, images: list[bytes], *, field: str = "images") -> np.ndarray:
+        arrays = []
+        for i, data in enumerate(images):
+            image = decode_image(data, max_pixels=self.max_pixels, where=f"{field}[{i}]")
+            arrays.append(preprocess_pil(image, self.preprocessing, self.input_spec))
+        if not arrays:
+            return np.zeros((0, *self.input_spec.shape(0)[1:]), dtype=np.float32)
+        return np.stack(arrays)
