@@ -1,0 +1,122 @@
+"""Tiny real bundles for the reliability suite, and the faulty variants operators actually meet.
+
+The model is a seeded linear projection of an 8x8 grayscale image to 16-d, built with onnx.helper (no
+TensorFlow) and written through `bundle.write_bundle`, so the service loads it exactly as a trained bundle.
+The faults are made the way they happen in practice: a file edited after export (tampered), a copy cut
+short (truncated), and files from two different exports mixed in one folder (mismatched).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bundle import write_bundle
+from bundle.manifest import CENTERS_FILE, MANIFEST_FILE, MODEL_FILE
+
+SIDE = 8
+DIM = 16
+LABELS = ["ada", "grace", "alan", "edsger"]
+
+
+def onnx_linear(dim: int, seed: int) -> bytes:
+    """input [N, 8, 8, 1] -> Flatten -> MatMul [64, dim] -> output `embedding` [N, dim]."""
+    weights = np.random.default_rng(seed).normal(size=(SIDE * SIDE, dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "W"], ["embedding"]),
+        ],
+        "reliability-linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIDE, SIDE, 1])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def manifest_fields(version: str, dim: int) -> dict:
+    return {
+        "name": "reliability",
+        "version": version,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "input": {"name": "input", "layout": "NHWC", "height": SIDE, "width": SIDE, "channels": 1},
+        "preprocessing": {"color_mode": "L", "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
+        "embedding": {"output_name": "embedding", "dim": dim},
+        "num_classes": len(LABELS),
+        "thresholds": {
+            "default": 0.5,
+            "target_far": 0.01,
+            "at_target_far": {"threshold": 0.5, "far": 0.01, "tar": 0.9},
+            "eer": {"threshold": 0.4, "far": 0.05, "tar": 0.95},
+            "num_genuine_pairs": 10,
+            "num_impostor_pairs": 10,
+        },
+        "training": {
+            "backbone": "linear",
+            "center_update": "none",
+            "center_lambda": 0.0,
+            "center_alpha": 0.5,
+            "epochs": 1,
+            "batch_size": 1,
+            "seed": 0,
+            "dataset": "synthetic",
+            "train_classes": LABELS,
+            "heldout_classes": [],
+            "val_fraction": 0.0,
+        },
+    }
+
+
+def write_good(directory: Path, *, version: str = "1", dim: int = DIM, seed: int = 0) -> Path:
+    """A valid bundle; `version` and `seed` make distinct models, `dim` a different embedding size."""
+    centers = np.random.default_rng(seed + 1).normal(size=(len(LABELS), dim)).astype(np.float32)
+    write_bundle(
+        directory,
+        manifest=manifest_fields(version, dim),
+        model_bytes=onnx_linear(dim, seed),
+        centers=centers,
+        labels=LABELS,
+    )
+    return directory
+
+
+def write_tampered(directory: Path) -> Path:
+    """A good bundle whose model.onnx had bytes changed after export (same size, different sha256)."""
+    write_good(directory)
+    path = directory / MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return directory
+
+
+def write_truncated(directory: Path) -> Path:
+    """A good bundle whose model.onnx was cut short, as by an interrupted copy."""
+    write_good(directory)
+    path = directory / MODEL_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return directory
+
+
+def write_mismatched(directory: Path, scratch: Path) -> Path:
+    """Model and manifest from a 16-d export, centers.npy from an 8-d one, re-hashed so checksums pass.
+
+    Re-hashing is what someone "fixing" a checksum error by hand does; the shape check must still catch it.
+    """
+    write_good(directory, dim=DIM)
+    other = write_good(scratch / "other-export", dim=DIM // 2)
+    shutil.copyfile(other / CENTERS_FILE, directory / CENTERS_FILE)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["files"][CENTERS_FILE] = json.loads((other / MANIFEST_FILE).read_text())["files"][CENTERS_FILE]
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return directory
