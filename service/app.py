@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    runtime = ServiceRuntime(settings, observer=metrics.observe_batch)
+    runtime = ServiceRuntime(settings, observer=metrics.observe_batch, on_model_change=metrics.set_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +50,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.startup_error = str(exc)
             logger.error("start-up failed: %s", exc)
             raise
-        metrics.set_model(runtime.current.model_id)
         try:
             yield
         finally:

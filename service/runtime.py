@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -22,7 +23,8 @@ from bundle.errors import BundleError
 from service.core.config import Settings
 from service.engine import BatchingEngine, BatchObserver, EngineClosedError
 from service.errors import InvalidBundleError, InvalidInputError, NotReadyError
-from service.gallery.gallery import Gallery, Match
+from service.gallery.gallery import Gallery, IndexFactory, Match
+from service.gallery.index import ExactIndex
 from service.gallery.store import IdentityStore, open_store
 from service.model import EmbeddingModel, RuntimeOptions
 from service.preprocess import ImagePreprocessor
@@ -50,9 +52,15 @@ class LoadedModel:
 class ServiceRuntime:
     """Owns model, engine, gallery and store for one app; `start`/`stop` are called by the app lifespan."""
 
-    def __init__(self, settings: Settings, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        observer: BatchObserver | None = None,
+        on_model_change: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self._observer = observer
+        self._on_model_change = on_model_change
         self._current: LoadedModel | None = None
         self._gallery: Gallery | None = None
         self._store: IdentityStore | None = None
@@ -90,16 +98,27 @@ class ServiceRuntime:
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)
         return LoadedModel(model=model, engine=engine, preprocess=pre)
 
+    def _index_factory(self) -> IndexFactory:
+        if self.settings.gallery_index == "exact":
+            return ExactIndex
+        # Imported only when asked for: the ANN module pulls in usearch.
+        from service.gallery.ann import make_index
+
+        return partial(make_index, self.settings.gallery_index)
+
     async def start(self) -> None:
         """Load, verify and warm the bundle, open the store, build the gallery; raise on any fault."""
         start = time.perf_counter()
         loaded = await to_thread.run_sync(self._load_model, self.bundle_path)
         store = await to_thread.run_sync(open_store, self.settings.store_url, loaded.model.dim)
         bundle = loaded.model.bundle
-        self._gallery = await to_thread.run_sync(Gallery, bundle.centers, bundle.labels, store)
+        gallery = partial(Gallery, index_factory=self._index_factory())
+        self._gallery = await to_thread.run_sync(gallery, bundle.centers, bundle.labels, store)
         self._store = store
         loaded.engine.start()
         self._current = loaded
+        if self._on_model_change is not None:
+            self._on_model_change(loaded.model_id)
         logger.info(
             "model loaded",
             extra={
@@ -156,6 +175,8 @@ class ServiceRuntime:
             self.gallery.set_centers(bundle.centers, bundle.labels)
             self._current = new
             self.bundle_path = path
+            if self._on_model_change is not None:
+                self._on_model_change(new.model_id)
         logger.info("model reloaded", extra={"model_id": new.model_id, "previous_model_id": old.model_id})
         # Requests that took the old engine before the swap are still queued on it: let it drain.
         await old.engine.stop(self.settings.shutdown_timeout_s)

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         description="enrolled identities: sqlite:///path (WAL file) or postgresql://... (needs .[pg])",
     )
 
+    gallery_index: Literal["exact", "hnsw", "auto"] = Field(
+        "exact",
+        description="search index for enrolled identities: exact (numpy), hnsw (usearch graph) or auto "
+        "(exact while small, then hnsw)",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
     shutdown_timeout_s: float = Field(

@@ -1,0 +1,130 @@
+"""Micro-batcher: groups concurrent requests, never mixes results, bounds its queue, drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.engine import BatchingEngine, EngineClosedError
+from service.errors import OverloadedError
+
+
+class RecordingModel:
+    """Doubles each row (so mixed-up results would show) and records the size of every batch."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batch_sizes: list[int] = []
+        self.delay_s = delay_s
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait()
+        time.sleep(self.delay_s)
+        self.batch_sizes.append(len(batch))
+        return batch.reshape(len(batch), -1) * 2.0
+
+
+@pytest.mark.asyncio
+async def test_concurrent_distinct_requests_each_get_their_own_rows() -> None:
+    model = RecordingModel(delay_s=0.002)
+    engine = BatchingEngine(model, max_batch_size=16, max_queue_depth=1000)
+    engine.start()
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(int(rng.integers(1, 4)), 3)).astype(np.float32) for _ in range(200)]
+    outputs = await asyncio.gather(*(engine.embed(x) for x in inputs))
+    await engine.stop()
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(y, x * 2.0)
+    assert max(model.batch_sizes) > 1, "concurrent requests should have been batched"
+    assert max(model.batch_sizes) <= 16 or len(model.batch_sizes) == len(inputs)
+
+
+@pytest.mark.asyncio
+async def test_lone_request_runs_without_waiting_for_a_batch_window() -> None:
+    engine = BatchingEngine(RecordingModel(), max_batch_size=64, batch_wait_ms=0.0)
+    engine.start()
+    start = time.perf_counter()
+    await engine.embed(np.ones((1, 3), np.float32))
+    assert time.perf_counter() - start < 0.5
+    await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_batch_wait_gathers_requests_arriving_within_the_window() -> None:
+    model = RecordingModel()
+    engine = BatchingEngine(model, max_batch_size=64, batch_wait_ms=50.0)
+    engine.start()
+
+    async def late(i: int) -> np.ndarray:
+        await asyncio.sleep(0.005 * i)
+        return await engine.embed(np.full((1, 2), i, np.float32))
+
+    await asyncio.gather(*(late(i) for i in range(4)))
+    await engine.stop()
+    assert model.batch_sizes == [4]
+
+
+@pytest.mark.asyncio
+async def test_full_queue_raises_overloaded_with_retry_after() -> None:
+    model = RecordingModel()
+    model.gate.clear()  # hold the first batch inside the model so the queue fills
+    engine = BatchingEngine(model, max_batch_size=2, max_queue_depth=4)
+    engine.start()
+    first = asyncio.create_task(engine.embed(np.ones((2, 1), np.float32)))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(engine.embed(np.ones((2, 1), np.float32))) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError) as info:
+        await engine.embed(np.ones((1, 1), np.float32))
+    assert info.value.retry_after_s >= 1
+    model.gate.set()
+    await asyncio.gather(first, *queued)
+    await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_stop_finishes_queued_work_then_refuses_new_work() -> None:
+    model = RecordingModel(delay_s=0.01)
+    engine = BatchingEngine(model, max_batch_size=1)
+    engine.start()
+    tasks = [asyncio.create_task(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5)]
+    await asyncio.sleep(0)
+    await engine.stop()
+    assert [float(t.result()[0, 0]) for t in tasks] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(EngineClosedError):
+        await engine.embed(np.ones((1, 1), np.float32))
+
+
+@pytest.mark.asyncio
+async def test_request_larger_than_max_batch_runs_alone_and_whole() -> None:
+    model = RecordingModel()
+    engine = BatchingEngine(model, max_batch_size=4, max_queue_depth=100)
+    engine.start()
+    out = await engine.embed(np.arange(10, dtype=np.float32).reshape(10, 1))
+    await engine.stop()
+    np.testing.assert_array_equal(out[:, 0], np.arange(10) * 2.0)
+    assert model.batch_sizes == [10]
+
+
+@pytest.mark.asyncio
+async def test_model_failure_reaches_every_request_of_the_batch_and_engine_keeps_going() -> None:
+    calls = {"n": 0}
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return batch
+
+    engine = BatchingEngine(flaky, max_batch_size=8)
+    engine.start()
+    with pytest.raises(RuntimeError, match="boom"):
+        await engine.embed(np.ones((1, 1), np.float32))
+    ok = await engine.embed(np.ones((1, 1), np.float32))
+    await engine.stop()
+    assert ok.shape == (1, 1)

@@ -1,0 +1,123 @@
+"""SQLite identity store: uniqueness, replace keeps the key, durability across reopen, dimension guard."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.gallery.store import (
+    IdentityExistsError,
+    IdentityStore,
+    SQLiteIdentityStore,
+    StoreError,
+    open_store,
+)
+
+
+def unit(seed: int, dim: int = 4) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteIdentityStore:
+    s = SQLiteIdentityStore(tmp_path / "ids.db", dim=4)
+    yield s
+    s.close()
+
+
+def test_sqlite_store_satisfies_the_identity_store_protocol(store: SQLiteIdentityStore) -> None:
+    assert isinstance(store, IdentityStore)
+
+
+def test_store_uses_wal_journal(store: SQLiteIdentityStore) -> None:
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_add_then_get_returns_the_same_record(store: SQLiteIdentityStore) -> None:
+    record, replaced = store.add("alice", unit(0), image_count=3, model_id="m:1", metadata={"team": "blue"})
+    got = store.get("alice")
+    assert not replaced
+    assert got is not None
+    assert got.key == record.key
+    assert got.image_count == 3 and got.model_id == "m:1" and got.metadata == {"team": "blue"}
+    np.testing.assert_array_equal(got.embedding, unit(0))
+
+
+def test_duplicate_name_conflicts_unless_replace_and_replace_keeps_the_key(
+    store: SQLiteIdentityStore,
+) -> None:
+    first, _ = store.add("alice", unit(0), image_count=1, model_id="m:1")
+    with pytest.raises(IdentityExistsError):
+        store.add("alice", unit(1), image_count=1, model_id="m:1")
+    second, replaced = store.add("alice", unit(1), image_count=2, model_id="m:1", replace=True)
+    assert replaced and second.key == first.key and store.count() == 1
+    np.testing.assert_array_equal(store.get("alice").embedding, unit(1))
+
+
+def test_delete_returns_the_removed_record_and_unknown_gives_none(store: SQLiteIdentityStore) -> None:
+    record, _ = store.add("bob", unit(2), image_count=1, model_id="m:1")
+    assert store.delete("bob").key == record.key
+    assert store.delete("bob") is None
+    assert store.get("bob") is None
+
+
+def test_list_pages_in_enrollment_order_and_iter_all_covers_everything(store: SQLiteIdentityStore) -> None:
+    for i in range(7):
+        store.add(f"id{i}", unit(i), image_count=1, model_id="m:1")
+    assert [r.name for r in store.list(offset=2, limit=3)] == ["id2", "id3", "id4"]
+    batches = list(store.iter_all(batch_size=3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [r.name for b in batches for r in b] == [f"id{i}" for i in range(7)]
+    keys = [r.key for r in store.list(limit=2)]
+    assert set(store.get_by_keys(keys)) == set(keys)
+
+
+def test_records_survive_reopening_the_file(tmp_path: Path) -> None:
+    s = SQLiteIdentityStore(tmp_path / "ids.db", dim=4)
+    s.add("carol", unit(3), image_count=2, model_id="m:1")
+    s.close()
+    again = open_store(f"sqlite:///{tmp_path / 'ids.db'}", dim=4)
+    assert again.get("carol").image_count == 2
+    again.close()
+
+
+def test_reopening_with_another_dimension_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    SQLiteIdentityStore(tmp_path / "ids.db", dim=4).close()
+    with pytest.raises(StoreError, match="IDEMBED_STORE_URL"):
+        SQLiteIdentityStore(tmp_path / "ids.db", dim=8)
+
+
+def test_embedding_of_wrong_size_or_nan_is_rejected(store: SQLiteIdentityStore) -> None:
+    with pytest.raises(ValueError, match="4-d"):
+        store.add("x", np.ones(5), image_count=1, model_id="m:1")
+    with pytest.raises(ValueError, match="NaN"):
+        store.add("x", np.array([np.nan, 0, 0, 1]), image_count=1, model_id="m:1")
+    assert store.count() == 0
+
+
+def test_unknown_url_scheme_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="unsupported store URL"):
+        open_store("redis://localhost/0", dim=4)
+
+
+def test_concurrent_enrollments_from_threads_all_land_once(store: SQLiteIdentityStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(20):
+                store.add(f"t{t}-{i}", unit(i), image_count=1, model_id="m:1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert store.count() == 80
