@@ -204,7 +204,8 @@ class ServiceRuntime:
                 detail={"expected_dim": dim},
             )
         # Values beyond float32's range become inf here, so this also catches 1e300.
-        array = np.asarray(embeddings, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            array = np.asarray(embeddings, dtype=np.float32)
         if not np.all(np.isfinite(array)):
             raise InvalidInputError(f"{field_name} contains NaN or infinite values (as float32)")
         if np.any(np.linalg.norm(array, axis=1) == 0):
