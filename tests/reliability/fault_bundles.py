@@ -8,6 +8,7 @@ short (truncated), and files from two different exports mixed in one folder (mis
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -24,18 +25,28 @@ DIM = 16
 LABELS = ["ada", "grace", "alan", "edsger"]
 
 
-def onnx_linear(dim: int, seed: int) -> bytes:
-    """input [N, 8, 8, 1] -> Flatten -> MatMul [64, dim] -> output `embedding` [N, dim]."""
-    weights = np.random.default_rng(seed).normal(size=(SIDE * SIDE, dim)).astype(np.float32)
+def onnx_linear(dim: int, seed: int, hidden_layers: int = 0, hidden: int = 1024) -> bytes:
+    """input [N, 8, 8, 1] -> Flatten -> (MatMul [., hidden] -> Relu) x hidden_layers -> MatMul -> [N, dim].
+
+    Hidden layers only make inference slow on purpose (the overload tests need a queue that fills up).
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [SIDE * SIDE] + [hidden] * hidden_layers + [dim]
+    nodes = [helper.make_node("Flatten", ["input"], ["x0"], axis=1)]
+    weights = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"W{i}"))
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"W{i}"], ["embedding" if last else f"h{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"x{i + 1}"]))
     graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], ["embedding"]),
-        ],
-        "reliability-linear",
+        nodes,
+        "reliability-mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIDE, SIDE, 1])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
-        [numpy_helper.from_array(weights, "W")],
+        weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -76,13 +87,15 @@ def manifest_fields(version: str, dim: int) -> dict:
     }
 
 
-def write_good(directory: Path, *, version: str = "1", dim: int = DIM, seed: int = 0) -> Path:
+def write_good(
+    directory: Path, *, version: str = "1", dim: int = DIM, seed: int = 0, hidden_layers: int = 0
+) -> Path:
     """A valid bundle; `version` and `seed` make distinct models, `dim` a different embedding size."""
     centers = np.random.default_rng(seed + 1).normal(size=(len(LABELS), dim)).astype(np.float32)
     write_bundle(
         directory,
         manifest=manifest_fields(version, dim),
-        model_bytes=onnx_linear(dim, seed),
+        model_bytes=onnx_linear(dim, seed, hidden_layers),
         centers=centers,
         labels=LABELS,
     )
