@@ -1,0 +1,153 @@
+"""RunConfig: every training option in one pydantic model, validated before data is read or a model built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKBONES = ("lenetpp", "facecnn")
+RULES = ("paper", "facenet", "gradient", "none")
+OPTIMIZERS = ("adam", "sgd")
+
+# The CLI spells some fields differently; errors name the option the user actually typed.
+CLI_OPTION_NAMES = {
+    "center_lambda": "--lambda",
+    "alpha": "--alpha",
+    "rule": "--rule",
+    "center_lr": "--center-lr",
+    "heldout_classes": "--heldout-classes",
+    "heldout_count": "--heldout-count",
+    "heldout_fraction": "--heldout-fraction",
+    "head_params": "--margin/--scale",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message names the option (as typed on the command line) and what is allowed."""
+
+
+class RunConfig(BaseModel):
+    """A training run, fully described; saved as `config.json` in the run folder and reloaded on resume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # data
+    dataset: str = Field(
+        default="digits",
+        description="'digits' (bundled sklearn digits), an IDX folder/prefix (MNIST format), or an image "
+        "folder with one sub-folder per identity",
+    )
+    image_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=1024,
+        description="square model input size; default: the dataset's own size (8 digits, 28 IDX), "
+        "else 28 for lenetpp and 96 for facecnn",
+    )
+    color_mode: Literal["L", "RGB"] = Field(default="L", description="L = grayscale, RGB = 3 channels")
+    heldout_classes: list[str] | None = Field(
+        default=None, description="identities held out of training (open-set evaluation), by name"
+    )
+    heldout_count: int | None = Field(default=None, ge=0, description="hold out this many random identities")
+    heldout_fraction: float = Field(
+        default=0.3,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of identities held out when neither names nor a count are given",
+    )
+    val_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="per-identity validation fraction of training identities"
+    )
+    # model
+    backbone: Literal["lenetpp", "facecnn"] = "lenetpp"
+    feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
+    width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
+    head: str = Field(default="softmax", min_length=1)
+    head_params: dict[str, float] = Field(default_factory=dict)
+    # center loss
+    center_lambda: float = Field(default=0.01, ge=0.0, description="weight of the center loss; 0 = softmax")
+    alpha: float = Field(default=0.5, gt=0.0, le=1.0, description="center update rate (facenet: its alfa)")
+    rule: Literal["paper", "facenet", "gradient", "none"] = "paper"
+    center_lr: float = Field(default=0.5, gt=0.0, description="learning rate of the `gradient` rule")
+    # optimisation
+    epochs: int = Field(default=20, ge=1, le=100000)
+    batch_size: int = Field(default=64, ge=2, le=65536)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("head")
+    @classmethod
+    def _known_head(cls, v: str) -> str:
+        from training.heads import HEADS
+
+        if v not in HEADS:
+            raise ValueError(f"unknown head {v!r}; choose one of {', '.join(sorted(HEADS))}")
+        return v
+
+    @field_validator("heldout_classes")
+    @classmethod
+    def _unique_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        names = [s.strip() for s in v]
+        if any(not s for s in names):
+            raise ValueError("class names must be non-empty (check for a stray comma)")
+        if len(set(names)) != len(names):
+            raise ValueError("class names are repeated")
+        return names
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_exists(cls, v: str) -> str:
+        if v == "digits":
+            return v
+        path = Path(v)
+        # An IDX prefix such as `.../train` names files that start with it rather than a path that exists.
+        if not path.exists() and not any(path.parent.glob(path.name + "-*")):
+            raise ValueError(f"{v!r} is neither 'digits', an existing folder, nor an IDX file prefix")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.heldout_classes is not None and self.heldout_count is not None:
+            raise ValueError("give --heldout-classes or --heldout-count, not both")
+        if self.rule == "none" and self.center_lambda > 0:
+            raise ValueError("--rule none keeps centers at zero; it needs --lambda 0 (softmax only)")
+        if self.backbone == "lenetpp" and self.image_size is not None and self.image_size < 8:
+            raise ValueError("--image-size must be >= 8 for lenetpp (three 2x2 poolings)")
+        return self
+
+    @classmethod
+    def from_options(cls, **options: object) -> RunConfig:
+        """Validate options; a `ConfigError` names each bad option as the CLI spells it."""
+        try:
+            return cls.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError(describe_errors(exc)) from exc
+
+    @classmethod
+    def load(cls, path: Path | str) -> RunConfig:
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: missing (is this a run folder?)") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {describe_errors(exc)}") from exc
+
+
+def option_name(field: str) -> str:
+    """The command-line spelling of a RunConfig field (`center_lambda` -> `--lambda`)."""
+    return CLI_OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def describe_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{option_name(loc[0])}: {msg}" if loc else msg)
+    return "; ".join(parts)

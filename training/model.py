@@ -1,0 +1,138 @@
+"""CenterLossModel: a keras.Model whose train_step optimises softmax (or a margin head) + lambda * center.
+
+`fit()` drives it (so ModelCheckpoint, TensorBoard, CSVLogger and every other callback keep working); only the
+step is custom. The centers are a non-trainable variable of the model, so they are saved and restored with
+its weights. They start at zero (the paper's Caffe layer does the same; zero-mean features make this a
+neutral start) and move only through the chosen update rule, never through the feature optimizer.
+
+Distributed correctness: each replica computes per-class feature sums and counts of its share of the batch;
+these are all-reduced (SUM) once per step and every replica applies the same rule to the global statistics,
+so the centers equal those of one device on the whole batch. Losses are summed per replica and divided by
+the GLOBAL batch size (also all-reduced), so the optimizer's gradient all-reduce (a sum in Keras) yields the
+single-device gradient even when the last batch splits unevenly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from training.center_loss import UPDATE_RULES, batch_class_statistics, center_loss_per_example, update_centers
+
+
+class CenterLossModel(keras.Model):
+    """Backbone (image -> features) + head (features -> logits) + centers `[num_classes, feature_dim]`."""
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        head: keras.layers.Layer,
+        num_classes: int,
+        *,
+        center_lambda: float = 0.01,
+        alpha: float = 0.5,
+        rule: str = "paper",
+        center_lr: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"--rule: unknown center update rule {rule!r}; choose one of {UPDATE_RULES}")
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = int(num_classes)
+        self.feature_dim = int(backbone.output.shape[-1])
+        self.center_lambda = float(center_lambda)
+        self.alpha = float(alpha)
+        self.rule = rule
+        self.center_lr = float(center_lr)
+        self.head.build((None, self.feature_dim))
+        # ONLY_FIRST_REPLICA: every replica assigns the same value computed from all-reduced statistics, so
+        # taking the first replica's write is exact and lets the assignment happen in replica context.
+        self.centers = self.add_weight(
+            shape=(self.num_classes, self.feature_dim),
+            initializer="zeros",
+            trainable=False,
+            name="centers",
+            aggregation="only_first_replica",
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.softmax_tracker = keras.metrics.Mean(name="softmax_loss")
+        self.center_tracker = keras.metrics.Mean(name="center_loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        # Backbone and head are built above, so weights can be saved/loaded before the first step.
+        self.built = True
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return [self.loss_tracker, self.softmax_tracker, self.center_tracker, self.accuracy_tracker]
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Embedding features of a batch of preprocessed images (the exported part of the model)."""
+        return self.backbone(inputs, training=training)
+
+    def _objective(
+        self, features: tf.Tensor, logits: tf.Tensor, labels: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        # stop_gradient: the center term pulls features towards centers; centers follow the update rule.
+        cl = center_loss_per_example(features, labels, tf.stop_gradient(tf.convert_to_tensor(self.centers)))
+        return ce, cl, ce + self.center_lambda * cl
+
+    def _update_metrics(self, ce: tf.Tensor, cl: tf.Tensor, total: tf.Tensor, labels, logits) -> dict:
+        # Per-example values: the Mean metrics then average over the global batch across replicas exactly.
+        self.loss_tracker.update_state(total)
+        self.softmax_tracker.update_state(ce)
+        self.center_tracker.update_state(cl)
+        self.accuracy_tracker.update_state(labels, logits)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        x, y = data
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+        ctx = tf.distribute.get_replica_context()
+        global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))
+        with tf.GradientTape() as tape:
+            features = self.backbone(x, training=True)
+            logits = self.head(features, y, training=True)
+            ce, cl, total = self._objective(features, logits, y)
+            loss = tf.reduce_sum(total) / global_batch
+            if self.losses:
+                # Layer regularisers are per-model, not per-example: split them evenly over the replicas.
+                loss += tf.add_n(self.losses) / ctx.num_replicas_in_sync
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        self._update_centers(tf.stop_gradient(features), y, global_batch, ctx)
+        return self._update_metrics(ce, cl, total, y, logits)
+
+    def _update_centers(
+        self,
+        features: tf.Tensor,
+        labels: tf.Tensor,
+        global_batch: tf.Tensor,
+        ctx: tf.distribute.ReplicaContext,
+    ) -> None:
+        if self.rule == "none":
+            return
+        sums, counts = batch_class_statistics(features, labels, self.num_classes)
+        sums, counts = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [sums, counts])
+        new_centers = update_centers(
+            self.rule,
+            tf.convert_to_tensor(self.centers),
+            sums,
+            counts,
+            alpha=self.alpha,
+            batch_size=global_batch,
+            center_lr=self.center_lr,
+        )
+        self.centers.assign(new_centers)
+
+    def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        x, y = data
+        y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+        features = self.backbone(x, training=False)
+        logits = self.head(features, y, training=False)
+        ce, cl, total = self._objective(features, logits, y)
+        return self._update_metrics(ce, cl, total, y, logits)

@@ -1,0 +1,169 @@
+"""train(config) -> run folder: builds data, model and callbacks from a RunConfig and runs keras fit().
+
+This is the function the CLI calls and other code (baselines, evaluation scripts) can call directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training.backbones import build_backbone
+from training.config import RunConfig
+from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
+from training.heads import make_head
+from training.model import CenterLossModel
+from training.run import (
+    RunPaths,
+    latest_checkpoint,
+    prepare_run_dir,
+    prune_checkpoints,
+    save_final,
+    truncate_history,
+)
+
+CHECKPOINTS_KEPT = 3
+EVAL_BATCH_SIZE = 256
+
+
+def build_model(config: RunConfig, splits: Splits) -> CenterLossModel:
+    """The compiled training model of `config` (call inside a strategy scope to distribute it)."""
+    shape = (splits.input_spec.height, splits.input_spec.width, splits.input_spec.channels)
+    backbone = build_backbone(config.backbone, shape, config.feature_dim, config.width)
+    head = make_head(config.head, len(splits.class_names), **config.head_params)
+    model = CenterLossModel(
+        backbone,
+        head,
+        len(splits.class_names),
+        center_lambda=config.center_lambda,
+        alpha=config.alpha,
+        rule=config.rule,
+        center_lr=config.center_lr,
+    )
+    if config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(config.lr)
+    else:
+        optimizer = keras.optimizers.SGD(config.lr, momentum=0.9)
+    model.compile(optimizer=optimizer)
+    # Create the optimizer's slots now so a checkpoint (which holds them) can be loaded before training.
+    optimizer.build(model.trainable_variables)
+    return model
+
+
+class _PruneCheckpoints(keras.callbacks.Callback):
+    """Keeps the newest few checkpoints; runs after ModelCheckpoint (callbacks fire in list order)."""
+
+    def __init__(self, paths: RunPaths, keep: int) -> None:
+        super().__init__()
+        self.paths, self.keep = paths, keep
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        prune_checkpoints(self.paths, self.keep)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    dataset = "digits" if config.dataset == "digits" else Path(config.dataset).name
+    return (
+        Path("runs")
+        / f"{dataset}-{config.backbone}-{config.rule}-lambda{config.center_lambda:g}-s{config.seed}"
+    )
+
+
+def train(
+    config: RunConfig,
+    out: Path | str | None = None,
+    *,
+    resume: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+    verbose: int | str = "auto",
+    splits: Splits | None = None,
+) -> Path:
+    """Train `config` into run folder `out` (default `runs/<dataset>-<backbone>-<rule>-lambda..-s<seed>`).
+
+    `resume=True` continues from the newest checkpoint in `out`; because weights, centers, optimizer state and
+    the per-epoch data order are all restored, the result equals an uninterrupted run. `splits` may be passed
+    to reuse already preprocessed data (it must come from `build_splits(config)`).
+    Returns the run folder, which `training.run.load_run` reads back.
+    """
+    out = Path(out) if out is not None else default_run_dir(config)
+    paths = prepare_run_dir(out, config, resume=resume)
+    if splits is None:
+        splits = build_splits(config)
+    keras.utils.set_random_seed(config.seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(config, splits)
+
+    initial_epoch = 0
+    found = latest_checkpoint(paths) if resume else None
+    if found is not None:
+        initial_epoch, checkpoint = found
+        model.load_weights(checkpoint)
+    truncate_history(paths, initial_epoch)
+    if initial_epoch >= config.epochs:
+        print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
+
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(
+            str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
+        ),
+        _PruneCheckpoints(paths, CHECKPOINTS_KEPT),
+        keras.callbacks.CSVLogger(str(paths.history), append=initial_epoch > 0),
+    ]
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(paths.logs), write_graph=False, profile_batch=0))
+    else:
+        # tf.summary needs the tensorboard package; training is still valid without its event files.
+        print("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+    validation = (
+        eval_dataset(splits.x_val, splits.y_val, batch_size=EVAL_BATCH_SIZE) if len(splits.x_val) else None
+    )
+    started = time.monotonic()
+    history: dict[str, list[float]] = {}
+    if initial_epoch < config.epochs:
+        fit = model.fit(
+            train_dataset(
+                splits.x_train,
+                splits.y_train,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                epochs=config.epochs,
+                initial_epoch=initial_epoch,
+            ),
+            epochs=config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch(len(splits.x_train), config.batch_size),
+            validation_data=validation,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=verbose,
+        )
+        history = fit.history
+        if not np.all(np.isfinite(model.centers.numpy())):
+            raise FloatingPointError(
+                f"{paths.root}: training diverged (non-finite centers); lower --lr/--alpha"
+            )
+    summary = {
+        "epochs": config.epochs,
+        "resumed_from_epoch": initial_epoch,
+        "seconds": round(time.monotonic() - started, 2),
+        "final": {k: float(v[-1]) for k, v in history.items()},
+        "num_train": len(splits.x_train),
+        "num_val": len(splits.x_val),
+        "num_heldout": len(splits.x_heldout),
+        "versions": {
+            "python": sys.version.split()[0],
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+    }
+    save_final(paths, model.backbone, model.centers.numpy(), splits, summary)
+    return paths.root
