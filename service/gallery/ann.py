@@ -12,11 +12,12 @@ All vectors are L2-normalised by the caller, so the index uses the inner-product
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Literal
 
 import numpy as np
-from usearch.index import BatchMatches, Index, Matches
+from usearch.index import BatchMatches, Index, Matches, MetricKind
 
 from service.gallery.index import ExactIndex, VectorIndex
 
@@ -127,6 +128,44 @@ class HnswIndex:
     def memory_bytes(self) -> int:
         """Bytes usearch holds for vectors and graph (its own accounting, including reserved capacity)."""
         return int(self._index.memory_usage)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write graph and vectors to one file: reloading is far faster than re-inserting (minutes at 1M)."""
+        with self._lock:
+            self._index.save(os.fspath(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        dim: int,
+        *,
+        expansion_search: int = DEFAULT_EXPANSION_SEARCH,
+        threads: int = 1,
+    ) -> HnswIndex:
+        """Read a file written by `save`; refuses one of another dimension or metric, naming the file."""
+        path = os.fspath(path)
+        try:
+            meta = Index.metadata(path)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a usearch index file ({exc})") from exc
+        if meta is None:
+            raise ValueError(f"{path}: not a usearch index file")
+        if int(meta["dimensions"]) != dim or meta["kind_metric"] != MetricKind.IP:
+            raise ValueError(
+                f"{path}: holds a {meta['dimensions']}-d {meta['kind_metric'].name} index, "
+                f"expected {dim}-d inner product"
+            )
+        restored = Index.restore(path)
+        if restored is None:
+            raise ValueError(f"{path}: not a usearch index file")
+        index = cls.__new__(cls)
+        index.dim = int(dim)
+        index.threads = int(threads)
+        index._index = restored
+        index._lock = threading.Lock()
+        index.expansion_search = expansion_search  # not stored in the file
+        return index
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         keys = _as_keys(keys)

@@ -204,3 +204,26 @@ def test_make_index_rejects_unknown_kind_and_options_by_name() -> None:
         make_index("hnsw", DIM, threshold=10)
     with pytest.raises(ValueError, match="takes no options"):
         make_index("exact", DIM, connectivity=8)
+
+
+def test_saved_index_reloads_with_same_results(tmp_path, gallery_vectors: np.ndarray) -> None:
+    index = HnswIndex(DIM, dtype="f16", expansion_search=100)
+    index.add(np.arange(500), gallery_vectors[:500])
+    index.save(tmp_path / "g.usearch")
+    loaded = HnswIndex.load(tmp_path / "g.usearch", DIM, expansion_search=100)
+    assert len(loaded) == 500 and loaded.expansion_search == 100
+    queries = probes_of(gallery_vectors[:500], 20, noise=0.1, seed=12)
+    np.testing.assert_array_equal(loaded.search(queries, 3)[1], index.search(queries, 3)[1])
+    loaded.add(np.array([9999]), gallery_vectors[600][None])  # still incrementally updatable
+    assert len(loaded) == 501
+
+
+def test_loading_an_index_of_another_dimension_or_a_bad_file_names_the_file(tmp_path) -> None:
+    index = HnswIndex(DIM)
+    index.add(np.arange(3), unit_rows(3))
+    index.save(tmp_path / "g.usearch")
+    with pytest.raises(ValueError, match=r"g\.usearch: holds a 32-d"):
+        HnswIndex.load(tmp_path / "g.usearch", 64)
+    (tmp_path / "junk.usearch").write_bytes(b"not an index")
+    with pytest.raises(ValueError, match=r"junk\.usearch"):
+        HnswIndex.load(tmp_path / "junk.usearch", DIM)
