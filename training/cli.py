@@ -108,8 +108,27 @@ def train(
         float, typer.Option(help="fraction of each training identity's images used for validation")
     ] = 0.15,
     quiet: Annotated[bool, typer.Option(help="one line per epoch instead of a progress bar")] = False,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="auto (multiworker if a cluster is configured, mirrored if several GPUs, else default) "
+            "| default | mirrored (all local GPUs) | multiworker (TF_CONFIG or --worker)"
+        ),
+    ] = "auto",
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="host:port of every worker, repeated, in the same order on every machine "
+            "(builds TF_CONFIG; alternative to setting TF_CONFIG)"
+        ),
+    ] = None,
+    worker_index: Annotated[
+        int | None, typer.Option(help="this machine's position in the --worker list (0 = chief)")
+    ] = None,
 ) -> None:
     """Train a model; write a run folder (config, checkpoints, history.csv, TensorBoard logs, final model)."""
+    from training.distributed import DistributedConfigError, make_strategy, resolve_tf_config
+    from training.heads import check_head_options
     from training.trainer import default_run_dir
     from training.trainer import train as run_training
 
@@ -148,11 +167,26 @@ def train(
                 optimizer=optimizer,
                 seed=seed,
             )
+        try:
+            check_head_options(config.head, config.head_params)
+        except ValueError as exc:
+            raise ConfigError(f"--head {config.head}: {exc}") from exc
+        # The cluster is checked and the strategy built before any data is read or TensorFlow op runs
+        # (multi-worker training must start its server first).
+        cluster = resolve_tf_config(worker, worker_index)
+        dist = make_strategy(strategy, cluster)
         run_dir = run_training(
-            config, out or default_run_dir(config), resume=resume, verbose=2 if quiet else 1
+            config,
+            out or default_run_dir(config),
+            resume=resume,
+            strategy=dist,
+            verbose=2 if quiet else 1,
         )
-    except (ConfigError, DataError, RunError) as exc:
+    except (ConfigError, DataError, RunError, DistributedConfigError) as exc:
         raise _fail(str(exc)) from exc
+    if cluster is not None and not cluster.is_chief:
+        typer.echo(f"worker {cluster.task.type}:{cluster.task.index} done; the chief writes {run_dir}")
+        return
     summary = json.loads(RunPaths(run_dir).summary.read_text())
     typer.echo(f"run folder: {run_dir}")
     typer.echo("final: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()))

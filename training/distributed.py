@@ -175,7 +175,7 @@ def resolve_tf_config(
     return None
 
 
-def make_strategy(name: StrategyName = "auto", tf_config: TFConfig | None = None) -> tf.distribute.Strategy:
+def make_strategy(name: str = "auto", tf_config: TFConfig | None = None) -> tf.distribute.Strategy:
     """Build the strategy. Call before any other TensorFlow op: multi-worker needs to start its server first.
 
     - `default`: one device, no distribution.

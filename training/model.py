@@ -20,9 +20,10 @@ import keras
 import tensorflow as tf
 
 from training.center_loss import UPDATE_RULES, batch_class_statistics, center_loss_per_example, update_centers
+from training.distributed import MultiWorkerFit, worker_logs
 
 
-class CenterLossModel(keras.Model):
+class CenterLossModel(MultiWorkerFit, keras.Model):
     """Backbone (image -> features) + head (features -> logits) + centers `[num_classes, feature_dim]`."""
 
     def __init__(
@@ -87,7 +88,7 @@ class CenterLossModel(keras.Model):
         self.softmax_tracker.update_state(ce)
         self.center_tracker.update_state(cl)
         self.accuracy_tracker.update_state(labels, logits)
-        return {m.name: m.result() for m in self.metrics}
+        return worker_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data

@@ -6,7 +6,9 @@ This is the function the CLI calls and other code (baselines, evaluation scripts
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from training.backbones import build_backbone
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
+from training.distributed import is_chief
 from training.heads import make_head
 from training.model import CenterLossModel
 from training.run import (
@@ -37,7 +40,11 @@ def build_model(config: RunConfig, splits: Splits) -> CenterLossModel:
     """The compiled training model of `config` (call inside a strategy scope to distribute it)."""
     shape = (splits.input_spec.height, splits.input_spec.width, splits.input_spec.channels)
     backbone = build_backbone(config.backbone, shape, config.feature_dim, config.width)
-    head = make_head(config.head, len(splits.class_names), **config.head_params)
+    try:
+        head = make_head(config.head, len(splits.class_names), **config.head_params)
+    except ValueError as exc:
+        # Some limits depend on the number of classes (CosFace's K/(K-1)), known only once data is read.
+        raise ConfigError(f"--head {config.head}: {exc}") from exc
     model = CenterLossModel(
         backbone,
         head,
@@ -93,16 +100,20 @@ def train(
     Returns the run folder, which `training.run.load_run` reads back.
     """
     out = Path(out) if out is not None else default_run_dir(config)
-    paths = prepare_run_dir(out, config, resume=resume)
+    strategy = strategy or tf.distribute.get_strategy()
+    # Multi-worker: every worker runs the same callbacks (saving reads metric variables synchronised across
+    # workers, a collective op all of them must join), but only the chief writes the run folder; the others
+    # write to a scratch folder deleted at the end. All resume from the run folder's checkpoint.
+    scratch = None if is_chief(strategy) else Path(tempfile.mkdtemp(prefix="idembed-worker-"))
+    paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
     if splits is None:
         splits = build_splits(config)
     keras.utils.set_random_seed(config.seed)
-    strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         model = build_model(config, splits)
 
     initial_epoch = 0
-    found = latest_checkpoint(paths) if resume else None
+    found = latest_checkpoint(RunPaths(out)) if resume else None
     if found is not None:
         initial_epoch, checkpoint = found
         model.load_weights(checkpoint)
@@ -166,4 +177,6 @@ def train(
         },
     }
     save_final(paths, model.backbone, model.centers.numpy(), splits, summary)
-    return paths.root
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out

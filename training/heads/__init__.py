@@ -53,6 +53,15 @@ def make_head(name: str, num_classes: int, **params: Any) -> keras.layers.Layer:
     return cls(num_classes=num_classes, **params)
 
 
+def check_head_options(name: str, params: dict[str, Any]) -> None:
+    """Validate a head's name and options before any data is read (raises ValueError naming the option).
+
+    Built with two classes, the loosest case; limits that depend on the number of classes are checked
+    again when the real head is built.
+    """
+    make_head(name, 2, **params)
+
+
 def head_options(name: str) -> dict[str, Any]:
     """The options of head `name` with their defaults (what `--head-option key=value` may set)."""
     signature = inspect.signature(HEADS[name].__init__)
