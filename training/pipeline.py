@@ -1,0 +1,290 @@
+"""Train -> evaluate against baselines -> calibrate -> export: the steps behind `evaluate`, `export` and
+`build-bundle`, as plain functions the CLI (and tests) call.
+
+One split serves every embedder: the softmax + center run, its softmax-only twin (same config, lambda = 0)
+and PCA on pixels are all scored on the same held-out identities and the same seeded pairs, so the table
+compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from bundle.manifest import BundleManifest, Thresholds, TrainingRecipe
+from training.baselines import PixelPCAEmbedder
+from training.config import RunConfig
+from training.data import Splits, build_splits
+from training.evaluate import (
+    DEFAULT_TARGET_FAR,
+    EvaluationSettings,
+    OpenSetEvaluation,
+    calibrate_threshold,
+    evaluate_embeddings,
+)
+from training.export import PARITY_TOLERANCE, export_bundle
+from training.plots import RocCurve, plot_roc
+from training.run import RunPaths, TrainedRun, load_run
+from training.trainer import train
+
+CENTER = "softmax+center"
+SOFTMAX = "softmax"
+PCA = "pca-pixels"
+EMBED_BATCH = 512
+# The parity check runs on this many real held-out images (the whole held-out set when smaller).
+PARITY_BATCH = 256
+
+
+def embed(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Raw features of preprocessed images `[N, H, W, C]` (float32 `[N, D]`)."""
+    return np.asarray(model.predict(images, batch_size=EMBED_BATCH, verbose=0), dtype=np.float32)
+
+
+def softmax_twin(config: RunConfig) -> RunConfig:
+    """The softmax-only baseline of a run: every option equal except the center-loss weight (0)."""
+    return config.model_copy(update={"center_lambda": 0.0})
+
+
+def twin_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + "-softmax")
+
+
+def ensure_run(config: RunConfig, out: Path, *, verbose: int | str = 2, splits: Splits | None = None) -> Path:
+    """A finished run of exactly `config` in `out`: reused when already there, trained otherwise.
+
+    Reuse makes `build-bundle` restartable and lets `evaluate` share one softmax twin between calls; a folder
+    holding a different config is never silently reused (training refuses a non-empty folder).
+    """
+    paths = RunPaths(out)
+    if paths.embedding.is_file() and paths.config.is_file() and RunConfig.load(paths.config) == config:
+        return out
+    return train(config, out, verbose=verbose, splits=splits)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Open-set results of the trained model and its baselines on one held-out split."""
+
+    dataset: str
+    train_classes: list[str]
+    heldout_classes: list[str]
+    settings: EvaluationSettings
+    evaluations: dict[str, OpenSetEvaluation]  # CENTER first, then the baselines that were run
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> OpenSetEvaluation:
+        return next(iter(self.evaluations.values()))
+
+    def eer_ratio(self) -> float | None:
+        """EER of softmax + center divided by EER of softmax-only (goal: <= 0.7)."""
+        if CENTER not in self.evaluations or SOFTMAX not in self.evaluations:
+            return None
+        soft = self.evaluations[SOFTMAX].verification.eer
+        return self.evaluations[CENTER].verification.eer / soft if soft > 0 else None
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in self.evaluations.values()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "train_classes": self.train_classes,
+            "heldout_classes": self.heldout_classes,
+            "protocol": self.settings.as_dict(),
+            "results": self.rows(),
+            "eer_ratio_center_over_softmax": self.eer_ratio(),
+            "seconds": self.seconds,
+        }
+
+    def manifest_evaluation(self) -> dict[str, Any]:
+        """The manifest's `evaluation`: the bundled model's numbers at top level, baselines nested."""
+        out: dict[str, Any] = {
+            "protocol": (
+                f"pairs on {len(self.heldout_classes)} identities unseen in training "
+                f"({', '.join(self.heldout_classes)}), seed {self.settings.seed}"
+            ),
+            **self.main.summary(),
+        }
+        for name, ev in list(self.evaluations.items())[1:]:
+            out[f"baseline_{name}"] = ev.summary()
+        ratio = self.eer_ratio()
+        if ratio is not None:
+            out["eer_ratio_center_over_softmax"] = round(ratio, 4)
+        return out
+
+    def roc_curves(self) -> list[RocCurve]:
+        return [
+            RocCurve(
+                name, e.verification.roc_fpr, e.verification.roc_tpr, e.verification.auc, e.verification.eer
+            )
+            for name, e in self.evaluations.items()
+        ]
+
+
+def compare(
+    run: TrainedRun,
+    *,
+    softmax: TrainedRun | None,
+    settings: EvaluationSettings,
+    pca_components: int | None = 32,
+    splits: Splits | None = None,
+) -> Comparison:
+    """Score the run, its softmax-only twin (if given) and PCA on pixels (if `pca_components`) on the held-out
+    identities of the run's own split."""
+    splits = splits if splits is not None else run.splits()
+    if softmax is not None and softmax.heldout_class_names != run.heldout_class_names:
+        raise ValueError(
+            f"softmax baseline {softmax.path} held out {softmax.heldout_class_names}, "
+            f"the run held out {run.heldout_class_names}: not the same split"
+        )
+    labels = splits.y_heldout
+    evaluations: dict[str, OpenSetEvaluation] = {}
+    seconds: dict[str, float] = {}
+    embedders: list[tuple[str, Any]] = [(CENTER if run.config.center_lambda > 0 else SOFTMAX, run.embedding)]
+    if softmax is not None:
+        embedders.append((SOFTMAX, softmax.embedding))
+    for name, model in embedders:
+        started = time.perf_counter()
+        evaluations[name] = evaluate_embeddings(name, embed(model, splits.x_heldout), labels, settings)
+        seconds[f"evaluate_{name}"] = round(time.perf_counter() - started, 2)
+    if pca_components:
+        started = time.perf_counter()
+        # Fitted on training identities only: the held-out ones stay unseen, as for the networks.
+        pca = PixelPCAEmbedder(pca_components, seed=settings.seed).fit(splits.x_train)
+        evaluations[PCA] = evaluate_embeddings(PCA, pca.embed(splits.x_heldout), labels, settings)
+        seconds[f"evaluate_{PCA}"] = round(time.perf_counter() - started, 2)
+    return Comparison(
+        dataset=run.config.dataset,
+        train_classes=run.class_names,
+        heldout_classes=run.heldout_class_names,
+        settings=settings,
+        evaluations=evaluations,
+        seconds=seconds,
+    )
+
+
+def calibrate(evaluation: OpenSetEvaluation, target_far: float, min_errors: int) -> Thresholds:
+    """Thresholds of the manifest from the model's own held-out pairs."""
+    return calibrate_threshold(
+        evaluation.scores, evaluation.pairs.same, target_far=target_far, min_errors=min_errors
+    )
+
+
+def recipe_of(run: TrainedRun) -> TrainingRecipe:
+    c = run.config
+    return TrainingRecipe(
+        backbone=c.backbone,
+        head=c.head,
+        head_params=dict(c.head_params),
+        center_update=c.rule,
+        center_lambda=c.center_lambda,
+        center_alpha=c.alpha,
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        seed=c.seed,
+        dataset=c.dataset,
+        train_classes=run.class_names,
+        heldout_classes=run.heldout_class_names,
+        val_fraction=c.val_fraction,
+    )
+
+
+def export_run(
+    run: TrainedRun,
+    out: Path,
+    comparison: Comparison,
+    *,
+    target_far: float = DEFAULT_TARGET_FAR,
+    name: str = "idembed",
+    version: str = "1",
+    tolerance: float = PARITY_TOLERANCE,
+    splits: Splits | None = None,
+) -> BundleManifest:
+    """Calibrate on the comparison's held-out pairs and write the run as a bundle (parity-checked)."""
+    splits = splits if splits is not None else run.splits()
+    thresholds = calibrate(comparison.main, target_far, comparison.settings.min_errors)
+    rng = np.random.default_rng(comparison.settings.seed)
+    pick = rng.choice(len(splits.x_heldout), min(PARITY_BATCH, len(splits.x_heldout)), replace=False)
+    return export_bundle(
+        out,
+        model=run.embedding,
+        centers=run.centers,
+        labels=run.class_names,
+        parity_batch=splits.x_heldout[np.sort(pick)],
+        input_spec=run.input_spec,
+        preprocessing=run.preprocessing,
+        thresholds=thresholds,
+        recipe=recipe_of(run),
+        evaluation=comparison.manifest_evaluation(),
+        name=name,
+        version=version,
+        tolerance=tolerance,
+    )
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: BundleManifest
+    comparison: Comparison
+    report_path: Path
+    roc_path: Path
+    wall_seconds: float
+
+
+def build_bundle(
+    config: RunConfig,
+    out: Path,
+    *,
+    work_dir: Path,
+    settings: EvaluationSettings,
+    target_far: float = DEFAULT_TARGET_FAR,
+    pca_components: int | None = 32,
+    name: str = "idembed",
+    version: str = "1",
+    verbose: int | str = 2,
+) -> BuildResult:
+    """The one command: train softmax + center and its softmax twin, compare with PCA, calibrate, export.
+
+    Runs live in `work_dir` (`<work_dir>/center`, `<work_dir>/center-softmax`) and are reused when complete,
+    so an interrupted build resumes cheaply. Writes `<work_dir>/evaluation.json` and `<work_dir>/roc.png`.
+    """
+    if config.center_lambda <= 0:
+        raise ValueError("--lambda must be > 0 for the bundled model (lambda = 0 is the softmax baseline)")
+    started = time.perf_counter()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    splits = build_splits(config)
+    center_dir = work_dir / "center"
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    ensure_run(config, center_dir, verbose=verbose, splits=splits)
+    seconds["train_center"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    ensure_run(softmax_twin(config), twin_dir(center_dir), verbose=verbose, splits=splits)
+    seconds["train_softmax"] = round(time.perf_counter() - t, 2)
+    run = load_run(center_dir)
+    comparison = compare(
+        run,
+        softmax=load_run(twin_dir(center_dir)),
+        settings=settings,
+        pca_components=pca_components,
+        splits=splits,
+    )
+    comparison.seconds.update(seconds)
+    manifest = export_run(
+        run, out, comparison, target_far=target_far, name=name, version=version, splits=splits
+    )
+    wall = round(time.perf_counter() - started, 1)
+    comparison.seconds["wall"] = wall
+    report = work_dir / "evaluation.json"
+    report.write_text(
+        json.dumps({**comparison.to_json(), "thresholds": manifest.thresholds.model_dump()}, indent=2) + "\n"
+    )
+    roc = plot_roc(comparison.roc_curves(), work_dir / "roc.png", title=f"ROC on unseen {config.dataset}")
+    return BuildResult(manifest, comparison, report, roc, wall)
