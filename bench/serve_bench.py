@@ -1,0 +1,442 @@
+"""Serving benchmark: /v1/embed vs raw onnxruntime vs Triton (PyTriton); memory under load; cold start.
+
+Throughput and latency at several concurrencies, resident memory after warm-up and after N requests, and
+process start to /readyz 200, all measured in one run on one machine, so compare ratios.
+
+The HTTP client is `embed_bench.Connection` (keep-alive HTTP/1.1 on raw asyncio streams, closed loop, bounded
+in time), the same for the service and for Triton, against 127.0.0.1 only. Both servers receive one base64
+PNG per request and do the same work per image (decode, the bundle's preprocessing, onnxruntime, L2 norm);
+raw onnxruntime is the model alone on ready tensors, one `session.run` on a batch of `concurrency` images.
+
+    python bench/serve_bench.py --bundle models/default
+    python bench/serve_bench.py --triton-python .venv-triton/bin/python --memory-requests 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from embed_bench import Connection, embed_request, free_port, sample_pngs
+from PIL import Image
+
+from bundle.preprocess import preprocess_pil
+from service.model import EmbeddingModel
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class LoadRow:
+    target: str
+    concurrency: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+    note: str = ""
+
+
+@dataclass
+class ServeReport:
+    load: list[LoadRow] = field(default_factory=list)
+    rss_mib_after_warmup: float = 0.0
+    rss_mib_after_requests: float = 0.0
+    requests_for_memory: int = 0
+    rss_growth_pct: float = 0.0
+    cold_start_s: list[float] = field(default_factory=list)
+    triton: str = ""
+    profile: str = ""
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def server_env(bundle: Path, port: int, store: Path, log_level: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
+    env.update(
+        {
+            "IDEMBED_BUNDLE_PATH": str(bundle),
+            "IDEMBED_PORT": str(port),
+            "IDEMBED_HOST": "127.0.0.1",
+            "IDEMBED_STORE_URL": f"sqlite:///{store}",
+            "IDEMBED_LOG_LEVEL": log_level,
+        }
+    )
+    return env
+
+
+def http_status(port: int, path: str) -> int | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
+            head = s.recv(64)
+            return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") else None
+    except OSError:
+        return None
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, timeout_s: float) -> float:
+    """Seconds from now until `path` answers 200 (polled every 10 ms); raises if the process dies."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
+        if http_status(port, path) == 200:
+            return time.perf_counter() - start
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} not 200 after {timeout_s} s")
+
+
+def start_service(bundle: Path, store: Path, log_level: str) -> tuple[subprocess.Popen[bytes], int, float]:
+    """(process, port, seconds from process start to /readyz 200)."""
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli"],
+        cwd=REPO,
+        env=server_env(bundle, port, store, log_level),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_ready(proc, port, "/readyz", 120)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, port, time.perf_counter() - t0
+
+
+def start_triton(python: Path, bundle: Path, max_batch_size: int) -> tuple[subprocess.Popen[bytes], int]:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            *(str(python), str(REPO / "bench" / "triton_server.py"), "--bundle", str(bundle)),
+            *("--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
+            *("--max-batch-size", str(max_batch_size)),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_ready(proc, http, "/v2/models/idembed/ready", 180)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, http
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server this benchmark started (by its PID): SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def triton_request(png: bytes) -> bytes:
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(png).decode()],
+                }
+            ]
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/idembed/infer HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def closed_loop(
+    port: int, requests: list[bytes], concurrency: int, seconds: float, max_requests: int = 0
+) -> tuple[float, list[float], int, int]:
+    """`concurrency` connections each sending back-to-back requests for `seconds` (after a short warm-up),
+    or until `max_requests` are done when > 0. Returns (requests/s, latencies s, errors, requests done)."""
+    conns = [await Connection.open(port) for _ in range(concurrency)]
+    latencies: list[float] = []
+    errors = done = 0
+    counting = False
+    stop_event = asyncio.Event()
+
+    async def worker(k: int, conn: Connection) -> None:
+        nonlocal errors, done
+        i = k
+        while not stop_event.is_set():
+            t = time.perf_counter()
+            status = await conn.request(requests[i % len(requests)])
+            i += concurrency
+            if counting:
+                latencies.append(time.perf_counter() - t)
+                errors += status != 200
+                done += 1
+                if max_requests and done >= max_requests:
+                    stop_event.set()
+
+    tasks = [asyncio.create_task(worker(k, c)) for k, c in enumerate(conns)]
+    await asyncio.sleep(min(1.0, seconds / 4))  # warm-up: connections open, batches at steady size
+    counting, start = True, time.perf_counter()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop_event.wait(), timeout=seconds)
+    counting = False
+    elapsed = time.perf_counter() - start
+    stop_event.set()
+    await asyncio.gather(*tasks)
+    for c in conns:
+        c.close()
+    return done / elapsed, latencies, errors, done
+
+
+def pct_ms(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q) * 1e3) if values else float("nan")
+
+
+def raw_ort_rows(
+    model: EmbeddingModel, tensors: np.ndarray, levels: list[int], seconds: float
+) -> list[LoadRow]:
+    rows = []
+    for c in levels:
+        batch = tensors[:c]
+        for _ in range(5):
+            model.run(batch)
+        lat: list[float] = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            model.run(batch)
+            lat.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        rows.append(
+            LoadRow(
+                "onnxruntime in-process",
+                c,
+                len(lat) * c / elapsed,
+                pct_ms(lat, 50),
+                pct_ms(lat, 99),
+                0,
+                f"batch of {c}",
+            )
+        )
+    return rows
+
+
+def http_rows(
+    target: str, port: int, requests: list[bytes], levels: list[int], seconds: float
+) -> list[LoadRow]:
+    rows = []
+    for c in levels:
+        rps, lat, errors, _ = asyncio.run(closed_loop(port, requests, c, seconds))
+        rows.append(LoadRow(target, c, rps, pct_ms(lat, 50), pct_ms(lat, 99), errors))
+    return rows
+
+
+def profile_service(pid: int, port: int, requests: list[bytes], seconds: float, out: Path) -> str:
+    """Sample the server with py-spy under concurrency-8 load; returns the hottest frames (own time)."""
+    try:
+        spy = subprocess.Popen(
+            [
+                *("py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds))),
+                *("--format", "raw", "--output", str(out), "--rate", "200", "--nonblocking"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        return "skipped: py-spy is not installed (pip install py-spy)"
+    asyncio.run(closed_loop(port, requests, 8, seconds + 1))
+    _, err = spy.communicate(timeout=60)
+    if spy.returncode != 0 or not out.exists():
+        return f"skipped: py-spy failed: {err.decode(errors='replace')[-500:]}"
+    return summarise_profile(out)
+
+
+def summarise_profile(raw: Path, top: int = 12) -> str:
+    """Own-time share of the hottest functions in a py-spy raw (collapsed stacks) file."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        leaf = stack.split(";")[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    lines = [
+        f"{100 * n / total:5.1f}%  {frame}" for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> ServeReport:
+    report = ServeReport()
+    model = EmbeddingModel.load(args.bundle)
+    m = model.manifest
+    pngs = sample_pngs(model, 256, args.seed)
+    tensors = np.stack([preprocess_pil(Image.open(io.BytesIO(b)), m.preprocessing, m.input) for b in pngs])
+    while len(tensors) < max(args.concurrency):
+        tensors = np.concatenate([tensors, tensors])
+    report.load += raw_ort_rows(model, tensors, args.concurrency, args.seconds)
+    del model  # free its threads before the servers run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.cold_starts):
+            proc, _, seconds = start_service(args.bundle, Path(tmp) / f"cold{i}.sqlite3", args.log_level)
+            report.cold_start_s.append(seconds)
+            stop(proc)
+
+        proc, port, _ = start_service(args.bundle, Path(tmp) / "bench.sqlite3", args.log_level)
+        try:
+            requests = [embed_request(b) for b in pngs]
+            asyncio.run(closed_loop(port, requests, 8, 2.0))  # warm-up
+            report.rss_mib_after_warmup = rss_mib(proc.pid)
+            report.load += http_rows("idembed /v1/embed", port, requests, args.concurrency, args.seconds)
+            if args.profile_seconds > 0:
+                report.profile = profile_service(
+                    proc.pid, port, requests, args.profile_seconds, Path(tmp) / "profile.txt"
+                )
+            _, _, _, done = asyncio.run(
+                closed_loop(port, requests, 8, args.memory_max_seconds, max_requests=args.memory_requests)
+            )
+            report.requests_for_memory = done
+            report.rss_mib_after_requests = rss_mib(proc.pid)
+            report.rss_growth_pct = 100 * (report.rss_mib_after_requests / report.rss_mib_after_warmup - 1)
+        finally:
+            stop(proc)
+
+    report.triton = triton_rows(args, pngs, report)
+    return report
+
+
+def triton_rows(args: argparse.Namespace, pngs: list[bytes], report: ServeReport) -> str:
+    python = args.triton_python
+    if python is None:
+        return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)"
+    if not Path(python).is_file():
+        return f"skipped: --triton-python {python} does not exist"
+    try:
+        proc, port = start_triton(Path(python), args.bundle, args.max_batch_size)
+    except RuntimeError as exc:
+        return f"skipped: Triton did not start: {str(exc)[-500:]}"
+    try:
+        requests = [triton_request(b) for b in pngs]
+        asyncio.run(closed_loop(port, requests, 8, 2.0))
+        report.load += http_rows("Triton (PyTriton) HTTP", port, requests, args.concurrency, args.seconds)
+    finally:
+        stop(proc)
+    return "ok"
+
+
+def print_report(r: ServeReport) -> None:
+    print(f"{'target':26} {'conc':>4} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'err':>4}  note")
+    for row in r.load:
+        print(
+            f"{row.target:26} {row.concurrency:>4} {row.images_per_s:>9.0f} {row.p50_ms:>8.2f} "
+            f"{row.p99_ms:>8.2f} {row.errors:>4}  {row.note}"
+        )
+    by = {(row.target, row.concurrency): row.images_per_s for row in r.load}
+    for c in sorted({row.concurrency for row in r.load}):
+        svc = by.get(("idembed /v1/embed", c))
+        ort = by.get(("onnxruntime in-process", c))
+        tri = by.get(("Triton (PyTriton) HTTP", c))
+        ratios = []
+        if svc and ort:
+            ratios.append(f"service/raw ORT {svc / ort:.2f}x")
+        if svc and tri:
+            ratios.append(f"service/Triton {svc / tri:.2f}x")
+        print(f"  concurrency {c}: " + ", ".join(ratios))
+    print(
+        f"RSS after warm-up {r.rss_mib_after_warmup:.1f} MiB, after {r.requests_for_memory:,} requests "
+        f"{r.rss_mib_after_requests:.1f} MiB ({r.rss_growth_pct:+.1f} %)"
+    )
+    cs = r.cold_start_s
+    print(
+        f"cold start to /readyz 200: median {np.median(cs):.2f} s over {len(cs)} "
+        f"(min {min(cs):.2f}, max {max(cs):.2f})"
+    )
+    print(f"Triton: {r.triton}")
+    if r.profile:
+        print("hot path (py-spy, own time, concurrency 8):\n" + r.profile)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    def int_list(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        return values
+
+    p.add_argument("--bundle", type=Path, default=REPO / "models" / "default")
+    p.add_argument("--concurrency", type=int_list, default=[1, 8, 32])
+    p.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
+    p.add_argument(
+        "--memory-requests", type=int, default=20_000, help="requests before the second RSS reading"
+    )
+    p.add_argument("--memory-max-seconds", type=float, default=300.0, help="time bound of the memory phase")
+    p.add_argument("--cold-starts", type=int, default=3)
+    p.add_argument("--max-batch-size", type=int, default=64, help="Triton's dynamic batch limit")
+    p.add_argument("--profile-seconds", type=float, default=10.0, help="py-spy sampling time (0: no profile)")
+    p.add_argument(
+        "--triton-python",
+        type=Path,
+        default=os.environ.get("IDEMBED_TRITON_PYTHON"),
+        help="python of a venv with nvidia-pytriton [env IDEMBED_TRITON_PYTHON]",
+    )
+    p.add_argument("--log-level", default="WARNING", help="server log level during the benchmark")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not (args.bundle / "manifest.json").is_file():
+        p.error(f"--bundle {args.bundle}: no manifest.json (train and export a bundle first)")
+    if args.seconds <= 0 or args.cold_starts < 1 or args.memory_requests < 1:
+        p.error("--seconds must be > 0, --cold-starts and --memory-requests >= 1")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--json", type=Path, default=RESULTS / "serve.json")
+    args = p.parse_args()
+    check_args(p, args)
+    report = run(args)
+    print_report(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(asdict(report), indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
