@@ -51,13 +51,17 @@ def test_compose_deployment_serves_and_keeps_identities_across_restart() -> None
         pytest.skip("models/default has no bundle to bake into the image")
     env = {**os.environ, "PYTHON": sys.executable}
     # Without registry access python:3.11-slim cannot be pulled; use the locally built base if there is one.
-    if "IDEMBED_BASE_IMAGE" not in env and not _image_present("python:3.11-slim"):
-        if _image_present(LOCAL_BASE):
-            env["IDEMBED_BASE_IMAGE"] = LOCAL_BASE
+    pullable_base = _image_present("python:3.11-slim")
+    if "IDEMBED_BASE_IMAGE" not in env and not pullable_base and _image_present(LOCAL_BASE):
+        env["IDEMBED_BASE_IMAGE"] = LOCAL_BASE
 
     result = subprocess.run(
         ["bash", str(REPO / "deploy/docker_smoke.sh")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
 
     transcript = result.stdout + result.stderr
