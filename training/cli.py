@@ -190,3 +190,235 @@ def train(
     summary = json.loads(RunPaths(run_dir).summary.read_text())
     typer.echo(f"run folder: {run_dir}")
     typer.echo("final: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()))
+
+
+# --- evaluation, export and the one-command bundle builder (training/pipeline.py does the work) -------------
+
+_MaxGenuine = Annotated[
+    int, typer.Option(help="genuine pairs: all of them when fewer, else a seeded sample of this many")
+]
+_MaxImpostor = Annotated[
+    int, typer.Option(help="impostor pairs: all of them when fewer, else a seeded sample of this many")
+]
+_Folds = Annotated[int, typer.Option(help="folds of the LFW-style accuracy (threshold chosen on k-1 folds)")]
+_MinErrors = Annotated[
+    int,
+    typer.Option(help="a FAR is reported only if the impostor count gives at least this many false accepts"),
+]
+_Trials = Annotated[int, typer.Option(help="open-set identification trials (gallery image / unknowns drawn)")]
+_EvalSeed = Annotated[int, typer.Option("--eval-seed", help="seed of the pair sample and the trials")]
+_Pca = Annotated[int, typer.Option(help="components of the PCA-on-pixels baseline (0 = skip it)")]
+_TargetFar = Annotated[
+    float, typer.Option(help="FAR the default threshold is calibrated for (raised to the lowest resolvable)")
+]
+
+
+def _settings(max_genuine: int, max_impostor: int, folds: int, min_errors: int, trials: int, seed: int):
+    from training.evaluate import EvaluationSettings
+
+    return EvaluationSettings(
+        max_genuine=max_genuine,
+        max_impostor=max_impostor,
+        folds=folds,
+        min_errors=min_errors,
+        ident_trials=trials,
+        seed=seed,
+    )
+
+
+def _pipeline_errors() -> tuple[type[Exception], ...]:
+    from bundle.errors import BundleError
+    from training.export import ExportError
+
+    return (ConfigError, DataError, RunError, BundleError, ExportError, ValueError)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="finished run folder (from `idembed-train train`)")],
+    softmax_run: Annotated[
+        Path | None,
+        typer.Option(help="softmax-only baseline run [default: <RUN>-softmax, trained if absent]"),
+    ] = None,
+    softmax: Annotated[bool, typer.Option(help="include the softmax-only baseline")] = True,
+    pca_components: _Pca = 32,
+    json_out: Annotated[Path | None, typer.Option("--json", help="[default: <RUN>/evaluation.json]")] = None,
+    roc: Annotated[Path | None, typer.Option(help="ROC curve PNG [default: <RUN>/roc.png]")] = None,
+    max_genuine: _MaxGenuine = 50_000,
+    max_impostor: _MaxImpostor = 200_000,
+    folds: _Folds = 10,
+    min_errors: _MinErrors = 1,
+    trials: _Trials = 10,
+    eval_seed: _EvalSeed = 0,
+) -> None:
+    """Open-set metrics of a run on its held-out identities, beside softmax-only and PCA baselines."""
+    from training.pipeline import compare, ensure_run, markdown_table, softmax_twin, twin_dir
+    from training.plots import plot_roc
+    from training.run import load_run
+
+    try:
+        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        trained = load_run(run)
+        baseline = None
+        if softmax and trained.config.center_lambda > 0:
+            twin = softmax_run or twin_dir(run)
+            if softmax_run is None:
+                ensure_run(softmax_twin(trained.config), twin)
+            baseline = load_run(twin)
+        result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
+    except _pipeline_errors() as exc:
+        raise _fail(str(exc)) from exc
+    json_out = json_out or RunPaths(run).root / "evaluation.json"
+    json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    roc_path = plot_roc(result.roc_curves(), roc or RunPaths(run).root / "roc.png")
+    typer.echo(markdown_table(result))
+    typer.echo(f"wrote {json_out} and {roc_path}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="finished run folder (from `idembed-train train`)")],
+    out: Annotated[Path, typer.Option(help="bundle folder to write (replaced atomically)")],
+    softmax_run: Annotated[
+        Path | None,
+        typer.Option(help="softmax-only run for the manifest figures [default: <RUN>-softmax if any]"),
+    ] = None,
+    target_far: _TargetFar = 1e-3,
+    name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed",
+    version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
+    tolerance: Annotated[float, typer.Option(help="max |Keras - ONNX| allowed by the parity check")] = 1e-4,
+    pca_components: _Pca = 32,
+    max_genuine: _MaxGenuine = 50_000,
+    max_impostor: _MaxImpostor = 200_000,
+    folds: _Folds = 10,
+    min_errors: _MinErrors = 1,
+    trials: _Trials = 10,
+    eval_seed: _EvalSeed = 0,
+) -> None:
+    """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
+    from training.pipeline import compare, export_run, twin_dir
+    from training.run import load_run
+
+    try:
+        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        trained = load_run(run)
+        twin = softmax_run or twin_dir(run)
+        baseline = load_run(twin) if (twin / "embedding.keras").is_file() else None
+        result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
+        manifest = export_run(
+            trained, out, result, target_far=target_far, name=name, version=version, tolerance=tolerance
+        )
+    except _pipeline_errors() as exc:
+        raise _fail(str(exc)) from exc
+    th = manifest.thresholds
+    typer.echo(
+        f"bundle {out}: {manifest.model_id}, dim {manifest.embedding.dim}, {manifest.num_classes} classes; "
+        f"threshold {th.default:.4f} (FAR {th.at_target_far.far:.2g}, TAR {th.at_target_far.tar:.3f}), "
+        f"EER threshold {th.eer.threshold:.4f}"
+    )
+
+
+@app.command("build-bundle")
+def build_bundle(
+    out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("models/default"),
+    work: Annotated[Path, typer.Option(help="folder for the two runs, evaluation.json and roc.png")] = Path(
+        "runs/default"
+    ),
+    dataset: Annotated[
+        str, typer.Option(help="'digits' (bundled) or an IDX folder/prefix, e.g. Fashion-MNIST")
+    ] = "digits",
+    heldout_classes: Annotated[str, typer.Option(help="identities never trained on")] = "7,8,9",
+    epochs: Annotated[int, typer.Option(help="epochs of each of the two runs")] = 20,
+    center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight (> 0)")] = 0.1,
+    alpha: Annotated[float, typer.Option(help="center update rate")] = 0.5,
+    rule: Annotated[str, typer.Option(help="center update rule: paper | facenet | gradient")] = "paper",
+    feature_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
+    width: Annotated[int, typer.Option(help="filters of the first LeNet++ stage")] = 8,
+    image_size: Annotated[int | None, typer.Option(help="model input size [default: the dataset's]")] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed of weights, split and batch order")] = 0,
+    target_far: _TargetFar = 1e-3,
+    name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed-digits",
+    version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
+    pca_components: _Pca = 32,
+    max_genuine: _MaxGenuine = 50_000,
+    max_impostor: _MaxImpostor = 200_000,
+    folds: _Folds = 10,
+    min_errors: _MinErrors = 1,
+    trials: _Trials = 10,
+    eval_seed: _EvalSeed = 0,
+) -> None:
+    """ONE seeded command: train softmax + center and its softmax twin, compare with PCA, calibrate, export"""
+    from training.pipeline import build_bundle as run_build
+    from training.pipeline import markdown_table
+
+    try:
+        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        config = RunConfig.from_options(
+            dataset=dataset,
+            image_size=image_size,
+            heldout_classes=_split_names(heldout_classes),
+            backbone="lenetpp",
+            feature_dim=feature_dim,
+            width=width,
+            center_lambda=center_lambda,
+            alpha=alpha,
+            rule=rule,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+        )
+        result = run_build(
+            config,
+            out,
+            work_dir=work,
+            settings=settings,
+            target_far=target_far,
+            pca_components=pca_components,
+            name=name,
+            version=version,
+        )
+    except _pipeline_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(markdown_table(result.comparison))
+    th = result.manifest.thresholds
+    typer.echo(
+        f"bundle {out} ({result.manifest.model_id}); threshold {th.default:.4f} at FAR "
+        f"{th.at_target_far.far:.2g} (TAR {th.at_target_far.tar:.3f}); report {result.report_path}, "
+        f"ROC {result.roc_path}; wall time {result.wall_seconds:.0f} s"
+    )
+
+
+@app.command()
+def figures(
+    out: Annotated[Path, typer.Option(help="PNG of the side-by-side 2-D features")] = Path(
+        "docs/images/features_2d_digits.png"
+    ),
+    work: Annotated[Path, typer.Option(help="folder for the two 2-D runs")] = Path("runs/figures"),
+    dataset: Annotated[str, typer.Option(help="'digits' or an IDX folder/prefix")] = "digits",
+    heldout_classes: Annotated[str, typer.Option(help="identities left out (not plotted)")] = "7,8,9",
+    epochs: Annotated[int, typer.Option(help="epochs of each run")] = 30,
+    center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight, right panel")] = 0.1,
+    width: Annotated[int, typer.Option(help="filters of the first LeNet++ stage")] = 8,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """The paper's Fig. 3: 2-D LeNet++ features with centers, lambda = 0 beside lambda > 0."""
+    from training.pipeline import feature_figure
+
+    try:
+        config = RunConfig.from_options(
+            dataset=dataset,
+            heldout_classes=_split_names(heldout_classes),
+            backbone="lenetpp",
+            feature_dim=2,
+            width=width,
+            center_lambda=center_lambda,
+            epochs=epochs,
+            seed=seed,
+        )
+        path = feature_figure(config, work, out)
+    except _pipeline_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"wrote {path}")

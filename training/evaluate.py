@@ -586,6 +586,23 @@ class EvaluationSettings:
     ident_trials: int = 10
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Messages use the CLI spelling of each option, so a user knows what to change.
+        for option, value in (("--max-genuine", self.max_genuine), ("--max-impostor", self.max_impostor)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
+        if self.folds < 2:
+            raise ValueError(f"--folds must be >= 2, got {self.folds}")
+        if self.min_errors < 1:
+            raise ValueError(f"--min-errors must be >= 1, got {self.min_errors}")
+        if not 0.0 < self.unknown_fraction < 1.0:
+            raise ValueError(f"--unknown-fraction must be in (0, 1), got {self.unknown_fraction}")
+        if self.ident_trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {self.ident_trials}")
+        for far in (*self.fars, *self.ident_fars):
+            if not 0.0 < far < 1.0:
+                raise ValueError(f"false-accept rates must be in (0, 1), got {far}")
+
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 

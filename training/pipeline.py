@@ -29,7 +29,7 @@ from training.evaluate import (
     evaluate_embeddings,
 )
 from training.export import PARITY_TOLERANCE, export_bundle
-from training.plots import RocCurve, plot_roc
+from training.plots import FeaturePanel, RocCurve, plot_feature_panels, plot_roc
 from training.run import RunPaths, TrainedRun, load_run
 from training.trainer import train
 
@@ -288,3 +288,57 @@ def build_bundle(
     )
     roc = plot_roc(comparison.roc_curves(), work_dir / "roc.png", title=f"ROC on unseen {config.dataset}")
     return BuildResult(manifest, comparison, report, roc, wall)
+
+
+_TABLE_COLUMNS = (
+    ("EER", "eer"),
+    ("ROC AUC", "roc_auc"),
+    ("TAR@FAR=1e-2", "tar_at_far_1e-02"),
+    ("TAR@FAR=1e-3", "tar_at_far_1e-03"),
+    ("10-fold acc", "kfold_accuracy_mean"),
+    ("rank-1", "rank1"),
+    ("DIR@FAR=1e-1", "dir_at_far_1e-01"),
+)
+
+
+def markdown_table(comparison: Comparison) -> str:
+    """The comparison as a Markdown table (printed by the CLI, pasted into the docs)."""
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key, "n/a")
+        if key == "kfold_accuracy_mean" and isinstance(value, float):
+            return f"{value:.3f} ± {row['kfold_accuracy_std']:.3f}"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return "n/a" if isinstance(value, str) else str(value)
+
+    header = "| embedder | " + " | ".join(title for title, _ in _TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(_TABLE_COLUMNS) + 1)]
+    for row in comparison.rows():
+        lines.append(f"| {row['name']} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
+    ratio = comparison.eer_ratio()
+    if ratio is not None:
+        lines.append(f"\nEER softmax+center / softmax = {ratio:.2f} (goal <= 0.70)")
+    return "\n".join(lines)
+
+
+def feature_figure(config: RunConfig, work_dir: Path, out_png: Path, *, verbose: int | str = 2) -> Path:
+    """The paper's Figure 3 on our data: 2-D features of the training identities, lambda = 0 vs lambda > 0.
+
+    Trains two LeNet++-style runs with 2-D features (the config otherwise unchanged), reusing finished runs in
+    `work_dir`, and plots each run's training-identity features coloured by class with its centers.
+    """
+    if config.center_lambda <= 0:
+        raise ValueError("--lambda must be > 0: the right-hand panel shows the center-loss run")
+    base = config.model_copy(update={"feature_dim": 2})
+    splits = build_splits(base)
+    x = np.concatenate([splits.x_train, splits.x_val])
+    y = np.concatenate([splits.y_train, splits.y_val])
+    panels = []
+    for lam in (0.0, config.center_lambda):
+        run_dir = work_dir / f"features2d-lambda{lam:g}"
+        ensure_run(base.model_copy(update={"center_lambda": lam}), run_dir, verbose=verbose, splits=splits)
+        run = load_run(run_dir)
+        title = "softmax only (λ = 0)" if lam == 0 else f"softmax + center loss (λ = {lam:g})"
+        panels.append(FeaturePanel(title, embed(run.embedding, x), y, run.class_names, run.centers))
+    return plot_feature_panels(panels, out_png)

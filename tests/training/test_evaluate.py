@@ -230,3 +230,18 @@ def test_evaluate_embeddings_ranks_clean_clusters_above_noise():
     summary = g.summary()
     assert summary["num_genuine_pairs"] == 4 * 435
     assert isinstance(summary["rank1"], float)
+
+
+@pytest.mark.parametrize(
+    ("option", "kwargs"),
+    [
+        ("--max-genuine", {"max_genuine": 0}),
+        ("--folds", {"folds": 1}),
+        ("--min-errors", {"min_errors": 0}),
+        ("--unknown-fraction", {"unknown_fraction": 1.0}),
+        ("--trials", {"ident_trials": 0}),
+    ],
+)
+def test_evaluation_settings_name_the_bad_option(option, kwargs):
+    with pytest.raises(ValueError, match=option):
+        EvaluationSettings(**kwargs)
