@@ -1,0 +1,143 @@
+"""The performance suite in one command: identify at scale, PostgreSQL replicas, serving vs ORT and Triton.
+
+    python bench/suite.py                                   # everything (1M graph build takes minutes once)
+    python bench/suite.py --quick                           # 10k/100k, short load phases (~3 min)
+    python bench/suite.py --triton-python .venv-triton/bin/python --memory-requests 100000
+
+Prints one table per part and writes bench/results/suite.json (plus the parts' own JSON files). Every figure
+is measured in this run on this machine; the targets are checked as ratios of numbers from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import identify_bench
+import pg_bench
+import serve_bench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, object]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def check_targets(result: dict[str, object]) -> list[str]:
+    lines = []
+    identify = [r for r in result.get("identify", []) if r["index"] == "hnsw"]  # type: ignore[union-attr]
+    if identify:
+        largest = max(r["enrolled"] for r in identify)
+        best = [r for r in identify if r["enrolled"] == largest and r["recall_at_1"] >= 0.99]
+        if best:
+            fastest = min(best, key=lambda r: r["p50_ms"])
+            ok = fastest["p50_ms"] <= 2.0
+            lines.append(
+                f"identify {largest:,}: p50 {fastest['p50_ms']:.3f} ms at recall@1 "
+                f"{fastest['recall_at_1']:.3f} ({fastest['params']}) -> {'met' if ok else 'MISSED'} "
+                "(p50 <= 2 ms, recall >= 0.99)"
+            )
+        else:
+            top = max((r for r in identify if r["enrolled"] == largest), key=lambda r: r["recall_at_1"])
+            lines.append(
+                f"identify {largest:,}: best recall@1 {top['recall_at_1']:.3f} ({top['params']}) "
+                "-> MISSED (>= 0.99)"
+            )
+    serve = result.get("serve")
+    if isinstance(serve, dict):
+        by = {(r["target"], r["concurrency"]): r["images_per_s"] for r in serve["load"]}
+        c = max(r["concurrency"] for r in serve["load"])
+        svc, ort, tri = (
+            by.get((t, c)) for t in ("idembed /v1/embed", "onnxruntime in-process", "Triton (PyTriton) HTTP")
+        )
+        if svc and ort:
+            lines.append(
+                f"embed c={c}: service/raw ORT {svc / ort:.2f}x -> "
+                f"{'met' if svc / ort >= 0.85 else 'MISSED'} (>= 0.85)"
+            )
+        if svc and tri:
+            lines.append(
+                f"embed c={c}: service/Triton {svc / tri:.2f}x -> "
+                f"{'met' if svc / tri >= 1.0 else 'MISSED'} (>= 1.0)"
+            )
+        growth = serve["rss_growth_pct"]
+        lines.append(
+            f"memory: {growth:+.1f} % after {serve['requests_for_memory']:,} requests -> "
+            f"{'met' if growth <= 5 else 'MISSED'} (<= 5 %)"
+        )
+        cold = sorted(serve["cold_start_s"])[len(serve["cold_start_s"]) // 2]
+        lines.append(f"cold start: median {cold:.2f} s -> {'met' if cold <= 2.0 else 'MISSED'} (<= 2 s)")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_bench.add_arguments(p)
+    p.add_argument(
+        "--quick", action="store_true", help="10k/100k only, 3 s load phases, 2,000 memory requests"
+    )
+    p.add_argument("--sizes", default="10000,100000,1000000", help="identify gallery sizes")
+    p.add_argument("--expansion-search", default="64,128,256,512", help="HNSW ef values to sweep")
+    p.add_argument("--pg-size", type=int, default=100_000, help="gallery size for the PostgreSQL comparison")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve")
+    p.add_argument("--json", type=Path, default=RESULTS / "suite.json")
+    args = p.parse_args()
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - {"identify", "pg", "serve"}:
+        p.error(f"--skip: unknown part(s) {', '.join(sorted(skip - {'identify', 'pg', 'serve'}))}")
+    if args.quick:
+        args.sizes, args.pg_size = "10000,100000", 20_000
+        args.seconds, args.memory_requests, args.profile_seconds = 3.0, 2_000, 5.0
+    if "serve" not in skip:
+        serve_bench.check_args(p, args)
+
+    result: dict[str, object] = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if "identify" not in skip:
+        print("== identify: single-query latency and recall@1 vs exact ==", flush=True)
+        id_args = identify_bench.parse_args(
+            ["--sizes", args.sizes, "--expansion-search", args.expansion_search, "--seed", str(args.seed)]
+        )
+        rows = identify_bench.run(id_args)
+        result["identify"] = [asdict(r) for r in rows]
+    if "pg" not in skip:
+        print("== PostgreSQL: pgvector HNSW over SQL vs local index synced from the store ==", flush=True)
+        pg_rows = pg_bench.run(args.pg_size, 128, 500, [100, 256], args.seed)
+        pg_bench.print_rows(pg_rows)
+        result["pg"] = [asdict(r) for r in pg_rows]
+    if "serve" not in skip:
+        print("\n== serving: /v1/embed vs raw onnxruntime vs Triton ==", flush=True)
+        report = serve_bench.run(args)
+        serve_bench.print_report(report)
+        result["serve"] = asdict(report)
+    result["machine"]["load_average_at_end"] = os.getloadavg()  # type: ignore[index]
+    result["targets"] = check_targets(result)
+    print("\n== targets ==")
+    for line in result["targets"]:  # type: ignore[union-attr]
+        print("  " + line)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
