@@ -101,6 +101,9 @@ class TrainingRecipe(_Strict):
     train_classes: list[str]
     heldout_classes: list[str]
     val_fraction: float = Field(ge=0.0, lt=1.0)
+    # Every other option of the training run (feature dim, width, lr, optimizer, input size, ...), so the
+    # recipe can be re-run exactly; free-form because each trainer has its own knobs.
+    options: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
 
 
 class FileDigest(_Strict):

@@ -177,6 +177,13 @@ def calibrate(evaluation: OpenSetEvaluation, target_far: float, min_errors: int)
     )
 
 
+# RunConfig fields the TrainingRecipe already carries (under these or its own names).
+_RECIPE_FIELDS = frozenset(
+    {"backbone", "head", "head_params", "rule", "center_lambda", "alpha", "epochs", "batch_size", "seed"}
+    | {"dataset", "heldout_classes", "val_fraction"}
+)
+
+
 def recipe_of(run: TrainedRun) -> TrainingRecipe:
     c = run.config
     return TrainingRecipe(
@@ -193,6 +200,12 @@ def recipe_of(run: TrainedRun) -> TrainingRecipe:
         train_classes=run.class_names,
         heldout_classes=run.heldout_class_names,
         val_fraction=c.val_fraction,
+        # Everything the fields above do not already say, so the recipe re-runs exactly.
+        options={
+            k: v
+            for k, v in c.model_dump().items()
+            if k not in _RECIPE_FIELDS and isinstance(v, float | int | str | bool | None)
+        },
     )
 
 
