@@ -88,6 +88,13 @@ def train(
         float | None, typer.Option(help="margin of a margin head [default: the head's]")
     ] = None,
     scale: Annotated[float | None, typer.Option(help="scale of a margin head [default: the head's]")] = None,
+    head_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="any other head option as KEY=VALUE, repeatable (see docs/heads.md), e.g. "
+            "easy_margin=true, lambda_min=0"
+        ),
+    ] = None,
     image_size: Annotated[
         int | None,
         typer.Option(
@@ -128,7 +135,7 @@ def train(
 ) -> None:
     """Train a model; write a run folder (config, checkpoints, history.csv, TensorBoard logs, final model)."""
     from training.distributed import DistributedConfigError, make_strategy, resolve_tf_config
-    from training.heads import check_head_options
+    from training.heads import check_head_options, parse_head_options
     from training.trainer import default_run_dir
     from training.trainer import train as run_training
 
@@ -143,7 +150,11 @@ def train(
                 else RunConfig.from_options(**{**saved.model_dump(), "epochs": epochs})
             )
         else:
-            head_params = {k: v for k, v in (("margin", margin), ("scale", scale)) if v is not None}
+            try:
+                head_params = parse_head_options(head_option)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            head_params.update({k: v for k, v in (("margin", margin), ("scale", scale)) if v is not None})
             config = RunConfig.from_options(
                 dataset=dataset,
                 image_size=image_size,

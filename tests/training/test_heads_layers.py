@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.heads import HEADS, make_head
+from training.heads import HEADS, make_head, parse_head_options
 from training.heads.asoftmax import ASoftmaxHead
 from training.heads.combined import AMSoftmaxHead, ArcFaceHead
 
@@ -194,3 +194,21 @@ def test_easy_margin_stored_as_number_in_a_run_config_is_accepted():
 def test_single_class_is_rejected():
     with pytest.raises(ValueError, match="num_classes"):
         make_head("arcface", 1)
+
+
+def test_head_options_parse_numbers_and_booleans():
+    assert parse_head_options(["m=0.4", "easy_margin=True", " s = 16 "]) == {
+        "m": 0.4,
+        "easy_margin": 1.0,
+        "s": 16.0,
+    }
+    assert parse_head_options(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [(["m"], "KEY=VALUE"), (["=1"], "KEY=VALUE"), (["m=big"], "not a number"), (["m=1", "m=2"], "twice")],
+)
+def test_malformed_head_options_are_refused(items, message):
+    with pytest.raises(ValueError, match=message):
+        parse_head_options(items)

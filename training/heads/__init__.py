@@ -53,6 +53,27 @@ def make_head(name: str, num_classes: int, **params: Any) -> keras.layers.Layer:
     return cls(num_classes=num_classes, **params)
 
 
+def parse_head_options(items: list[str] | None) -> dict[str, float]:
+    """`["m=0.4", "easy_margin=true"]` -> `{"m": 0.4, "easy_margin": 1.0}` (run configs store numbers)."""
+    options: dict[str, float] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip().lower()
+        if not sep or not key or not text:
+            raise ValueError(f"--head-option {item!r}: expected KEY=VALUE, e.g. m=0.4")
+        if text in ("true", "false"):
+            value = float(text == "true")
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"--head-option {item!r}: {text!r} is not a number or true/false") from None
+        if key in options:
+            raise ValueError(f"--head-option {key!r} is given twice")
+        options[key] = value
+    return options
+
+
 def check_head_options(name: str, params: dict[str, Any]) -> None:
     """Validate a head's name and options before any data is read (raises ValueError naming the option).
 
