@@ -14,13 +14,12 @@ import ipaddress
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import tensorflow as tf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-StrategyName = Literal["auto", "default", "mirrored", "multiworker"]
 
 # Task types MultiWorkerMirroredStrategy understands. "ps" belongs to ParameterServerStrategy, which keeps
 # variables on separate servers: the synchronous center all-reduce has no meaning there.
@@ -84,6 +83,11 @@ class TFConfig(BaseModel):
 
     @model_validator(mode="after")
     def _task_in_cluster(self) -> TFConfig:
+        if self.task.type not in _WORKER_TYPES:
+            raise ValueError(
+                f"task type {self.task.type!r} does not train; run training on the "
+                f"{' or '.join(_WORKER_TYPES)} tasks"
+            )
         members = self.cluster.get(self.task.type)
         if not members:
             raise ValueError(
@@ -179,7 +183,7 @@ def make_strategy(name: str = "auto", tf_config: TFConfig | None = None) -> tf.d
     """Build the strategy. Call before any other TensorFlow op: multi-worker needs to start its server first.
 
     - `default`: one device, no distribution.
-    - `mirrored`: all local GPUs (or logical CPU devices) of this process.
+    - `mirrored`: all local GPUs of this process (one CPU replica on a machine without GPUs).
     - `multiworker`: MultiWorkerMirroredStrategy over the processes in `tf_config`.
     - `auto`: multiworker when a cluster is given, mirrored when there are several local GPUs, else default.
     """

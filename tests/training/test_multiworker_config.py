@@ -45,6 +45,7 @@ def test_explicit_chief_is_the_chief_and_counts_as_a_worker():
         (_tf_config(["a:1"], task_type="chief"), "task type 'chief' is not in the cluster"),
         (_tf_config(["a:1", "a:1"]), "listed twice"),
         (_tf_config(["a:1"], ps=["p:1"]), "parameter servers are not supported"),
+        (_tf_config(["a:1"], task_type="evaluator", evaluator=["e:1"]), "does not train"),
         (_tf_config(["a"]), "host:port"),
         (_tf_config(["a:70000"]), "1..65535"),
         (_tf_config(["a:1"], index=-1), "task.index"),
