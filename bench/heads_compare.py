@@ -6,6 +6,7 @@ EER, TAR at FAR 1e-2 / 1e-3 and ROC AUC, reported as mean and spread over the se
 
     python bench/heads_compare.py                      # all heads, 3 seeds, 20 epochs
     python bench/heads_compare.py --heads softmax,arcface --seeds 0 --epochs 5
+    python bench/heads_compare.py --heads asoftmax:lambda_base=100:lambda_gamma=1 --out /tmp/fast.json
 
 Prints a markdown table and writes bench/results/heads_compare.json (per-seed numbers included).
 """
@@ -25,7 +26,7 @@ import numpy as np
 from training.config import RunConfig
 from training.data import build_splits
 from training.evaluate import EvaluationSettings, evaluate_embeddings
-from training.heads import HEADS
+from training.heads import check_head_options, parse_head_options
 from training.run import load_run
 from training.trainer import train
 
@@ -37,7 +38,11 @@ METRICS = ("eer", "tar_at_far_1e-02", "tar_at_far_1e-03", "roc_auc")
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", default=",".join(DEFAULT_HEADS), help="comma-separated head names")
+    parser.add_argument(
+        "--heads",
+        default=",".join(DEFAULT_HEADS),
+        help="comma-separated heads, each optionally with options: arcface:s=32:m=0.4",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one run per seed)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -46,10 +51,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambda", dest="center_lambda", type=float, default=0.01, help="center-loss weight")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
-    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    unknown = [h for h in args.heads if h not in HEADS]
-    if unknown:
-        parser.error(f"--heads: unknown {', '.join(unknown)}; choose from {', '.join(sorted(HEADS))}")
+    heads = []
+    for spec in (h.strip() for h in args.heads.split(",") if h.strip()):
+        name, *options = spec.split(":")
+        try:
+            params = parse_head_options(options)
+            check_head_options(name, params)
+        except ValueError as exc:
+            parser.error(f"--heads {spec!r}: {exc}")
+        heads.append((spec, name, params))
+    args.heads = heads
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -59,7 +70,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _config(args: argparse.Namespace, head: str, center: bool, seed: int) -> RunConfig:
+def _config(args: argparse.Namespace, head: str, params: dict, center: bool, seed: int) -> RunConfig:
     return RunConfig(
         dataset="digits",
         heldout_classes=HELDOUT,
@@ -67,6 +78,7 @@ def _config(args: argparse.Namespace, head: str, center: bool, seed: int) -> Run
         feature_dim=args.feature_dim,
         width=args.width,
         head=head,
+        head_params=params,
         # lambda = 0 still tracks centers (paper rule) but they exert no pull: plain head training.
         center_lambda=args.center_lambda if center else 0.0,
         epochs=args.epochs,
@@ -75,17 +87,21 @@ def _config(args: argparse.Namespace, head: str, center: bool, seed: int) -> Run
     )
 
 
-def run_variant(args: argparse.Namespace, head: str, center: bool, seed: int, work: Path) -> dict:
+def run_variant(
+    args: argparse.Namespace, spec: tuple[str, str, dict], center: bool, seed: int, work: Path
+) -> dict:
     """Train one variant with one seed and score its embeddings of the held-out digits."""
-    config = _config(args, head, center, seed)
+    label, head, params = spec
+    config = _config(args, head, params, center, seed)
     splits = build_splits(config)
     started = time.perf_counter()
-    run_dir = train(config, work / f"{head}-{int(center)}-s{seed}", splits=splits, verbose=0)
+    folder = f"{label.replace(':', '_').replace('=', '-')}-{int(center)}-s{seed}"
+    run_dir = train(config, work / folder, splits=splits, verbose=0)
     seconds = time.perf_counter() - started
     run = load_run(run_dir)
     embeddings = np.asarray(run.embedding(splits.x_heldout, training=False))
     evaluation = evaluate_embeddings(
-        f"{head}{'+center' if center else ''}", embeddings, splits.y_heldout, EvaluationSettings(seed=seed)
+        f"{label}{'+center' if center else ''}", embeddings, splits.y_heldout, EvaluationSettings(seed=seed)
     )
     summary = evaluation.summary()
     return {"seed": seed, "train_seconds": round(seconds, 2), **{m: summary[m] for m in METRICS}}
@@ -104,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="heads-compare-") as tmp:
-        for head in args.heads:
+        for spec in args.heads:
+            label, head, params = spec
             for center in (False, True):
-                per_seed = [run_variant(args, head, center, seed, Path(tmp)) for seed in args.seeds]
-                name = f"{head}{' + center' if center else ''}"
-                rows.append({"variant": name, "head": head, "center": center, "runs": per_seed})
+                per_seed = [run_variant(args, spec, center, seed, Path(tmp)) for seed in args.seeds]
+                name = f"{label}{' + center' if center else ''}"
+                rows.append(
+                    {"variant": name, "head": head, "head_params": params, "center": center, "runs": per_seed}
+                )
                 print(f"done: {name} ({sum(r['train_seconds'] for r in per_seed):.1f} s)", file=sys.stderr)
 
     header = "| variant | EER ↓ | TAR@FAR=1e-2 ↑ | TAR@FAR=1e-3 ↑ | ROC AUC ↑ | train s/run |"
