@@ -23,6 +23,14 @@ from training.center_loss import UPDATE_RULES, batch_class_statistics, center_lo
 from training.distributed import MultiWorkerFit, worker_logs
 
 
+def _unpack(data: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if y is None or sample_weight is not None:
+        # Per-example weights would also have to weight the center statistics; nothing here needs them.
+        raise ValueError("CenterLossModel trains on (images, labels) pairs without sample weights")
+    return x, y
+
+
 class CenterLossModel(MultiWorkerFit, keras.Model):
     """Backbone (image -> features) + head (features -> logits) + centers `[num_classes, feature_dim]`."""
 
@@ -91,7 +99,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         return worker_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        x, y = data
+        x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
         ctx = tf.distribute.get_replica_context()
         global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))
@@ -131,7 +139,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         self.centers.assign(new_centers)
 
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        x, y = data
+        x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
         features = self.backbone(x, training=False)
         logits = self.head(features, y, training=False)

@@ -1,0 +1,143 @@
+"""CenterLossModel inside fit(): loss parts, callbacks, checkpointed centers, exact resume, NaN guard."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training.backbones import build_backbone
+from training.config import RunConfig
+from training.data import build_splits
+from training.heads import make_head
+from training.model import CenterLossModel
+from training.run import RunError, RunPaths, latest_checkpoint, load_run
+from training.trainer import build_model, train
+
+
+def tiny(**overrides) -> RunConfig:
+    options = dict(heldout_classes=["7", "8", "9"], width=4, feature_dim=4, epochs=2, batch_size=64, seed=3)
+    return RunConfig(**{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return build_splits(tiny())
+
+
+def test_train_step_reports_each_loss_part_and_accuracy(splits):
+    model = build_model(tiny(center_lambda=0.5), splits)
+    # centers start at zero, so the first center loss is 0.5 * mean ||x||^2 of the features before the step
+    features = model.backbone(splits.x_train[:32]).numpy()
+    logs = model.train_on_batch(splits.x_train[:32], splits.y_train[:32], return_dict=True)
+    assert set(logs) == {"loss", "softmax_loss", "center_loss", "accuracy"}
+    assert logs["center_loss"] == pytest.approx(0.5 * np.mean(np.sum(features**2, axis=1)), rel=1e-4)
+    assert logs["loss"] == pytest.approx(logs["softmax_loss"] + 0.5 * logs["center_loss"], rel=1e-5)
+
+
+def test_centers_are_non_trainable_and_move_only_by_the_rule(splits):
+    model = build_model(tiny(), splits)
+    assert all(v is not model.centers for v in model.trainable_variables)
+    before = model.centers.numpy().copy()
+    model.train_on_batch(splits.x_train[:64], splits.y_train[:64])
+    moved = np.abs(model.centers.numpy() - before).max(axis=1)
+    present = np.isin(np.arange(7), splits.y_train[:64])
+    assert np.all(moved[present] > 0) and np.all(moved[~present] == 0)
+
+
+def test_lambda_zero_trains_softmax_only_but_still_tracks_centers(splits):
+    model = build_model(tiny(center_lambda=0.0), splits)
+    logs = model.train_on_batch(splits.x_train[:64], splits.y_train[:64], return_dict=True)
+    assert logs["loss"] == pytest.approx(logs["softmax_loss"], rel=1e-6)
+    assert np.abs(model.centers.numpy()).max() > 0
+
+
+@pytest.mark.slow
+def test_two_classes_with_alpha_one_never_produce_nan():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype(np.float32) * 50
+    y = (rng.random(64) < 0.1).astype(np.int32)  # class 1 rare: often absent from a batch
+    for rule in ("paper", "facenet", "gradient"):
+        keras.utils.set_random_seed(0)
+        model = CenterLossModel(
+            build_backbone("lenetpp", (8, 8, 1), 2, 4),
+            make_head("softmax", 2),
+            2,
+            alpha=1.0,
+            rule=rule,
+            center_lambda=1.0,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+        assert np.all(np.isfinite(model.centers.numpy())), rule
+        assert np.all(np.isfinite(history.history["loss"])), rule
+
+
+@pytest.mark.slow
+def test_train_writes_a_run_folder_that_load_run_reads_back(splits, tmp_path):
+    config = tiny()
+    run_dir = train(config, tmp_path / "run", verbose=0, splits=splits)
+    paths = RunPaths(run_dir)
+    assert RunConfig.load(paths.config) == config
+    assert latest_checkpoint(paths)[0] == 2
+    assert any(paths.logs.rglob("events.out.tfevents.*"))
+    with paths.history.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {"loss", "softmax_loss", "center_loss", "accuracy", "val_accuracy"} <= set(rows[0])
+
+    run = load_run(run_dir)
+    assert run.centers.shape == (7, 4) and run.centers.dtype == np.float32
+    assert run.class_names == [str(i) for i in range(7)] and run.heldout_class_names == ["7", "8", "9"]
+    rebuilt = run.splits()
+    np.testing.assert_array_equal(rebuilt.x_heldout, splits.x_heldout)
+    np.testing.assert_array_equal(rebuilt.y_val, splits.y_val)
+    features = run.embedding.predict(rebuilt.x_val[:5], verbose=0)
+    assert features.shape == (5, 4)
+    summary = json.loads(paths.summary.read_text())
+    assert summary["num_heldout"] == len(splits.x_heldout)
+
+
+def test_checkpoint_restores_centers_and_optimizer_state(splits, tmp_path):
+    run_dir = train(tiny(epochs=1), tmp_path / "run", verbose=0, splits=splits)
+    _, checkpoint = latest_checkpoint(RunPaths(run_dir))
+    fresh = build_model(tiny(epochs=1), splits)
+    fresh.load_weights(checkpoint)
+    np.testing.assert_array_equal(fresh.centers.numpy(), load_run(run_dir).centers)
+    assert int(fresh.optimizer.iterations.numpy()) == 17  # ceil(1075 / 64) steps were restored
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_the_uninterrupted_run_would_be(splits, tmp_path):
+    straight = load_run(train(tiny(epochs=3), tmp_path / "a", verbose=0, splits=splits))
+    train(tiny(epochs=1), tmp_path / "b", verbose=0, splits=splits)
+    resumed = load_run(train(tiny(epochs=3), tmp_path / "b", resume=True, verbose=0, splits=splits))
+    np.testing.assert_allclose(resumed.centers, straight.centers, atol=1e-6)
+    for a, b in zip(straight.embedding.get_weights(), resumed.embedding.get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    with (tmp_path / "b" / "history.csv").open() as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["0", "1", "2"]
+
+
+@pytest.mark.slow
+def test_new_run_refuses_a_non_empty_folder_and_resume_refuses_other_options(splits, tmp_path):
+    train(tiny(epochs=1), tmp_path / "run", verbose=0, splits=splits)
+    with pytest.raises(RunError, match="--resume"):
+        train(tiny(epochs=1), tmp_path / "run", verbose=0, splits=splits)
+    with pytest.raises(RunError, match="center_lambda"):
+        train(tiny(epochs=2, center_lambda=0.5), tmp_path / "run", resume=True, verbose=0, splits=splits)
+
+
+def test_fit_under_tf_function_matches_eager_steps(splits):
+    config = tiny(center_lambda=0.2)
+    results = []
+    for eager in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_model(config, splits)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), run_eagerly=eager)
+        ds = tf.data.Dataset.from_tensor_slices((splits.x_train[:128], splits.y_train[:128])).batch(32)
+        model.fit(ds, epochs=1, verbose=0, shuffle=False)
+        results.append(model.centers.numpy())
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
