@@ -1,0 +1,90 @@
+"""The one-command builder on bundled digits (tiny model, 2 epochs): runs, compares, calibrates, exports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from bundle import load_bundle
+from training.config import RunConfig
+from training.evaluate import EvaluationSettings, measure_at
+from training.export import onnx_embed
+from training.pipeline import PCA, SOFTMAX, build_bundle, embed, markdown_table
+from training.run import load_run
+
+CONFIG = RunConfig(
+    dataset="digits",
+    heldout_classes=["7", "8", "9"],
+    feature_dim=4,
+    width=2,
+    epochs=2,
+    center_lambda=0.1,
+    seed=0,
+)
+SETTINGS = EvaluationSettings(max_genuine=2_000, max_impostor=5_000, ident_trials=2)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    result = build_bundle(CONFIG, root / "bundle", work_dir=root / "work", settings=SETTINGS, verbose=0)
+    return root, result
+
+
+@pytest.mark.slow
+def test_build_writes_a_bundle_the_loader_accepts_with_baselines_and_thresholds(built):
+    root, result = built
+    bundle = load_bundle(root / "bundle")
+    m = bundle.manifest
+    assert bundle.labels == [str(d) for d in range(7)]
+    assert m.training.heldout_classes == ["7", "8", "9"]
+    assert m.training.options["width"] == 2 and m.training.options["feature_dim"] == 4
+    assert m.embedding.dim == 4
+    assert f"baseline_{SOFTMAX}" in m.evaluation and f"baseline_{PCA}" in m.evaluation
+    assert m.evaluation["num_impostor_pairs"] == 5_000
+    # 5000 impostors resolve FAR 1e-3; the manifest's threshold is the calibrated one.
+    assert m.thresholds.target_far == pytest.approx(1e-3)
+    assert m.thresholds.at_target_far.far <= 1e-3
+    assert m.evaluation["export_parity_max_abs_diff"] <= 1e-4
+    report = json.loads(result.report_path.read_text())
+    assert [r["name"] for r in report["results"]] == ["softmax+center", SOFTMAX, PCA]
+    assert result.roc_path.stat().st_size > 0
+    assert "| softmax+center |" in markdown_table(result.comparison)
+
+
+@pytest.mark.slow
+def test_bundled_thresholds_are_reproduced_from_the_exported_onnx_model(built):
+    """The service can trust the manifest: the ONNX model re-scores the held-out pairs to the same rates."""
+    root, result = built
+    bundle = load_bundle(root / "bundle")
+    run = load_run(root / "work" / "center")
+    splits = run.splits()
+    onnx_features = onnx_embed(bundle.model_bytes, splits.x_heldout)
+    np.testing.assert_allclose(onnx_features, embed(run.embedding, splits.x_heldout), atol=1e-4)
+    ev = result.comparison.main
+    e = onnx_features / np.linalg.norm(onnx_features, axis=1, keepdims=True)
+    scores = np.einsum("ij,ij->i", e[ev.pairs.idx_a], e[ev.pairs.idx_b])
+    th = bundle.manifest.thresholds
+    point = measure_at(scores, ev.pairs.same, th.default)
+    # float32 ONNX vs the evaluation's float64 cosine: a pair on the threshold may flip, no more.
+    assert point.far == pytest.approx(th.at_target_far.far, abs=2 / th.num_impostor_pairs)
+    assert point.tar == pytest.approx(th.at_target_far.tar, abs=2 / th.num_genuine_pairs)
+
+
+@pytest.mark.slow
+def test_rebuild_reuses_finished_runs_and_refuses_lambda_zero(built, tmp_path):
+    root, _ = built
+    mtime = (root / "work" / "center" / "embedding.keras").stat().st_mtime
+    build_bundle(CONFIG, tmp_path / "again", work_dir=root / "work", settings=SETTINGS, verbose=0)
+    assert (root / "work" / "center" / "embedding.keras").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="--lambda must be > 0"):
+        build_bundle(
+            CONFIG.model_copy(update={"center_lambda": 0.0}),
+            tmp_path / "x",
+            work_dir=tmp_path / "w",
+            settings=SETTINGS,
+        )
