@@ -77,6 +77,9 @@ class Comparison:
     settings: EvaluationSettings
     evaluations: dict[str, OpenSetEvaluation]  # CENTER first, then the baselines that were run
     seconds: dict[str, float] = field(default_factory=dict)
+    # The same protocol on validation images of the TRAINING identities: shows what the loss does where it
+    # was trained, next to how much of it carries over to unseen identities.
+    seen: dict[str, OpenSetEvaluation] = field(default_factory=dict)
 
     @property
     def main(self) -> OpenSetEvaluation:
@@ -99,6 +102,7 @@ class Comparison:
             "heldout_classes": self.heldout_classes,
             "protocol": self.settings.as_dict(),
             "results": self.rows(),
+            "seen_identities": [e.as_dict() for e in self.seen.values()],
             "eer_ratio_center_over_softmax": self.eer_ratio(),
             "seconds": self.seconds,
         }
@@ -117,6 +121,8 @@ class Comparison:
         ratio = self.eer_ratio()
         if ratio is not None:
             out["eer_ratio_center_over_softmax"] = round(ratio, 4)
+        if self.seen:
+            out["seen_identities_eer"] = {n: round(e.verification.eer, 6) for n, e in self.seen.items()}
         return out
 
     def roc_curves(self) -> list[RocCurve]:
@@ -150,9 +156,13 @@ def compare(
     embedders: list[tuple[str, Any]] = [(CENTER if run.config.center_lambda > 0 else SOFTMAX, run.embedding)]
     if softmax is not None:
         embedders.append((SOFTMAX, softmax.embedding))
+    seen: dict[str, OpenSetEvaluation] = {}
+    val_ok = len(np.unique(splits.y_val)) >= 2 and np.bincount(splits.y_val).max() >= 2
     for name, model in embedders:
         started = time.perf_counter()
         evaluations[name] = evaluate_embeddings(name, embed(model, splits.x_heldout), labels, settings)
+        if val_ok:
+            seen[name] = evaluate_embeddings(name, embed(model, splits.x_val), splits.y_val, settings)
         seconds[f"evaluate_{name}"] = round(time.perf_counter() - started, 2)
     if pca_components:
         started = time.perf_counter()
@@ -167,6 +177,7 @@ def compare(
         settings=settings,
         evaluations=evaluations,
         seconds=seconds,
+        seen=seen,
     )
 
 
@@ -326,12 +337,20 @@ def markdown_table(comparison: Comparison) -> str:
         return "n/a" if isinstance(value, str) else str(value)
 
     header = "| embedder | " + " | ".join(title for title, _ in _TABLE_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(_TABLE_COLUMNS) + 1)]
+    lines = [
+        f"Unseen identities ({', '.join(comparison.heldout_classes)}):",
+        "",
+        header,
+        "|" + "---|" * (len(_TABLE_COLUMNS) + 1),
+    ]
     for row in comparison.rows():
         lines.append(f"| {row['name']} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
     ratio = comparison.eer_ratio()
     if ratio is not None:
         lines.append(f"\nEER softmax+center / softmax = {ratio:.2f} (goal <= 0.70)")
+    if comparison.seen:
+        seen = ", ".join(f"{n} {e.verification.eer:.3f}" for n, e in comparison.seen.items())
+        lines.append(f"EER on validation images of the training identities (seen): {seen}")
     return "\n".join(lines)
 
 
