@@ -44,7 +44,7 @@ def train(
     ] = "digits",
     out: Annotated[
         Path | None,
-        typer.Option(help="run folder [default: runs/<dataset>-<backbone>-<rule>-lambda<L>-s<seed>]"),
+        typer.Option(help="run folder \\[default: runs/<dataset>-<backbone>-<rule>-lambda<L>-s<seed>]"),
     ] = None,
     resume: Annotated[
         bool,
@@ -53,7 +53,7 @@ def train(
             "only --epochs may change, to extend it)"
         ),
     ] = False,
-    epochs: Annotated[int | None, typer.Option(help="epochs to train in total [default: 20]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs to train in total \\[default: 20]")] = None,
     batch_size: Annotated[int, typer.Option(help="global batch size (split across replicas)")] = 64,
     lr: Annotated[float, typer.Option(help="learning rate of the feature/head optimizer")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam | sgd (momentum 0.9)")] = "adam",
@@ -85,9 +85,11 @@ def train(
         str, typer.Option(help="classification head (training only): softmax or a margin head")
     ] = ("softmax"),
     margin: Annotated[
-        float | None, typer.Option(help="margin of a margin head [default: the head's]")
+        float | None, typer.Option(help="margin of a margin head \\[default: the head's]")
     ] = None,
-    scale: Annotated[float | None, typer.Option(help="scale of a margin head [default: the head's]")] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="scale of a margin head \\[default: the head's]")
+    ] = None,
     head_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -98,7 +100,8 @@ def train(
     image_size: Annotated[
         int | None,
         typer.Option(
-            help="square input size [default: the dataset's (8 digits, 28 IDX), else 28 lenetpp, 96 facecnn]"
+            help="square input size \\[default: the dataset's (8 digits, 28 IDX), "
+            "else 28 lenetpp, 96 facecnn]"
         ),
     ] = None,
     color_mode: Annotated[str, typer.Option(help="L (grayscale) | RGB")] = "L",

@@ -105,9 +105,10 @@ def train(
     # workers, a collective op all of them must join), but only the chief writes the run folder; the others
     # write to a scratch folder deleted at the end. All resume from the run folder's checkpoint.
     scratch = None if is_chief(strategy) else Path(tempfile.mkdtemp(prefix="idembed-worker-"))
-    paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
     if splits is None:
+        # Before the run folder exists: a held-out name the dataset lacks must not leave a folder behind.
         splits = build_splits(config)
+    paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, splits)
