@@ -93,6 +93,7 @@ class ServiceRuntime:
             batch_wait_ms=s.batch_wait_ms,
             max_queue_depth=s.max_queue_depth,
             observer=self._observer,
+            inline_max_ms=s.inline_inference_max_ms,
         )
         manifest = model.manifest
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)
