@@ -128,3 +128,21 @@ async def test_model_failure_reaches_every_request_of_the_batch_and_engine_keeps
     ok = await engine.embed(np.ones((1, 1), np.float32))
     await engine.stop()
     assert ok.shape == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_inline_mode_runs_cheap_batches_on_the_event_loop_thread() -> None:
+    threads: list[str] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return batch
+
+    engine = BatchingEngine(model, max_batch_size=8, inline_max_ms=50.0)
+    engine.start()
+    for _ in range(3):
+        await engine.embed(np.ones((1, 1), np.float32))
+    await engine.stop()
+    # The first batch has no timing yet and goes to the inference thread; later cheap ones run inline.
+    assert threads[0].startswith("idembed-infer")
+    assert threads[1:] == [threading.main_thread().name] * 2
