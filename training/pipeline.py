@@ -374,3 +374,24 @@ def feature_figure(config: RunConfig, work_dir: Path, out_png: Path, *, verbose:
         title = "softmax only (λ = 0)" if lam == 0 else f"softmax + center loss (λ = {lam:g})"
         panels.append(FeaturePanel(title, embed(run.embedding, x), y, run.class_names, run.centers))
     return plot_feature_panels(panels, out_png)
+
+
+def config_from_recipe(recipe: TrainingRecipe) -> RunConfig:
+    """The RunConfig a bundle was trained with, rebuilt from its manifest (to re-run or re-split it)."""
+    known = set(RunConfig.model_fields)
+    options = {k: v for k, v in recipe.options.items() if k in known}
+    return RunConfig.from_options(
+        **options,
+        dataset=recipe.dataset,
+        heldout_classes=recipe.heldout_classes,
+        val_fraction=recipe.val_fraction,
+        backbone=recipe.backbone,
+        head=recipe.head,
+        head_params=dict(recipe.head_params),
+        center_lambda=recipe.center_lambda,
+        alpha=recipe.center_alpha,
+        rule=recipe.center_update,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
+    )
