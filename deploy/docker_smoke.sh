@@ -10,6 +10,8 @@
 #   PYTHON               python with the project installed, for the client (default .venv/bin/python)
 #   SMOKE_KEEP=1         leave the stack running for inspection (then: docker-compose -p NAME down -v)
 #   SMOKE_TIMEOUT        seconds to wait for healthy (default 180)
+#   SMOKE_TRAIN=1        also build the training image, retrain for 1 epoch with `compose run train` into the
+#                        models volume, and hot-reload the service onto the new bundle (minutes more)
 # Needs: docker (DOCKER_HOST honoured) and `docker compose` or `docker-compose`. A ./wheels wheelhouse
 # (deploy/build_wheelhouse.sh) is used when present, for builds without registry access.
 set -euo pipefail
@@ -90,5 +92,19 @@ dc restart idembed > /dev/null
 wait_healthy
 log "client: identities after restart"
 "$python" deploy/smoke_client.py check --url "http://127.0.0.1:$port" --api-key "$api_key" --state "$state"
+
+if [[ "${SMOKE_TRAIN:-0}" == 1 ]]; then
+  export IDEMBED_TRAIN_IMAGE="idembed-train:smoke"
+  log "building the training image"
+  dc --profile train build train > "${TMPDIR:-/tmp}/$project-train-build.log" 2>&1 \
+    || { tail -30 "${TMPDIR:-/tmp}/$project-train-build.log"; die "training image build failed"; }
+  rm -f "${TMPDIR:-/tmp}/$project-train-build.log"
+  log "retraining (1 epoch) into the models volume with 'compose run train'"
+  dc --profile train run --rm train build-bundle --out models/smoke-retrained --work runs/smoke \
+    --epochs 1 --folds 2 --max-genuine 2000 --max-impostor 5000 --pca-components 0 --version smoke 2>&1 \
+    | grep -E "^bundle|EER" || die "training run failed"
+  log "client: hot reload onto the retrained bundle"
+  "$python" deploy/smoke_client.py reload --url "http://127.0.0.1:$port" --api-key "$api_key" --bundle smoke-retrained
+fi
 
 log "SMOKE OK"

@@ -3,9 +3,11 @@
     python deploy/smoke_client.py exercise --url http://127.0.0.1:8000 --api-key KEY --state smoke.json
     (restart the container)
     python deploy/smoke_client.py check    --url http://127.0.0.1:8000 --api-key KEY --state smoke.json
+    python deploy/smoke_client.py reload   --url http://127.0.0.1:8000 --api-key KEY --bundle retrained
 
 `exercise` calls verify and identify, enrolls identities and records what it enrolled in the state file;
-`check` (after a restart) asserts every one of them is still enrolled and still identified as itself. Probe
+`check` (after a restart) asserts every one of them is still enrolled and still identified as itself;
+`reload` hot-swaps to a bundle a training container exported into the models volume. Probe
 images are sklearn's bundled digits, so nothing is downloaded. Exit status 0 means every check passed.
 """
 
@@ -94,18 +96,40 @@ def check_after_restart(client: IdembedClient, state: Path) -> None:
         client.delete_identity(name)
 
 
+def reload_to(client: IdembedClient, bundle: str) -> None:
+    """Hot-reload a bundle that a training container exported into the models volume."""
+    before = client.readyz().model_id
+    reloaded = client.reload(bundle)
+    check(reloaded.previous_model_id == before, f"reload replaced {before}")
+    check(client.readyz().model_id == reloaded.model_id, f"now serving {reloaded.model_id} from {bundle!r}")
+    vector = client.embed([digit_png(4, 0)]).embeddings[0]
+    check(math.isclose(sum(x * x for x in vector), 1.0, abs_tol=1e-4), "the retrained model embeds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["exercise", "check"], help="before or after the restart")
+    parser.add_argument(
+        "phase", choices=["exercise", "check", "reload"], help="before or after the restart, or hot reload"
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
     parser.add_argument("--api-key", required=True, help="one of the service's IDEMBED_API_KEYS")
-    parser.add_argument("--state", type=Path, required=True, help="file handing enrolled names to 'check'")
+    parser.add_argument("--state", type=Path, help="file handing enrolled names to 'check'")
+    parser.add_argument("--bundle", help="reload: folder name of the bundle inside the models volume")
     args = parser.parse_args(argv)
+    if args.phase in ("exercise", "check") and args.state is None:
+        parser.error(f"{args.phase} needs --state")
     if args.phase == "check" and not args.state.is_file():
         parser.error(f"--state {args.state}: missing; run the 'exercise' phase first")
-    with IdembedClient(args.url, api_key=args.api_key, timeout=60) as client:
+    if args.phase == "reload" and not args.bundle:
+        parser.error("reload needs --bundle")
+    with IdembedClient(args.url, api_key=args.api_key, timeout=120) as client:
         try:
-            (exercise if args.phase == "exercise" else check_after_restart)(client, args.state)
+            if args.phase == "exercise":
+                exercise(client, args.state)
+            elif args.phase == "check":
+                check_after_restart(client, args.state)
+            else:
+                reload_to(client, args.bundle)
         except IdembedError as exc:
             raise SystemExit(f"smoke check failed: {exc} (request id {exc.request_id})") from exc
     print(f"smoke {args.phase}: all checks passed")
