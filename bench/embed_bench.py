@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument(
         "--log-level", default="INFO", help="server log level (INFO writes one access line/request)"
     )
-    p.add_argument("--inline-max-ms", type=float, default=0.0, help="server IDEMBED_INLINE_INFERENCE_MAX_MS")
+    p.add_argument("--inline-max-ms", type=float, default=0.5, help="server IDEMBED_INLINE_INFERENCE_MAX_MS")
     p.add_argument(
         "--images-per-request",
         type=int,

@@ -1,7 +1,9 @@
-"""Injected dependencies of the routes: the runtime, settings, and API-key checks.
+"""What routes need from the app: the runtime, settings, and API-key checks.
 
-They are `async def` although they never await: FastAPI runs plain `def` dependencies in its thread pool,
-and that hop per dependency cost more than the whole embed computation for small models (profiled).
+The dependencies are `async def` although they never await: FastAPI runs plain `def` dependencies in its
+thread pool. The hot read routes (embed, identify, verify) do not use FastAPI dependencies at all but call
+`read_context`: profiling showed FastAPI's dependency resolution costing more per request than decoding the
+image and running a small model together.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ async def require_read_key(
 ) -> None:
     if settings.require_key_for_reads:
         _check_key(api_key, settings)
+
+
+def read_context(request: Request) -> tuple[ServiceRuntime, Settings]:
+    """Runtime and settings for a read route, after the read-key check when reads need a key."""
+    settings: Settings = request.app.state.settings
+    if settings.require_key_for_reads:
+        _check_key(request.headers.get("x-api-key"), settings)
+    return request.app.state.runtime, settings
 
 
 RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]

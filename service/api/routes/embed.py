@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service.api.bodies import read_body, request_body_doc
-from service.api.deps import RuntimeDep, SettingsDep, require_read_key
+from service.api.deps import read_context
 from service.api.errors import error_responses
 from service.api.schemas import EmbedRequest, EmbedResponse
 
-router = APIRouter(prefix="/v1", tags=["embeddings"], dependencies=[Depends(require_read_key)])
+router = APIRouter(prefix="/v1", tags=["embeddings"])
 
 FILES = {"images": "images", "image": "images"}
 
@@ -23,7 +23,8 @@ FILES = {"images": "images", "image": "images"}
     openapi_extra=request_body_doc(EmbedRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def embed(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> EmbedResponse:
+async def embed(request: Request) -> EmbedResponse:
+    runtime, settings = read_context(request)
     _, files = await read_body(request, EmbedRequest, settings, file_fields=FILES)
     vectors, model_id = await runtime.embed_images(files["images"])
     return EmbedResponse(model_id=model_id, dim=vectors.shape[1], embeddings=vectors.tolist())

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service.api.bodies import check_count, read_body, request_body_doc
-from service.api.deps import RuntimeDep, SettingsDep, require_read_key
+from service.api.deps import read_context
 from service.api.errors import error_responses
 from service.api.schemas import Identification, IdentifyRequest, IdentifyResponse, Match
 from service.errors import InvalidInputError
 
-router = APIRouter(prefix="/v1", tags=["recognition"], dependencies=[Depends(require_read_key)])
+router = APIRouter(prefix="/v1", tags=["recognition"])
 
 FILES = {"images": "images", "image": "images"}
 
@@ -24,7 +24,8 @@ FILES = {"images": "images", "image": "images"}
     openapi_extra=request_body_doc(IdentifyRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def identify(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> IdentifyResponse:
+async def identify(request: Request) -> IdentifyResponse:
+    runtime, settings = read_context(request)
     body, files = await read_body(request, IdentifyRequest, settings, file_fields=FILES)
     if body.top_k > settings.max_top_k:
         raise InvalidInputError(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from service.api.bodies import read_body, request_body_doc
-from service.api.deps import RuntimeDep, SettingsDep, require_read_key
+from service.api.deps import read_context
 from service.api.errors import error_responses
 from service.api.schemas import VerifyRequest, VerifyResponse
 
-router = APIRouter(prefix="/v1", tags=["recognition"], dependencies=[Depends(require_read_key)])
+router = APIRouter(prefix="/v1", tags=["recognition"])
 
 FILES = {"image_a": "image_a", "image_b": "image_b"}
 
@@ -24,7 +24,8 @@ FILES = {"image_a": "image_a", "image_b": "image_b"}
     openapi_extra=request_body_doc(VerifyRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def verify(request: Request, runtime: RuntimeDep, settings: SettingsDep) -> VerifyResponse:
+async def verify(request: Request) -> VerifyResponse:
+    runtime, settings = read_context(request)
     body, files = await read_body(request, VerifyRequest, settings, file_fields=FILES)
     sides = [("a", body.embedding_a), ("b", body.embedding_b)]
     to_embed = [files[f"image_{s}"][0] for s, emb in sides if emb is None]
