@@ -64,23 +64,23 @@ def main(ctx: typer.Context) -> None:
 
 @app.command()
 def serve(
-    bundle: Annotated[Path | None, typer.Option(help="bundle folder [default: models/default]")] = None,
-    host: Annotated[str | None, typer.Option(help="interface [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port [default: 8000]")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: models/default)")] = None,
+    host: Annotated[str | None, typer.Option(help="interface (default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: 8000)")] = None,
     store_url: Annotated[
         str | None,
-        typer.Option(help="sqlite:///path or postgresql://... [default: sqlite:///data/identities.sqlite3]"),
+        typer.Option(help="sqlite:///path or postgresql://... (default: sqlite:///data/identities.sqlite3)"),
     ] = None,
     max_batch_size: Annotated[
-        int | None, typer.Option(help="images per onnxruntime call [default: 64]")
+        int | None, typer.Option(help="images per onnxruntime call (default: 64)")
     ] = None,
     batch_wait_ms: Annotated[
-        float | None, typer.Option(help="extra wait to fill a batch [default: 0]")
+        float | None, typer.Option(help="extra wait to fill a batch (default: 0)")
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [default: INFO]")
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     ] = None,
-    log_format: Annotated[str | None, typer.Option(help="json or text [default: json]")] = None,
+    log_format: Annotated[str | None, typer.Option(help="json or text (default: json)")] = None,
 ) -> None:
     """Start the service; it is ready when GET /readyz returns 200."""
     _run(
