@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.baselines import PixelPCAEmbedder
 from training.config import RunConfig
 from training.data import build_splits
 from training.evaluate import EvaluationSettings, evaluate_embeddings
@@ -107,6 +108,17 @@ def run_variant(
     return {"seed": seed, "train_seconds": round(seconds, 2), **{m: summary[m] for m in METRICS}}
 
 
+def pca_baseline(args: argparse.Namespace, seed: int) -> dict:
+    """PCA on pixels fitted on the training digits (no learning): the floor every head should beat."""
+    splits = build_splits(_config(args, "softmax", {}, False, seed))
+    pca = PixelPCAEmbedder(args.feature_dim, seed=seed).fit(splits.x_train)
+    evaluation = evaluate_embeddings(
+        "pca-pixels", pca.embed(splits.x_heldout), splits.y_heldout, EvaluationSettings(seed=seed)
+    )
+    summary = evaluation.summary()
+    return {"seed": seed, "train_seconds": 0.0, **{m: summary[m] for m in METRICS}}
+
+
 def _mean_spread(values: list[float]) -> str:
     if any(not isinstance(v, float | int) for v in values):
         return "n/a"
@@ -118,7 +130,15 @@ def _mean_spread(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    rows = []
+    rows = [
+        {
+            "variant": f"PCA on pixels ({args.feature_dim} components)",
+            "head": None,
+            "head_params": {},
+            "center": False,
+            "runs": [pca_baseline(args, seed) for seed in args.seeds],
+        }
+    ]
     with tempfile.TemporaryDirectory(prefix="heads-compare-") as tmp:
         for spec in args.heads:
             label, head, params = spec
