@@ -21,14 +21,15 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "PPM", "BMP")
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_base64(text: str, *, index: int) -> bytes:
-    """Standard base64 (a `data:image/...;base64,` prefix is accepted) -> bytes; errors name the image."""
+def decode_base64(text: str, *, where: str = "image") -> bytes:
+    """Standard base64 -> bytes; a `data:image/...;base64,` prefix and line breaks are accepted."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
-        return base64.b64decode(text, validate=True)
+        # `base64 file` wraps lines at 76 columns; whitespace carries no data, anything else is an error.
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImageError(f"images[{index}] is not valid base64: {exc}") from exc
+        raise InvalidImageError(f"{where} is not valid base64: {exc}") from exc
 
 
 def decode_image(data: bytes, *, max_pixels: int, where: str = "image") -> Image.Image:
@@ -43,8 +44,10 @@ def decode_image(data: bytes, *, max_pixels: int, where: str = "image") -> Image
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{where} is not a recognised image (PNG, JPEG, PGM/PPM or BMP)") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"{where} cannot be decoded: {exc}") from exc
+    except Exception as exc:
+        # Pillow's format plugins raise assorted types (struct.error, IndexError, ...) on hostile input;
+        # whatever the type, undecodable client bytes are a 400, never a 500.
+        raise InvalidImageError(f"{where} cannot be decoded: {type(exc).__name__}: {exc}") from exc
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedMediaTypeError(
             f"{where} is {image.format}; supported formats are PNG, JPEG, PGM/PPM and BMP",
@@ -60,8 +63,8 @@ def decode_image(data: bytes, *, max_pixels: int, where: str = "image") -> Image
         )
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"{where} is truncated or corrupt: {exc}") from exc
+    except Exception as exc:  # see above: any decoder failure on client bytes is the client's image
+        raise InvalidImageError(f"{where} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
     return image
 
 
@@ -76,8 +79,12 @@ class ImagePreprocessor:
     def __call__(self, images: list[bytes], *, field: str = "images") -> np.ndarray:
         arrays = []
         for i, data in enumerate(images):
-            image = decode_image(data, max_pixels=self.max_pixels, where=f"{field}[{i}]")
-            arrays.append(preprocess_pil(image, self.preprocessing, self.input_spec))
+            where = f"{field}[{i}]"
+            image = decode_image(data, max_pixels=self.max_pixels, where=where)
+            try:
+                arrays.append(preprocess_pil(image, self.preprocessing, self.input_spec))
+            except (OSError, ValueError) as exc:  # e.g. a pixel mode Pillow cannot convert
+                raise InvalidImageError(f"{where} cannot be converted: {exc}") from exc
         if not arrays:
             return np.zeros((0, *self.input_spec.shape(0)[1:]), dtype=np.float32)
         return np.stack(arrays)

@@ -59,7 +59,10 @@ async def read_body(
                 continue
             items = value if isinstance(value, list) else [value]
             check_count(len(items), settings)
-            images[target] = [decode_base64(text, index=i) for i, text in enumerate(items)]
+            names = [f"{target}[{i}]" for i in range(len(items))] if isinstance(value, list) else [target]
+            images[target] = [
+                decode_base64(text, where=name) for name, text in zip(names, items, strict=True)
+            ]
         return parsed, images
     if media == "multipart/form-data":
         return await _read_form(request, model, settings, file_fields, json_fields)

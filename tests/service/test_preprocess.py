@@ -13,7 +13,7 @@ from PIL import Image
 
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
-from service.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.errors import InvalidImageError, PayloadTooLargeError, ServiceError, UnsupportedMediaTypeError
 from service.preprocess import ImagePreprocessor, decode_base64, decode_image
 
 FIELDS = tiny_bundle.manifest_fields()
@@ -88,10 +88,26 @@ def test_one_pixel_image_is_accepted_and_resized_to_the_model_input() -> None:
     assert pre([encode(np.full((1, 1), 200, np.uint8), "PNG")]).shape == (1, 8, 8, 1)
 
 
-def test_bad_base64_names_the_image_index() -> None:
+def test_bad_base64_names_the_image() -> None:
     with pytest.raises(InvalidImageError, match=r"images\[3\]"):
-        decode_base64("***", index=3)
+        decode_base64("***", where="images[3]")
 
 
-def test_data_url_prefix_is_accepted() -> None:
-    assert decode_base64("data:image/png;base64,aGk=", index=0) == b"hi"
+def test_data_url_prefix_and_line_breaks_are_accepted() -> None:
+    assert decode_base64("data:image/png;base64,aGk=", where="x") == b"hi"
+    assert decode_base64("aG\nk=\n", where="x") == b"hi"
+
+
+@pytest.mark.parametrize("cut", [20, 40, 60])
+def test_corrupted_bmp_and_ppm_headers_are_invalid_images_not_crashes(cut: int) -> None:
+    for fmt in ("BMP", "PPM"):
+        data = bytearray(encode(np.full((16, 16), 9, np.uint8), fmt))
+        data[cut % len(data) : cut % len(data) + 8] = b"\xff" * 8
+        try:
+            outcome: object = decode_image(bytes(data), max_pixels=1_000_000)
+        except ServiceError as exc:
+            outcome = exc
+        # Either it still decodes or it is refused as a client error; any other exception fails the test.
+        assert isinstance(
+            outcome, Image.Image | InvalidImageError | PayloadTooLargeError | UnsupportedMediaTypeError
+        )
