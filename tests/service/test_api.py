@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
 from urllib.parse import quote
 
 import httpx
@@ -377,3 +379,32 @@ async def test_openapi_documents_both_encodings_and_examples(client: httpx.Async
     assert content["application/json"]["schema"]["examples"]
     assert "examples" in spec["components"]["schemas"]["IdentifyResponse"]
     assert "422" in spec["paths"]["/v1/identify"]["post"]["responses"]
+
+
+async def test_requests_beyond_the_queue_limit_get_503_with_retry_after(
+    make_settings, tiny: TinyBundle
+) -> None:
+    app = create_app(make_settings(max_queue_depth=64, inline_inference_max_ms=0.0))
+    gate = threading.Event()
+    png = b64(tiny.png(0))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        engine = app.state.runtime.current.engine
+        real_run = engine._run
+
+        def held(batch: np.ndarray) -> np.ndarray:
+            gate.wait(10)  # keep the first batch inside the model so later requests queue up
+            return real_run(batch)
+
+        engine._run = held
+        running = asyncio.create_task(c.post("/v1/embed", json={"images": [png]}))
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(c.post("/v1/embed", json={"images": [png] * 64}))
+        await asyncio.sleep(0.1)
+        rejected = await c.post("/v1/embed", json={"images": [png]})
+        gate.set()
+        assert_error(rejected, 503, "overloaded")
+        assert int(rejected.headers["retry-after"]) >= 1
+        assert (await running).status_code == 200 and (await queued).status_code == 200
