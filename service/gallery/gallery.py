@@ -121,6 +121,8 @@ class Gallery:
         centers, labels = self._centers, self._labels
         c_sims, c_keys = centers.search(queries, min(k, max(1, len(labels))))
         e_sims, e_keys = self._enrolled.search(queries, k)
+        # Reduced-precision ANN storage (f16/i8) can report 1.0001 for an exact match: keep cosine's range.
+        e_sims = np.clip(e_sims, -1.0, 1.0)
         results: list[list[Match]] = []
         for qi in range(len(queries)):
             matches = [
