@@ -1,4 +1,4 @@
-"""Dynamic micro-batching: concurrent embed requests are grouped into one onnxruntime call off the event loop.
+"""Dynamic micro-batching: concurrent embed requests are grouped into one onnxruntime call.
 
 Each request puts its images (one float32 block) and a future on a bounded queue. A single worker coroutine
 takes whatever is queued (up to `max_batch_size` images, optionally waiting `batch_wait_ms` for more), runs
@@ -6,6 +6,8 @@ the model in a dedicated thread, and hands each request exactly its own rows of 
 
 With `batch_wait_ms = 0` a lone request is run at once; under load, requests that arrive while a batch runs
 form the next batch, so batching grows with load without adding latency at low load (the infinity design).
+Batches predicted to be very cheap (`inline_max_ms`) run on the event loop itself, where a thread hand-off
+would cost more than the inference.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class BatchingEngine:
         # to a thread costs a wake-up and a GIL hand-back that can exceed the inference (profiled).
         self.inline_max_s = inline_max_ms / 1000.0
         self._per_row_s: float | None = None
-        self.batches_run = 0
 
     @property
     def queue_depth(self) -> int:
@@ -171,7 +172,6 @@ class BatchingEngine:
             per_row = elapsed / len(inputs)
             # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
             self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
-            self.batches_run += 1
             if self._observer is not None:
                 self._observer(len(inputs), elapsed)
             offset = 0
