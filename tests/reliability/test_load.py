@@ -15,7 +15,7 @@ import fault_bundles
 import httpx
 import pytest
 from load_generator import LoadResult, run_load
-from server_process import ServerProcess
+from server_process import REPO, ServerProcess
 
 # p99 ceiling for a saturated server that sheds or queues correctly; unbounded queueing blows far past it.
 P99_BOUND_MS = 2000.0
@@ -69,10 +69,9 @@ def test_short_saturating_load_has_no_errors(live_server: ServerProcess) -> None
 
 
 @pytest.mark.heavy
-def test_sixty_seconds_at_concurrency_64_has_no_errors_and_bounded_p99(
-    tmp_path: Path, good_bundle: Path
-) -> None:
-    server = ServerProcess(tmp_path, good_bundle).start()
+def test_sixty_seconds_at_concurrency_64_has_no_errors_and_bounded_p99(tmp_path: Path) -> None:
+    # The committed default bundle: the model a `docker compose up` serves.
+    server = ServerProcess(tmp_path, REPO / "models" / "default").start()
     try:
         result = asyncio.run(run_load(server.url, concurrency=64, duration_s=60.0))
     finally:
@@ -82,3 +81,5 @@ def test_sixty_seconds_at_concurrency_64_has_no_errors_and_bounded_p99(
     assert result.errors == 0, dict(result.statuses)
     assert result.shed == 0, "64 one-image clients fit the default queue: nothing should be shed"
     assert result.percentile_ms(99) < P99_BOUND_MS
+    # Bounded, not just small on average: no third of the run may drift past the bound.
+    assert max(result.window_p99_ms(3)) < P99_BOUND_MS
