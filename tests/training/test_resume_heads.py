@@ -131,11 +131,11 @@ print("REPORT " + json.dumps(report))
 
 
 @pytest.mark.slow
-def test_resume_under_mirrored_strategy_equals_uninterrupted_run_for_margin_heads():
+def test_resume_under_mirrored_strategy_equals_uninterrupted_run_and_one_device():
     repo = Path(__file__).resolve().parents[2]
-    # A-Softmax carries extra state (its step counter); ArcFace stands for the combined-margin family
-    # (AM-Softmax is the same layer with another margin). Every head is resumed on one device above.
-    heads = ["asoftmax", "arcface"]
+    # A-Softmax is the head with extra state (its step counter, written once per step from the first
+    # replica); the stateless heads resume through the same weights file, checked on one device above.
+    heads = ["asoftmax"]
     proc = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, *heads],
         cwd=repo,
