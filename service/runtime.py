@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from anyio import to_thread
@@ -25,7 +26,7 @@ from service.engine import BatchingEngine, BatchObserver, EngineClosedError
 from service.errors import InvalidBundleError, InvalidInputError, NotReadyError
 from service.gallery.gallery import Gallery, IndexFactory, Match
 from service.gallery.index import ExactIndex
-from service.gallery.store import IdentityStore, open_store
+from service.gallery.store import ChangeFeedStore, IdentityStore, open_store
 from service.model import EmbeddingModel, RuntimeOptions
 from service.preprocess import ImagePreprocessor
 
@@ -35,6 +36,10 @@ logger = logging.getLogger("idembed.runtime")
 # (a 12 MP JPEG takes ~100 ms) would stall every other request on the event loop, so they go to a thread.
 _INLINE_DECODE_BYTES = 256 * 1024
 _INLINE_SEARCH_ROWS = 20_000
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -67,6 +72,7 @@ class ServiceRuntime:
         self._reload_lock = asyncio.Lock()
         self.bundle_path = settings.bundle_path
         self.startup_error: str | None = None
+        self._follower: Stoppable | None = None
 
     @property
     def ready(self) -> bool:
@@ -99,6 +105,18 @@ class ServiceRuntime:
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)
         return LoadedModel(model=model, engine=engine, preprocess=pre)
 
+    def _follow_changes(self, store: IdentityStore, cursor: int) -> Stoppable:
+        """Keep this replica's index in step with identities other replicas write to the shared store."""
+        from service.gallery.pg_store import ChangeBatch, ChangeFollower, PostgresIdentityStore
+
+        assert isinstance(store, PostgresIdentityStore)
+        gallery = self.gallery
+
+        def apply(batch: ChangeBatch) -> None:
+            gallery.apply_changes(batch.upserts, batch.deleted)
+
+        return ChangeFollower(store, apply, cursor=cursor).start()
+
     def _index_factory(self) -> IndexFactory:
         if self.settings.gallery_index == "exact":
             return ExactIndex
@@ -112,10 +130,15 @@ class ServiceRuntime:
         start = time.perf_counter()
         loaded = await to_thread.run_sync(self._load_model, self.bundle_path)
         store = await to_thread.run_sync(open_store, self.settings.store_url, loaded.model.dim)
+        self._store = store
+        # A shared store (PostgreSQL) has a change feed: take its cursor before reading the identities, so a
+        # write landing while the index is built is applied again (idempotent) rather than missed.
+        cursor = store.change_cursor() if isinstance(store, ChangeFeedStore) else None
         bundle = loaded.model.bundle
         gallery = partial(Gallery, index_factory=self._index_factory())
         self._gallery = await to_thread.run_sync(gallery, bundle.centers, bundle.labels, store)
-        self._store = store
+        if cursor is not None:
+            self._follower = await to_thread.run_sync(self._follow_changes, store, cursor)
         loaded.engine.start()
         self._current = loaded
         if self._on_model_change is not None:
@@ -136,6 +159,9 @@ class ServiceRuntime:
         """Finish queued batches, then close the store."""
         if self._current is not None:
             await self._current.engine.stop(self.settings.shutdown_timeout_s)
+        if self._follower is not None:
+            await to_thread.run_sync(self._follower.stop)
+            self._follower = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -107,6 +107,15 @@ class Gallery:
             self._index_records([record])
         return record, replaced
 
+    def apply_changes(self, upserts: list[EnrolledIdentity], deleted: list[int]) -> None:
+        """Apply identities written by another replica of a shared store (its change feed); idempotent."""
+        with self._lock:
+            self._index_records(upserts)
+            if deleted:
+                self._enrolled.remove(np.asarray(deleted, dtype=np.int64))
+                for key in deleted:
+                    self._names.pop(int(key), None)
+
     def delete(self, name: str) -> EnrolledIdentity | None:
         with self._lock:
             record = self.store.delete(name)

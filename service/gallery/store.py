@@ -97,6 +97,14 @@ class IdentityStore(Protocol):
         """Release connections; further calls are an error."""
 
 
+@runtime_checkable
+class ChangeFeedStore(Protocol):
+    """A store shared by several replicas that reports changes (PostgreSQL); SQLite is single-process."""
+
+    def change_cursor(self) -> int:
+        """Sequence number of the newest change; follow changes after it to keep an index in sync."""
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS identities (
     key         INTEGER PRIMARY KEY AUTOINCREMENT,
