@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_BASE = "local/python-base:bookworm"
+LOCAL_PGVECTOR = "local/pgvector:pgserver"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -43,7 +44,8 @@ def _image_present(name: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0
 
 
-def test_compose_deployment_serves_and_keeps_identities_across_restart() -> None:
+def _smoke_env() -> dict[str, str]:
+    """Environment for the smoke scripts, or skip the test with the reason it cannot run here."""
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
@@ -54,6 +56,11 @@ def test_compose_deployment_serves_and_keeps_identities_across_restart() -> None
     pullable_base = _image_present("python:3.11-slim")
     if "IDEMBED_BASE_IMAGE" not in env and not pullable_base and _image_present(LOCAL_BASE):
         env["IDEMBED_BASE_IMAGE"] = LOCAL_BASE
+    return env
+
+
+def test_compose_deployment_serves_and_keeps_identities_across_restart() -> None:
+    env = _smoke_env()
 
     result = subprocess.run(
         ["bash", str(REPO / "deploy/docker_smoke.sh")],
@@ -69,3 +76,28 @@ def test_compose_deployment_serves_and_keeps_identities_across_restart() -> None
     assert "SMOKE OK" in result.stdout
     assert "survived the restart" in result.stdout
     assert "torn down" in transcript
+
+
+def test_pg_profile_replicas_share_one_gallery() -> None:
+    env = _smoke_env()
+    candidates = [env.get("IDEMBED_PG_IMAGE"), "pgvector/pgvector:pg16", LOCAL_PGVECTOR]
+    image = next((c for c in candidates if c and _image_present(c)), None)
+    if image is None:
+        pytest.skip(
+            "no PostgreSQL + pgvector image present (docker pull pgvector/pgvector:pg16, or build "
+            f"{LOCAL_PGVECTOR} with deploy/build_local_pgvector.sh)"
+        )
+    env["IDEMBED_PG_IMAGE"] = image
+
+    result = subprocess.run(
+        ["bash", str(REPO / "deploy/docker_smoke_pg.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+    transcript = result.stdout + result.stderr
+    assert result.returncode == 0, transcript[-6000:]
+    assert "PG SMOKE OK" in result.stdout
