@@ -266,7 +266,7 @@ def evaluate(
     eval_seed: _EvalSeed = 0,
 ) -> None:
     """Open-set metrics of a run on its held-out identities, beside softmax-only and PCA baselines."""
-    from training.pipeline import compare, ensure_run, markdown_table, softmax_twin, twin_dir
+    from training.pipeline import compare, ensure_run, markdown_table, roc_title, softmax_twin, twin_dir
     from training.plots import plot_roc
     from training.run import load_run
 
@@ -284,7 +284,9 @@ def evaluate(
         raise _fail(str(exc)) from exc
     json_out = json_out or RunPaths(run).root / "evaluation.json"
     json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    roc_path = plot_roc(result.roc_curves(), roc or RunPaths(run).root / "roc.png")
+    roc_path = plot_roc(
+        result.roc_curves(), roc or RunPaths(run).root / "roc.png", title=roc_title(result.dataset)
+    )
     typer.echo(markdown_table(result))
     typer.echo(f"wrote {json_out} and {roc_path}")
 

@@ -253,6 +253,11 @@ def export_run(
     )
 
 
+def roc_title(dataset: str) -> str:
+    label = dataset if dataset == "digits" else Path(dataset).name
+    return f"ROC on unseen {label} identities"
+
+
 @dataclass(frozen=True)
 class BuildResult:
     manifest: BundleManifest
@@ -310,7 +315,7 @@ def build_bundle(
     report.write_text(
         json.dumps({**comparison.to_json(), "thresholds": manifest.thresholds.model_dump()}, indent=2) + "\n"
     )
-    roc = plot_roc(comparison.roc_curves(), work_dir / "roc.png", title=f"ROC on unseen {config.dataset}")
+    roc = plot_roc(comparison.roc_curves(), work_dir / "roc.png", title=roc_title(config.dataset))
     return BuildResult(manifest, comparison, report, roc, wall)
 
 
@@ -358,7 +363,8 @@ def feature_figure(config: RunConfig, work_dir: Path, out_png: Path, *, verbose:
     """The paper's Figure 3 on our data: 2-D features of the training identities, lambda = 0 vs lambda > 0.
 
     Trains two LeNet++-style runs with 2-D features (the config otherwise unchanged), reusing finished runs in
-    `work_dir`, and plots each run's training-identity features coloured by class with its centers.
+    `work_dir`, and plots each run's training-identity features coloured by class with its centers, and the
+    held-out identities in grey (where unseen identities land is what open-set evaluation measures).
     """
     if config.center_lambda <= 0:
         raise ValueError("--lambda must be > 0: the right-hand panel shows the center-loss run")
@@ -372,7 +378,17 @@ def feature_figure(config: RunConfig, work_dir: Path, out_png: Path, *, verbose:
         ensure_run(base.model_copy(update={"center_lambda": lam}), run_dir, verbose=verbose, splits=splits)
         run = load_run(run_dir)
         title = "softmax only (λ = 0)" if lam == 0 else f"softmax + center loss (λ = {lam:g})"
-        panels.append(FeaturePanel(title, embed(run.embedding, x), y, run.class_names, run.centers))
+        panels.append(
+            FeaturePanel(
+                title,
+                embed(run.embedding, x),
+                y,
+                run.class_names,
+                run.centers,
+                unseen=embed(run.embedding, splits.x_heldout),
+                unseen_label=f"unseen ({', '.join(splits.heldout_class_names)})",
+            )
+        )
     return plot_feature_panels(panels, out_png)
 
 

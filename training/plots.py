@@ -29,6 +29,8 @@ class FeaturePanel:
     labels: np.ndarray  # [N] int, index into class_names
     class_names: Sequence[str]
     centers: np.ndarray | None = None  # [K, 2], row k = class_names[k]
+    unseen: np.ndarray | None = None  # [M, 2] features of identities not trained on, drawn in grey
+    unseen_label: str = "unseen identities"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ def plot_feature_panels(panels: Sequence[FeaturePanel], path: Path | str, *, poi
     cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
+        if panel.unseen is not None:
+            ax.scatter(*panel.unseen.T, s=point_size, color="0.6", alpha=0.5, lw=0, label=panel.unseen_label)
         for k, name in enumerate(panel.class_names):
             pts = panel.features[panel.labels == k]
             ax.scatter(pts[:, 0], pts[:, 1], s=point_size, color=cmap(k % 10), label=name, alpha=0.7, lw=0)

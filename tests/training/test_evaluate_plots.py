@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,7 +25,9 @@ def _panel(title: str, with_centers: bool = True) -> FeaturePanel:
 
 
 def test_feature_panels_are_written_side_by_side_as_a_small_png(tmp_path):
-    path = plot_feature_panels([_panel("lambda=0", False), _panel("lambda=0.1")], tmp_path / "f.png")
+    unseen = np.random.default_rng(1).normal(0, 0.3, (30, 2))
+    with_unseen = dataclasses.replace(_panel("lambda=0.1"), unseen=unseen, unseen_label="unseen (x)")
+    path = plot_feature_panels([_panel("lambda=0", False), with_unseen], tmp_path / "f.png")
     with Image.open(path) as img:
         assert img.format == "PNG"
         assert img.width > img.height  # two panels side by side
