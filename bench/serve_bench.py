@@ -261,12 +261,14 @@ def http_rows(
 
 
 def profile_service(pid: int, port: int, requests: list[bytes], seconds: float, out: Path) -> str:
-    """Sample the server with py-spy under concurrency-8 load; returns the hottest frames (own time)."""
+    """py-spy samples of the server under concurrency-8 load: the hottest frames (own time, GIL held)."""
     try:
         spy = subprocess.Popen(
             [
                 *("py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds))),
-                *("--format", "raw", "--output", str(out), "--rate", "200", "--nonblocking"),
+                # --gil: only the thread holding the GIL is sampled, i.e. Python work on the hot path,
+                # not threads parked in a queue or waiting for the GIL.
+                *("--format", "raw", "--output", str(out), "--rate", "200", "--gil"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -316,7 +318,7 @@ def run(args: argparse.Namespace) -> ServeReport:
 
         proc, port, _ = start_service(args.bundle, Path(tmp) / "bench.sqlite3", args.log_level)
         try:
-            requests = [embed_request(b) for b in pngs]
+            requests = [embed_request([b]) for b in pngs]
             asyncio.run(closed_loop(port, requests, 8, 2.0))  # warm-up
             report.rss_mib_after_warmup = rss_mib(proc.pid)
             report.load += http_rows("idembed /v1/embed", port, requests, args.concurrency, args.seconds)
@@ -385,7 +387,7 @@ def print_report(r: ServeReport) -> None:
     )
     print(f"Triton: {r.triton}")
     if r.profile:
-        print("hot path (py-spy, own time, concurrency 8):\n" + r.profile)
+        print("hot path (py-spy --gil, own time, concurrency 8):\n" + r.profile)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
