@@ -8,7 +8,7 @@ models by `request_body_doc`.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +26,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _raise_validation(exc: ValidationError, prefix: str = "body") -> None:
+def _raise_validation(exc: ValidationError, prefix: str = "body") -> NoReturn:
     errors = [{**err, "loc": (prefix, *err["loc"])} for err in exc.errors(include_url=False)]
     raise RequestValidationError(errors) from exc
 
@@ -70,6 +70,28 @@ async def read_body(
         f"content type {media or '(none)'!r} is not accepted; send application/json or multipart/form-data",
         detail={"accepted": ["application/json", "multipart/form-data"]},
     )
+
+
+async def read_optional_json(request: Request, model: type[M]) -> M:
+    """A JSON body that may be absent (then the model's defaults); malformed JSON is a 422 like elsewhere."""
+    body = await request.body()
+    if not body.strip():
+        return model()
+    media = _media_type(request)
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"content type {media!r} is not accepted; send application/json")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        _raise_validation(exc)
+
+
+def json_body_doc(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that reads its JSON body itself."""
+    schema = model.model_json_schema()
+    if "$defs" in schema:
+        raise ValueError(f"{model.__name__} must be flat to be inlined in the OpenAPI request body")
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
 
 
 async def _read_form(

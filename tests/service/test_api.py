@@ -408,3 +408,14 @@ async def test_requests_beyond_the_queue_limit_get_503_with_retry_after(
         assert_error(rejected, 503, "overloaded")
         assert int(rejected.headers["retry-after"]) >= 1
         assert (await running).status_code == 200 and (await queued).status_code == 200
+
+
+async def test_reload_with_malformed_or_foreign_body_is_a_client_error(client: httpx.AsyncClient) -> None:
+    bad_json = await client.post(
+        "/v1/admin/reload", content=b"\xff{", headers={**AUTH, "content-type": "application/json"}
+    )
+    assert_error(bad_json, 422, "validation_error")
+    text = await client.post(
+        "/v1/admin/reload", content=b"default", headers={**AUTH, "content-type": "text/plain"}
+    )
+    assert_error(text, 415)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Depends, Request
 
-from fastapi import APIRouter, Body, Depends
-
+from service.api.bodies import json_body_doc, read_optional_json
 from service.api.deps import RuntimeDep, require_write_key
 from service.api.errors import error_responses
 from service.api.schemas import ReloadRequest, ReloadResponse
@@ -20,12 +19,12 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
     description="Loads and verifies the bundle (checksums, shapes, warm-up) before swapping it in. Requests "
     "in flight finish on the old model. A bundle that fails any check is refused with 422 and the current "
     "model keeps serving.",
-    responses=error_responses(401, 422, 503),
+    openapi_extra=json_body_doc(ReloadRequest, required=False),
+    responses=error_responses(401, 415, 422, 503),
 )
-async def reload_bundle(
-    runtime: RuntimeDep, body: Annotated[ReloadRequest | None, Body()] = None
-) -> ReloadResponse:
-    new, previous = await runtime.reload(body.bundle if body else None)
+async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse:
+    body = await read_optional_json(request, ReloadRequest)
+    new, previous = await runtime.reload(body.bundle)
     return ReloadResponse(
         model_id=new.model_id,
         previous_model_id=previous,
