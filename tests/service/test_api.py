@@ -12,8 +12,8 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, TinyBundle
 from PIL import Image
+from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, REPO, LiveServer, TinyBundle, start_server
+from service_testkit import API_KEY, REPO, LiveServer, TinyBundle, start_server
 
 from service.client import AsyncIdembedClient, IdembedClient, IdembedError
 

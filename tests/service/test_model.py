@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_bundle
-from conftest import TinyBundle
 from onnx import TensorProto, helper, numpy_helper
+from service_testkit import TinyBundle
 
 from bundle import write_bundle
 from bundle.errors import BundleError

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_bundle
-from conftest import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle
 
 pytest.importorskip("psycopg", reason="replica tests need the pg extra: pip install '.[pg]'")
 
