@@ -319,7 +319,8 @@ def export(
         settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
         trained = load_run(run)
         twin = softmax_run or twin_dir(run)
-        baseline = load_run(twin) if (twin / "embedding.keras").is_file() else None
+        has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
+        baseline = load_run(twin) if has_twin else None
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
         manifest = export_run(
             trained, out, result, target_far=target_far, name=name, version=version, tolerance=tolerance

@@ -30,7 +30,7 @@ from training.evaluate import (
 )
 from training.export import PARITY_TOLERANCE, export_bundle
 from training.plots import FeaturePanel, RocCurve, plot_feature_panels, plot_roc
-from training.run import RunPaths, TrainedRun, load_run
+from training.run import RunError, RunPaths, TrainedRun, load_run
 from training.trainer import train
 
 CENTER = "softmax+center"
@@ -56,15 +56,25 @@ def twin_dir(run_dir: Path) -> Path:
 
 
 def ensure_run(config: RunConfig, out: Path, *, verbose: int | str = 2, splits: Splits | None = None) -> Path:
-    """A finished run of exactly `config` in `out`: reused when already there, trained otherwise.
+    """A finished run of exactly `config` in `out`: reused when finished, resumed when interrupted, trained
+    when absent.
 
-    Reuse makes `build-bundle` restartable and lets `evaluate` share one softmax twin between calls; a folder
-    holding a different config is never silently reused (training refuses a non-empty folder).
+    Reuse makes `build-bundle` restartable and lets `evaluate` share one softmax twin between calls. A folder
+    holding a run of different options is never reused or overwritten: that is an error naming the options.
     """
     paths = RunPaths(out)
-    if paths.embedding.is_file() and paths.config.is_file() and RunConfig.load(paths.config) == config:
+    if not paths.config.is_file():
+        return train(config, out, verbose=verbose, splits=splits)
+    saved = RunConfig.load(paths.config)
+    if saved != config:
+        changed = [k for k in RunConfig.model_fields if getattr(saved, k) != getattr(config, k)]
+        raise RunError(
+            f"{out}: holds a run with other options ({', '.join(changed)}); use another --work/--out "
+            "folder or delete this one"
+        )
+    if paths.embedding.is_file():
         return out
-    return train(config, out, verbose=verbose, splits=splits)
+    return train(config, out, resume=True, verbose=verbose, splits=splits)
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,8 @@ def compare(
     """Score the run, its softmax-only twin (if given) and PCA on pixels (if `pca_components`) on the held-out
     identities of the run's own split."""
     splits = splits if splits is not None else run.splits()
+    if softmax is not None and run.config.center_lambda == 0:
+        raise ValueError(f"{run.path} is itself softmax-only (lambda 0); it needs no softmax baseline")
     if softmax is not None and softmax.heldout_class_names != run.heldout_class_names:
         raise ValueError(
             f"softmax baseline {softmax.path} held out {softmax.heldout_class_names}, "

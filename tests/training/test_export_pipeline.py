@@ -13,8 +13,8 @@ from bundle import load_bundle
 from training.config import RunConfig
 from training.evaluate import EvaluationSettings, measure_at
 from training.export import onnx_embed
-from training.pipeline import PCA, SOFTMAX, build_bundle, embed, markdown_table
-from training.run import load_run
+from training.pipeline import PCA, SOFTMAX, build_bundle, embed, ensure_run, markdown_table
+from training.run import RunError, load_run
 
 CONFIG = RunConfig(
     dataset="digits",
@@ -88,3 +88,11 @@ def test_rebuild_reuses_finished_runs_and_refuses_lambda_zero(built, tmp_path):
             work_dir=tmp_path / "w",
             settings=SETTINGS,
         )
+
+
+def test_a_work_folder_holding_other_options_is_refused_not_overwritten(tmp_path):
+    other = CONFIG.model_copy(update={"epochs": 3, "width": 4})
+    (tmp_path / "center").mkdir()
+    (tmp_path / "center" / "config.json").write_text(other.model_dump_json())
+    with pytest.raises(RunError, match=r"other options \(width, epochs\)"):
+        ensure_run(CONFIG, tmp_path / "center")
