@@ -88,6 +88,8 @@ def write_bundle(
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # mkdtemp makes the folder 0700; a bundle is read by the service, often as another (non-root) user.
+    staging.chmod(0o755)
     try:
         for name, data in payload.items():
             (staging / name).write_bytes(data)

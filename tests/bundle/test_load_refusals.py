@@ -220,3 +220,8 @@ def test_manifest_that_is_not_json_is_refused(bundle_dir):
 def test_missing_folder_is_refused(tmp_path):
     err = _refusal(tmp_path / "nowhere")
     assert "does not exist" in err.problem
+
+
+def test_written_bundle_folder_is_readable_by_other_users(pristine):
+    # write_bundle stages in a mkdtemp folder (0700); the served bundle must be readable by a service user.
+    assert pristine.stat().st_mode & 0o755 == 0o755
