@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -218,6 +219,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_bench.json")
     args = p.parse_args()
+    # SIGTERM (e.g. from `timeout`) must still run the `finally` that stops the server this script started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(f"--bundle {args.bundle}: no manifest.json (train and export a bundle first)")
 
