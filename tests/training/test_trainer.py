@@ -1,6 +1,7 @@
 """CenterLossModel inside fit(): loss parts, callbacks, checkpointed centers, exact resume, NaN guard."""
 
 import csv
+import importlib.util
 import json
 
 import keras
@@ -82,7 +83,8 @@ def test_train_writes_a_run_folder_that_load_run_reads_back(splits, tmp_path):
     paths = RunPaths(run_dir)
     assert RunConfig.load(paths.config) == config
     assert latest_checkpoint(paths)[0] == 2
-    assert any(paths.logs.rglob("events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboard") is not None:  # optional dependency: no package, no event files
+        assert any(paths.logs.rglob("events.out.tfevents.*"))
     with paths.history.open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["0", "1"]
