@@ -143,3 +143,31 @@ def test_fit_under_tf_function_matches_eager_steps(splits):
         model.fit(ds, epochs=1, verbose=0, shuffle=False)
         results.append(model.centers.numpy())
     np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_face_cnn_trains_on_an_rgb_identity_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (tmp_path / "faces" / f"person{k}").mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(rng.normal(60 * k, 20, (24, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(tmp_path / "faces" / f"person{k}" / f"{i}.jpg")
+    config = RunConfig(
+        dataset=str(tmp_path / "faces"),
+        backbone="facecnn",
+        color_mode="RGB",
+        image_size=16,
+        width=4,
+        feature_dim=8,
+        heldout_count=1,
+        val_fraction=0.2,
+        epochs=1,
+        batch_size=8,
+    )
+    run = load_run(train(config, tmp_path / "run", verbose=0))
+    assert run.input_spec.channels == 3 and run.input_spec.height == 16
+    assert run.centers.shape == (3, 8) and len(run.heldout_class_names) == 1
+    assert run.embedding.predict(run.splits().x_heldout, verbose=0).shape == (6, 8)
