@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end deployment smoke test with a real docker engine:
 #   build the service image -> compose up -> wait for healthy -> verify/identify/enroll through the typed
-#   client -> restart the container -> enrolled identities still there -> compose down (volumes removed).
+#   client -> restart the container -> enrolled identities still there -> kill -9 the service process -> the
+#   restart policy brings it back, identities still there -> compose down (volumes removed).
 #
 # Usage: deploy/docker_smoke.sh
 # Environment (all optional):
@@ -91,6 +92,24 @@ log "restarting the container"
 dc restart idembed > /dev/null
 wait_healthy
 log "client: identities after restart"
+"$python" deploy/smoke_client.py check --url "http://127.0.0.1:$port" --api-key "$api_key" --state "$state" --keep
+
+# A crash rather than a stop: SIGKILL to the service process (PID 1 of the container, by its host PID). The
+# restart policy must bring it back, with the enrolled identities.
+cid="$(container_id)"
+restarts_before="$(docker inspect --format '{{.RestartCount}}' "$cid")"
+pid="$(docker inspect --format '{{.State.Pid}}' "$cid")"
+[[ "$pid" =~ ^[1-9][0-9]*$ ]] || die "no host PID for container $cid"
+log "crash: kill -9 of the service process (host PID $pid)"
+kill -9 "$pid"
+deadline=$(( $(date +%s) + timeout_s ))
+until (( $(docker inspect --format '{{.RestartCount}}' "$cid") > restarts_before )); do
+  (( $(date +%s) < deadline )) || die "restart policy did not restart the container after kill -9"
+  sleep 1
+done
+log "restart policy restarted the container (RestartCount $(docker inspect --format '{{.RestartCount}}' "$cid"))"
+wait_healthy
+log "client: identities after the crash"
 "$python" deploy/smoke_client.py check --url "http://127.0.0.1:$port" --api-key "$api_key" --state "$state"
 
 if [[ "${SMOKE_TRAIN:-0}" == 1 ]]; then

@@ -82,7 +82,8 @@ def _check_identified(client: IdembedClient) -> None:
         check(result.identity == name and best.source == "enrolled", f"identify({name!r} image) -> {found}")
 
 
-def check_after_restart(client: IdembedClient, state: Path) -> None:
+def check_after_restart(client: IdembedClient, state: Path, *, keep: bool) -> None:
+    """Every identity `exercise` enrolled is still there and identified; then deleted unless `keep`."""
     before = json.loads(state.read_text())
     ready = client.readyz()
     check(ready.model_id == before["model_id"], f"same model after restart ({ready.model_id})")
@@ -92,8 +93,9 @@ def check_after_restart(client: IdembedClient, state: Path) -> None:
         metadata = client.get_identity(name).metadata
         check(metadata == {"digit": ENROLLED[name][0]}, f"{name!r} kept its metadata")
     _check_identified(client)
-    for name in before["enrolled"]:
-        client.delete_identity(name)
+    if not keep:
+        for name in before["enrolled"]:
+            client.delete_identity(name)
 
 
 def reload_to(client: IdembedClient, bundle: str) -> None:
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", required=True, help="one of the service's IDEMBED_API_KEYS")
     parser.add_argument("--state", type=Path, help="file handing enrolled names to 'check'")
     parser.add_argument("--bundle", help="reload: folder name of the bundle inside the models volume")
+    parser.add_argument("--keep", action="store_true", help="check: leave the identities enrolled")
     args = parser.parse_args(argv)
     if args.phase in ("exercise", "check") and args.state is None:
         parser.error(f"{args.phase} needs --state")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.phase == "exercise":
                 exercise(client, args.state)
             elif args.phase == "check":
-                check_after_restart(client, args.state)
+                check_after_restart(client, args.state, keep=args.keep)
             else:
                 reload_to(client, args.bundle)
         except IdembedError as exc:
