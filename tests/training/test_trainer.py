@@ -70,7 +70,8 @@ def test_two_classes_with_alpha_one_never_produce_nan():
             rule=rule,
             center_lambda=1.0,
         )
-        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        # Eager: the property is numeric, tf.function is covered elsewhere, and tracing 3 models is the cost.
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=True)
         history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
         assert np.all(np.isfinite(model.centers.numpy())), rule
         assert np.all(np.isfinite(history.history["loss"])), rule
@@ -113,14 +114,14 @@ def test_checkpoint_restores_centers_and_optimizer_state(splits, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_where_the_uninterrupted_run_would_be(splits, tmp_path):
-    straight = load_run(train(tiny(epochs=3), tmp_path / "a", verbose=0, splits=splits))
+    straight = load_run(train(tiny(epochs=2), tmp_path / "a", verbose=0, splits=splits))
     train(tiny(epochs=1), tmp_path / "b", verbose=0, splits=splits)
-    resumed = load_run(train(tiny(epochs=3), tmp_path / "b", resume=True, verbose=0, splits=splits))
+    resumed = load_run(train(tiny(epochs=2), tmp_path / "b", resume=True, verbose=0, splits=splits))
     np.testing.assert_allclose(resumed.centers, straight.centers, atol=1e-6)
     for a, b in zip(straight.embedding.get_weights(), resumed.embedding.get_weights(), strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6)
     with (tmp_path / "b" / "history.csv").open() as fh:
-        assert [r["epoch"] for r in csv.DictReader(fh)] == ["0", "1", "2"]
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["0", "1"]
 
 
 @pytest.mark.slow
