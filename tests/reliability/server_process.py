@@ -104,6 +104,14 @@ class ServerProcess:
             raise AssertionError(f"server still running after {timeout_s:.0f} s:\n{self.log()}") from None
         return code, time.monotonic() - started, self.log()
 
+    def rss_mib(self) -> float:
+        """Resident memory of the server process (Linux /proc), to spot leaks across a long run."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmRSS for PID {self.proc.pid}")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flushing; what a power cut or OOM kill does."""
         if self.proc is not None and self.proc.poll() is None:
