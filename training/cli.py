@@ -439,3 +439,23 @@ def figures(
     except _pipeline_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"wrote {path}")
+
+
+@app.command("check-bundle")
+def check_bundle(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")] = Path("models/default"),
+    tolerance: Annotated[float, typer.Option(help="allowed |manifest - measured| per number")] = 1e-3,
+) -> None:
+    """Re-measure a bundle's manifest numbers with its own ONNX model on its recipe's held-out identities."""
+    from training.pipeline import check_bundle as run_check
+
+    try:
+        result = run_check(bundle, tolerance=tolerance)
+    except _pipeline_errors() as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo("| number | manifest | measured |\n|---|---|---|")
+    for key, recorded, measured in result.rows:
+        typer.echo(f"| {key} | {recorded:.4f} | {measured:.4f} |")
+    if not result.ok:
+        raise _fail(f"{bundle}: manifest numbers differ from its model by more than {tolerance:g}")
+    typer.echo(f"{bundle}: every number reproduced within {tolerance:g}")

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from bundle.files import load_bundle
 from bundle.manifest import BundleManifest, Thresholds, TrainingRecipe
 from training.baselines import PixelPCAEmbedder
 from training.config import RunConfig
@@ -27,8 +28,9 @@ from training.evaluate import (
     OpenSetEvaluation,
     calibrate_threshold,
     evaluate_embeddings,
+    measure_at,
 )
-from training.export import PARITY_TOLERANCE, export_bundle
+from training.export import PARITY_TOLERANCE, export_bundle, onnx_embed
 from training.plots import FeaturePanel, RocCurve, plot_feature_panels, plot_roc
 from training.run import RunError, RunPaths, TrainedRun, load_run
 from training.trainer import train
@@ -124,6 +126,10 @@ class Comparison:
                 f"pairs on {len(self.heldout_classes)} identities unseen in training "
                 f"({', '.join(self.heldout_classes)}), seed {self.settings.seed}"
             ),
+            # The knobs that reproduce these numbers (`check_bundle` re-measures with them).
+            "protocol_settings": {
+                k: v for k, v in self.settings.as_dict().items() if isinstance(v, int | float | str)
+            },
             **self.main.summary(),
         }
         for name, ev in list(self.evaluations.items())[1:]:
@@ -423,3 +429,41 @@ def config_from_recipe(recipe: TrainingRecipe) -> RunConfig:
         batch_size=recipe.batch_size,
         seed=recipe.seed,
     )
+
+
+@dataclass(frozen=True)
+class BundleCheck:
+    """A bundle's manifest numbers next to the same numbers re-measured from its own ONNX model."""
+
+    rows: list[tuple[str, float, float]]  # (metric, manifest, measured)
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return all(abs(a - b) <= self.tolerance for _, a, b in self.rows)
+
+
+def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
+    """Re-score the bundle's held-out identities with its ONNX model (as the service runs it) under the
+    protocol recorded in its manifest; the manifest can be trusted when every number agrees within
+    `tolerance` (float32 inference may flip pairs that sit exactly on a threshold, nothing more)."""
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    recorded = m.evaluation.get("protocol_settings")
+    settings = EvaluationSettings(**recorded) if isinstance(recorded, dict) else EvaluationSettings()
+    splits = build_splits(config_from_recipe(m.training))
+    features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
+    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings)
+    measured = ev.summary()
+    rows = [
+        (key, float(m.evaluation[key]), float(measured[key]))
+        for key in ("eer", "roc_auc", "kfold_accuracy_mean", "tar_at_far_1e-02")
+        if isinstance(m.evaluation.get(key), int | float) and isinstance(measured.get(key), int | float)
+    ]
+    for name, point in (
+        ("threshold_default", m.thresholds.at_target_far),
+        ("threshold_eer", m.thresholds.eer),
+    ):
+        got = measure_at(ev.scores, ev.pairs.same, point.threshold)
+        rows += [(f"{name}.far", point.far, got.far), (f"{name}.tar", point.tar, got.tar)]
+    return BundleCheck(rows, tolerance)
