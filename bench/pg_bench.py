@@ -118,7 +118,7 @@ def replica_rows(
         sync_s = time.perf_counter() - t0
         index.threads = 1
         time_searches(index, queries[:20], 5)
-        lat, top1 = time_searches(index, queries[20:], 5)
+        lat, _, top1 = time_searches(index, queries[20:], 5)
         row = PgRow(
             "local HnswIndex synced from PostgreSQL",
             n,
