@@ -64,10 +64,10 @@ def write_bundle(
     centers: np.ndarray,
     labels: list[str],
 ) -> BundleManifest:
-    """Write `model.onnx`, `centers.npy`, `labels.json` and `manifest.json` (with their sha256) to `directory`.
+    """Write `model.onnx`, `centers.npy`, `labels.json` and `manifest.json` (with sha256s) to `directory`.
 
     `manifest` holds every manifest field except `files`, which is computed here. Centers are L2-normalised
-    before writing. The folder is built beside the target and swapped in, so a reader never sees half a bundle.
+    before writing. The folder is built beside the target and swapped in: no reader sees half a bundle.
     """
     directory = Path(directory)
     centers = l2_normalize(centers)
@@ -137,7 +137,9 @@ def _read_verified(directory: Path, name: str, digest: FileDigest) -> bytes:
         raise BundleError(path, "missing")
     data = path.read_bytes()
     if len(data) != digest.bytes:
-        raise BundleError(path, f"size {len(data)} bytes, manifest says {digest.bytes} (truncated or replaced)")
+        raise BundleError(
+            path, f"size {len(data)} bytes, manifest says {digest.bytes} (truncated or replaced)"
+        )
     actual = sha256_bytes(data)
     if actual != digest.sha256:
         raise BundleError(
@@ -174,7 +176,7 @@ def _check_consistency(directory: Path, m: BundleManifest, centers: np.ndarray, 
     if centers.ndim != 2 or centers.shape != expected:
         raise BundleError(
             cpath,
-            f"shape {tuple(centers.shape)}, expected {expected} (num_classes x embedding.dim in the manifest)",
+            f"shape {tuple(centers.shape)}, expected {expected} (manifest num_classes x embedding.dim)",
         )
     if not np.all(np.isfinite(centers)):
         raise BundleError(cpath, "contains NaN or infinite values")

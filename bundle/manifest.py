@@ -1,4 +1,4 @@
-"""The bundle manifest: one pydantic schema, written by training/export and read by service/ (no TensorFlow)."""
+"""The bundle manifest: one pydantic schema, written by training/export and read by service/ (no TF)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class VectorIndex(Protocol):
         """Drop these keys; unknown keys are ignored."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by cosine: (similarities [q, k] float32 descending, keys [q, k] int64; -1 pads when short)."""
+        """Top-k by cosine: (similarities [q, k] float32, descending; keys [q, k] int64, -1 pads)."""
 
     def __len__(self) -> int: ...
 
