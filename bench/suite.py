@@ -47,12 +47,13 @@ def check_targets(result: dict[str, object]) -> list[str]:
         largest = max(r["enrolled"] for r in identify)
         best = [r for r in identify if r["enrolled"] == largest and r["recall_at_1"] >= 0.99]
         if best:
-            fastest = min(best, key=lambda r: r["p50_ms"])
-            ok = fastest["p50_ms"] <= 2.0
+            fastest = min(best, key=lambda r: r["cpu_p50_ms"])
+            wall_ok, cpu_ok = fastest["p50_ms"] <= 2.0, fastest["cpu_p50_ms"] <= 2.0
             lines.append(
-                f"identify {largest:,}: p50 {fastest['p50_ms']:.3f} ms at recall@1 "
-                f"{fastest['recall_at_1']:.3f} ({fastest['params']}) -> {'met' if ok else 'MISSED'} "
-                "(p50 <= 2 ms, recall >= 0.99)"
+                f"identify {largest:,}: p50 {fastest['p50_ms']:.3f} ms wall / "
+                f"{fastest['cpu_p50_ms']:.3f} ms CPU at recall@1 {fastest['recall_at_1']:.3f} "
+                f"({fastest['params']}) -> wall {'met' if wall_ok else 'MISSED'}, "
+                f"CPU {'met' if cpu_ok else 'MISSED'} (p50 <= 2 ms, recall >= 0.99)"
             )
         else:
             top = max((r for r in identify if r["enrolled"] == largest), key=lambda r: r["recall_at_1"])
@@ -94,7 +95,7 @@ def main() -> None:
         "--quick", action="store_true", help="10k/100k only, 3 s load phases, 2,000 memory requests"
     )
     p.add_argument("--sizes", default="10000,100000,1000000", help="identify gallery sizes")
-    p.add_argument("--expansion-search", default="64,128,256,512", help="HNSW ef values to sweep")
+    p.add_argument("--expansion-search", default="64,256,1024,2048", help="HNSW ef values to sweep")
     p.add_argument("--pg-size", type=int, default=100_000, help="gallery size for the PostgreSQL comparison")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve")
     p.add_argument("--json", type=Path, default=RESULTS / "suite.json")
