@@ -31,14 +31,3 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, good_bundle: Path) -> 
 def client(live_server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.url, timeout=30.0, headers={"X-API-Key": API_KEY}) as c:
         yield c
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep this folder's `heavy` runs (minutes of load, repeated crashes) out of the default suite."""
-    if "heavy" in (config.getoption("markexpr") or ""):
-        return
-    here = Path(__file__).parent
-    skip = pytest.mark.skip(reason="heavy: run with `python -m pytest -m heavy tests/reliability`")
-    for item in items:
-        if "heavy" in item.keywords and item.path.is_relative_to(here):
-            item.add_marker(skip)
