@@ -74,7 +74,7 @@ class LoadResult:
     def shed(self) -> int:
         return self.statuses.get(503, 0) - self.unexplained_503
 
-    def summary(self) -> dict[str, float | int]:
+    def summary(self) -> dict[str, float | int | list[float]]:
         return {
             "concurrency": self.concurrency,
             "duration_s": round(self.duration_s, 2),
