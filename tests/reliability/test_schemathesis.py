@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
-from schemathesis import GenerationMode
-from schemathesis.checks import (
+
+schemathesis = pytest.importorskip(
+    "schemathesis", reason="needs schemathesis (dev dependency): pip install schemathesis"
+)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
     not_a_server_error,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
-from server_process import API_KEY, ServerProcess
+from server_process import API_KEY, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.heavy
 
