@@ -62,14 +62,19 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def clustered_gallery(n: int, dim: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gallery [n, dim], queries [q, dim], the row each query was drawn from [q]); all L2-normalised."""
+def clustered_gallery(
+    n: int, dim: int, queries: int, seed: int, cluster_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gallery [n, dim], queries [q, dim], the row each query was drawn from [q]); all L2-normalised.
+
+    `cluster_size` identities share a center on average; 1 gives independent (uniformly spread) identities.
+    """
     rng = np.random.default_rng(seed)
 
     def unit(x: np.ndarray) -> np.ndarray:
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    centers = unit(rng.standard_normal((max(1, n // 1000), dim), dtype=np.float32))
+    centers = unit(rng.standard_normal((max(1, n // cluster_size), dim), dtype=np.float32))
     gallery = np.empty((n, dim), dtype=np.float32)
     step = 100_000  # generate in slices: bounded temporary memory at 1M
     for lo in range(0, n, step):
@@ -113,7 +118,8 @@ def build_hnsw(
 ) -> tuple[HnswIndex, float, float]:
     """(index, build seconds, memory MiB); loads a cached build of the same data and parameters if present."""
     n, dim = gallery.shape
-    name = f"hnsw-n{n}-d{dim}-s{seed}-M{args.connectivity}-ea{args.expansion_add}-{args.dtype}"
+    graph = f"M{args.connectivity}-ea{args.expansion_add}-{args.dtype}"
+    name = f"hnsw-n{n}-d{dim}-s{seed}-c{args.cluster_size}-{graph}"
     path = cache / f"{name}.usearch" if cache else None
     meta = path.with_suffix(".json") if path else None
     if path and meta and path.exists() and meta.exists():
@@ -142,7 +148,7 @@ def build_hnsw(
 
 def bench_size(n: int, args: argparse.Namespace) -> list[IdentifyRow]:
     rows: list[IdentifyRow] = []
-    gallery, queries, _ = clustered_gallery(n, args.dim, args.queries, args.seed)
+    gallery, queries, _ = clustered_gallery(n, args.dim, args.queries, args.seed, args.cluster_size)
     truth = exact_top1(gallery, queries)
     cache = None if args.no_cache else RESULTS / "cache"
 
@@ -243,12 +249,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build-threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cluster-size",
+        type=int,
+        default=1000,
+        help="identities per cluster center (1: independent identities, an easier case for HNSW)",
+    )
+    p.add_argument(
         "--no-cache", action="store_true", help=f"rebuild even if {RESULTS / 'cache'} has the graph"
     )
     p.add_argument("--json", type=Path, default=RESULTS / "identify.json")
     args = p.parse_args(argv)
-    if args.dim < 1 or args.queries < 1 or args.k < 1:
-        p.error("--dim, --queries and --k must be >= 1")
+    if args.dim < 1 or args.queries < 1 or args.k < 1 or args.cluster_size < 1:
+        p.error("--dim, --queries, --k and --cluster-size must be >= 1")
     return args
 
 
