@@ -33,11 +33,21 @@ DEFAULT_CONNECTIVITY = 16
 DEFAULT_EXPANSION_ADD = 128
 DEFAULT_EXPANSION_SEARCH = 256
 DEFAULT_DTYPE: StorageDtype = "f16"
+# Beam for the second search of a query whose best match fell below `retry_below` (off unless set).
+DEFAULT_RETRY_EXPANSION = 2048
 # Below this many vectors exact numpy search is as fast as HNSW and has perfect recall (measured crossover,
 # docs/performance.md), so the "auto" index only starts answering from the graph above it.
 DEFAULT_AUTO_THRESHOLD = 20_000
 
-_HNSW_OPTIONS = ("connectivity", "expansion_add", "expansion_search", "dtype", "threads")
+_HNSW_OPTIONS = (
+    "connectivity",
+    "expansion_add",
+    "expansion_search",
+    "dtype",
+    "threads",
+    "retry_below",
+    "retry_expansion",
+)
 
 # usearch reserves the all-ones key (uint64 max, i.e. int64 -1) as its "free slot" marker, and -1 is also the
 # padding key of every VectorIndex result, so it cannot be a real key.
@@ -84,6 +94,8 @@ class HnswIndex:
         expansion_search: int = DEFAULT_EXPANSION_SEARCH,
         dtype: StorageDtype = DEFAULT_DTYPE,
         threads: int = 1,
+        retry_below: float | None = None,
+        retry_expansion: int = DEFAULT_RETRY_EXPANSION,
     ) -> None:
         if dim < 1:
             raise ValueError(f"index dim must be >= 1, got {dim}")
@@ -92,6 +104,7 @@ class HnswIndex:
             ("expansion_add", expansion_add),
             ("expansion_search", expansion_search),
             ("threads", threads),
+            ("retry_expansion", retry_expansion),
         ):
             if value < 1:
                 raise ValueError(f"HNSW option {option} must be >= 1, got {value}")
@@ -99,6 +112,7 @@ class HnswIndex:
             raise ValueError(f"HNSW option dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
         self.dim = int(dim)
         self.threads = int(threads)
+        self._set_retry(retry_below, retry_expansion)
         self._index = Index(
             ndim=self.dim,
             metric="ip",
@@ -108,6 +122,14 @@ class HnswIndex:
             expansion_search=expansion_search,
         )
         self._lock = threading.Lock()
+
+    def _set_retry(self, retry_below: float | None, retry_expansion: int) -> None:
+        if retry_below is not None and not -1.0 <= retry_below <= 1.0:
+            raise ValueError(f"HNSW option retry_below must be a cosine in [-1, 1], got {retry_below}")
+        if retry_expansion < 1:
+            raise ValueError(f"HNSW option retry_expansion must be >= 1, got {retry_expansion}")
+        self.retry_below = None if retry_below is None else float(retry_below)
+        self.retry_expansion = int(retry_expansion)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -142,6 +164,8 @@ class HnswIndex:
         *,
         expansion_search: int = DEFAULT_EXPANSION_SEARCH,
         threads: int = 1,
+        retry_below: float | None = None,
+        retry_expansion: int = DEFAULT_RETRY_EXPANSION,
     ) -> HnswIndex:
         """Read a file written by `save`; refuses one of another dimension or metric, naming the file."""
         path = os.fspath(path)
@@ -162,6 +186,7 @@ class HnswIndex:
         index = cls.__new__(cls)
         index.dim = int(dim)
         index.threads = int(threads)
+        index._set_retry(retry_below, retry_expansion)
         index._index = restored
         index._lock = threading.Lock()
         index.expansion_search = expansion_search  # not stored in the file
@@ -200,17 +225,43 @@ class HnswIndex:
         with self._lock:
             if len(self._index) == 0 or len(q) == 0:
                 return sims_out, keys_out
-            found = self._index.search(q, k, threads=self.threads)
+            self._fill(self._index.search(q, k, threads=self.threads), sims_out, keys_out)
+            if self.retry_below is not None:
+                # A probe of an enrolled person whose best match is below the threshold is usually a graph
+                # miss (the beam never reached the person's neighbourhood), not a stranger: searching those
+                # few queries again with a much wider beam buys the recall of a large expansion_search at the
+                # median cost of the small one (measured at 1M in docs/performance.md).
+                weak = np.flatnonzero(sims_out[:, 0] < self.retry_below)
+                if len(weak):
+                    normal = self._index.expansion_search
+                    self._index.expansion_search = max(normal, self.retry_expansion)
+                    try:
+                        found = self._index.search(q[weak], k, threads=self.threads)
+                    finally:
+                        self._index.expansion_search = normal
+                    self._fill(found, sims_out, keys_out, rows=weak)
+        return sims_out, keys_out
+
+    @staticmethod
+    def _fill(
+        found: Matches | BatchMatches,
+        sims_out: np.ndarray,
+        keys_out: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        """Copy usearch matches into the padded outputs (at `rows`, or the first rows in order)."""
         if isinstance(found, Matches):  # usearch unwraps a batch of one query
             counts = np.array([len(found.keys)])
             keys_2d, dist_2d = found.keys[None, :], found.distances[None, :]
         else:
             assert isinstance(found, BatchMatches)
             counts, keys_2d, dist_2d = found.counts, found.keys, found.distances
-        for row, count in enumerate(np.asarray(counts).tolist()):
-            keys_out[row, :count] = keys_2d[row, :count].view(np.int64)
-            sims_out[row, :count] = 1.0 - dist_2d[row, :count]
-        return sims_out, keys_out
+        targets = range(len(counts)) if rows is None else rows.tolist()
+        for i, (row, count) in enumerate(zip(targets, np.asarray(counts).tolist(), strict=True)):
+            keys_out[row, :] = _PAD_KEY
+            sims_out[row, :] = -np.inf
+            keys_out[row, :count] = keys_2d[i, :count].view(np.int64)
+            sims_out[row, :count] = 1.0 - dist_2d[i, :count]
 
 
 class AutoIndex:
@@ -262,8 +313,10 @@ def make_index(kind: IndexKind | str, dim: int, **options: object) -> VectorInde
     """Build the gallery index named by configuration.
 
     kind: "exact" (numpy, perfect recall; default for small galleries), "hnsw" (usearch graph; options
-    connectivity, expansion_add, expansion_search, dtype, threads) or "auto" (exact up to `threshold` vectors,
-    then HNSW; takes the HNSW options too). For the gallery's `index_factory`, bind the kind and options:
+    connectivity, expansion_add, expansion_search, dtype, threads, retry_below, retry_expansion) or "auto"
+    (exact up to `threshold` vectors, then HNSW; takes the HNSW options too). Set retry_below to the
+    identify threshold so that a probe whose best match is weak is searched again with retry_expansion.
+    For the gallery's `index_factory`, bind the kind and options:
     `functools.partial(make_index, "auto", threshold=50_000)`.
     """
     if kind == "exact":

@@ -227,3 +227,28 @@ def test_loading_an_index_of_another_dimension_or_a_bad_file_names_the_file(tmp_
     (tmp_path / "junk.usearch").write_bytes(b"not an index")
     with pytest.raises(ValueError, match=r"junk\.usearch"):
         HnswIndex.load(tmp_path / "junk.usearch", DIM)
+
+
+def test_weak_matches_are_searched_again_with_a_wider_beam(gallery_vectors: np.ndarray) -> None:
+    """With a beam of 1 the graph misses some exact copies; retry_below recovers every one of them."""
+    keys = np.arange(len(gallery_vectors))
+    narrow = HnswIndex(DIM, dtype="f32", connectivity=4, expansion_search=1)
+    narrow.add(keys, gallery_vectors)
+    retrying = HnswIndex(
+        DIM, dtype="f32", connectivity=4, expansion_search=1, retry_below=0.99, retry_expansion=512
+    )
+    retrying.add(keys, gallery_vectors)
+    queries = gallery_vectors[:300]
+    _, narrow_keys = narrow.search(queries, 1)
+    sims, retry_keys = retrying.search(queries, 1)
+    assert np.mean(narrow_keys[:, 0] == keys[:300]) < 1.0  # the narrow beam really does miss
+    assert np.array_equal(retry_keys[:, 0], keys[:300])
+    assert np.all(sims[:, 0] > 0.999)
+    assert retrying.expansion_search == 1  # the wide beam was only borrowed
+
+
+def test_retry_options_are_validated_by_name() -> None:
+    with pytest.raises(ValueError, match="retry_below"):
+        HnswIndex(DIM, retry_below=1.5)
+    with pytest.raises(ValueError, match="retry_expansion"):
+        make_index("hnsw", DIM, retry_below=0.5, retry_expansion=0)
