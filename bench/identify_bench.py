@@ -33,6 +33,7 @@ from service.gallery.ann import (  # noqa: E402
     DEFAULT_DTYPE,
     DEFAULT_EXPANSION_ADD,
     DEFAULT_EXPANSION_SEARCH,
+    DEFAULT_RETRY_EXPANSION,
     STORAGE_DTYPES,
     HnswIndex,
 )
@@ -182,39 +183,54 @@ def bench_size(n: int, args: argparse.Namespace) -> list[IdentifyRow]:
         del exact
 
     index, build_s, mem = build_hnsw(gallery, args, cache, args.seed)
+    # Strangers: probes of people who are not enrolled (another seed's identities); with retry_below set,
+    # every one of them pays for the wide second search, so their latency is reported separately.
+    _, strangers, _ = clustered_gallery(
+        10_000, args.dim, min(200, args.queries), args.seed + 1, args.cluster_size
+    )
+    retry_modes = [None] if args.retry_below is None else [None, args.retry_below]
     for ef in args.expansion_search:
-        index.expansion_search = ef
-        time_searches(index, queries[:50], args.k)  # warm caches before timing
-        lat, cpu, top1 = time_searches(index, queries, args.k)
-        params = f"M={args.connectivity} ef_add={args.expansion_add} ef={ef} {args.dtype}"
-        rows.append(
-            IdentifyRow(
-                "hnsw",
-                n,
-                args.dim,
-                params,
-                build_s,
-                mem,
-                float(np.percentile(lat, 50)),
-                float(np.percentile(lat, 99)),
-                float(np.percentile(cpu, 50)),
-                float(np.mean(top1 == truth)),
-                len(queries),
-            )
-        )
+        for retry in retry_modes:
+            index.expansion_search = ef
+            index.retry_below, index.retry_expansion = retry, args.retry_expansion
+            params = f"M={args.connectivity} ef_add={args.expansion_add} ef={ef} {args.dtype}"
+            if retry is not None:
+                params += f" retry<{retry}@{args.retry_expansion}"
+            time_searches(index, queries[:50], args.k)  # warm caches before timing
+            probes = [("hnsw", queries, truth)]
+            if retry is not None:
+                probes.append(("hnsw:stranger", strangers, None))
+            for label, qs, want in probes:
+                lat, cpu, top1 = time_searches(index, qs, args.k)
+                recall = float(np.mean(top1 == want)) if want is not None else float("nan")
+                rows.append(
+                    IdentifyRow(
+                        label,
+                        n,
+                        args.dim,
+                        params,
+                        build_s,
+                        mem,
+                        float(np.percentile(lat, 50)),
+                        float(np.percentile(lat, 99)),
+                        float(np.percentile(cpu, 50)),
+                        recall,
+                        len(qs),
+                    )
+                )
     return rows
 
 
 def print_table(rows: list[IdentifyRow]) -> None:
     head = (
-        f"{'index':6} {'enrolled':>9} {'params':36} {'build s':>8} {'MiB':>7} "
+        f"{'index':13} {'enrolled':>9} {'params':36} {'build s':>8} {'MiB':>7} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'cpu p50':>7} {'R@1':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r.index:6} {r.enrolled:>9,} {r.params:36} {r.build_s:>8.1f} {r.memory_mib:>7.1f} "
+            f"{r.index:13} {r.enrolled:>9,} {r.params:36} {r.build_s:>8.1f} {r.memory_mib:>7.1f} "
             f"{r.p50_ms:>7.3f} {r.p99_ms:>7.3f} {r.cpu_p50_ms:>7.3f} {r.recall_at_1:>6.3f}"
         )
 
@@ -246,6 +262,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one or more (comma-separated); the graph is built once and searched with each",
     )
     p.add_argument("--dtype", choices=STORAGE_DTYPES, default=DEFAULT_DTYPE)
+    p.add_argument(
+        "--retry-below",
+        type=float,
+        default=None,
+        help="also time each ef with weak matches (best cosine below this) searched again",
+    )
+    p.add_argument("--retry-expansion", type=int, default=DEFAULT_RETRY_EXPANSION)
     p.add_argument("--build-threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

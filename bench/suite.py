@@ -96,6 +96,11 @@ def main() -> None:
     )
     p.add_argument("--sizes", default="10000,100000,1000000", help="identify gallery sizes")
     p.add_argument("--expansion-search", default="64,256,1024,2048", help="HNSW ef values to sweep")
+    p.add_argument(
+        "--retry-below",
+        default="0.5",
+        help="cosine below which a weak HNSW match is searched again with a wide beam ('' skips those rows)",
+    )
     p.add_argument("--pg-size", type=int, default=100_000, help="gallery size for the PostgreSQL comparison")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve")
     p.add_argument("--json", type=Path, default=RESULTS / "suite.json")
@@ -115,9 +120,17 @@ def main() -> None:
     }
     if "identify" not in skip:
         print("== identify: single-query latency and recall@1 vs exact ==", flush=True)
-        id_args = identify_bench.parse_args(
-            ["--sizes", args.sizes, "--expansion-search", args.expansion_search, "--seed", str(args.seed)]
-        )
+        id_argv = [
+            "--sizes",
+            args.sizes,
+            "--expansion-search",
+            args.expansion_search,
+            "--seed",
+            str(args.seed),
+        ]
+        if args.retry_below:
+            id_argv += ["--retry-below", args.retry_below]
+        id_args = identify_bench.parse_args(id_argv)
         rows = identify_bench.run(id_args)
         result["identify"] = [asdict(r) for r in rows]
     if "pg" not in skip:
