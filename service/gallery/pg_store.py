@@ -1,9 +1,9 @@
 """`IdentityStore` on PostgreSQL + pgvector: one store shared by several service replicas, with a change feed.
 
 Each replica keeps its own in-memory index (exact or HNSW) and follows the store's change feed to stay in
-sync, rather than sending every identify query to pgvector: measured on the same machine, a local HNSW
-search is one to two orders of magnitude faster than a pgvector HNSW query over a connection, and it needs
-no database round trip on the hot path (docs/performance.md, "PostgreSQL").
+sync, rather than sending every identify query to pgvector: measured on the same machine at 100k x 128-d
+and equal recall, a local HNSW search was 3-7x faster than a pgvector HNSW query over a connection, and it
+puts no database round trip on the hot path (docs/performance.md, "PostgreSQL").
 
 Change feed: every add/replace/delete appends a row (seq, key, op) to `identity_changes` in the same
 transaction. Writers take an exclusive lock on that table first, so sequence numbers become visible in commit
