@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,3 +254,13 @@ def test_retry_options_are_validated_by_name() -> None:
         HnswIndex(DIM, retry_below=1.5)
     with pytest.raises(ValueError, match="retry_expansion"):
         make_index("hnsw", DIM, retry_below=0.5, retry_expansion=0)
+
+
+def test_onnxruntime_can_be_imported_after_the_ann_index() -> None:
+    """usearch 2.26.3-2.26.6 segfault when onnxruntime loads after them (pybind clash); the pin must hold."""
+    pytest.importorskip("onnxruntime")
+    code = "import service.gallery.ann, onnxruntime; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (
+        f"importing onnxruntime after usearch failed (exit {done.returncode}); pin usearch<=2.26.0"
+    )
