@@ -262,7 +262,8 @@ class HnswIndex:
             keys_out[row, :] = _PAD_KEY
             sims_out[row, :] = -np.inf
             keys_out[row, :count] = keys_2d[i, :count].view(np.int64)
-            sims_out[row, :count] = 1.0 - dist_2d[i, :count]
+            # f16/i8 rounding can put an exact match at 1.0001; similarities are cosines, so clip.
+            sims_out[row, :count] = np.clip(1.0 - dist_2d[i, :count], -1.0, 1.0)
 
 
 class AutoIndex:

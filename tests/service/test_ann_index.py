@@ -264,3 +264,11 @@ def test_onnxruntime_can_be_imported_after_the_ann_index() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", (
         f"importing onnxruntime after usearch failed (exit {done.returncode}); pin usearch<=2.26.0"
     )
+
+
+def test_quantised_similarities_never_leave_the_cosine_range() -> None:
+    index = HnswIndex(DIM, dtype="i8")
+    vectors = unit_rows(200, seed=13)
+    index.add(np.arange(200), vectors)
+    sims, _ = index.search(vectors, 5)
+    assert np.all(sims <= 1.0) and np.all(sims >= -1.0)
