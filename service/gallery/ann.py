@@ -3,8 +3,8 @@
 Why usearch and not faiss (measured with `bench/identify_bench.py`, see docs/performance.md): at equal recall
 the two have similar single-query latency, but faiss' HNSW cannot delete vectors (`remove_ids` is unsupported
 for `IndexHNSWFlat`), so every un-enrollment would mean a full rebuild; usearch removes a key in place and
-keeps the graph searchable. usearch also stores vectors quantised (f16 / i8), which halves or quarters memory
-at 1M x 128-d with no measurable loss of recall@1.
+keeps the graph searchable. usearch also stores vectors quantised (f16 / i8) with no measurable loss of
+recall@1 at 100k x 128-d.
 
 All vectors are L2-normalised by the caller, so the index uses the inner-product metric and reports
 `similarity = 1 - distance` (usearch's "ip" distance is `1 - dot`).
