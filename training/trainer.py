@@ -108,10 +108,12 @@ def train(
     if splits is None:
         # Before the run folder exists: a held-out name the dataset lacks must not leave a folder behind.
         splits = build_splits(config)
-    paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
+        # Before the run folder too: a head option that depends on the class count (CosFace's m limit) is
+        # refused here, and must not leave a config.json that makes the corrected retry fail "folder exists".
         model = build_model(config, splits)
+    paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
 
     initial_epoch = 0
     found = latest_checkpoint(RunPaths(out)) if resume else None

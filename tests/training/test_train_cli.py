@@ -78,3 +78,14 @@ def test_train_then_resume_extends_the_run(tmp_path):
     with (out / "history.csv").open() as fh:
         assert [row["epoch"] for row in csv.DictReader(fh)] == ["0", "1"]
     assert (out / "checkpoints" / "epoch-002.weights.h5").is_file()
+
+
+def test_class_count_dependent_head_error_leaves_no_run_folder(tmp_path):
+    # CosFace's margin limit K/(K-1) is only known once the data is read; the refusal must still leave
+    # nothing behind, so the corrected command can reuse the same --out.
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--epochs", "1", *TINY, "--head", "amsoftmax", "--margin", "1.5"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "--head" in refused.output and "K/(K-1)" in refused.output
+    assert not out.exists()
