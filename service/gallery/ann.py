@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from usearch.index import BatchMatches, Index, Matches, MetricKind
 
-from service.gallery.index import ExactIndex, VectorIndex
+from service.gallery.index import PAD_KEY, ExactIndex, VectorIndex, as_keys, as_vectors
 
 IndexKind = Literal["exact", "hnsw", "auto"]
 INDEX_KINDS: tuple[str, ...] = ("exact", "hnsw", "auto")
@@ -50,25 +50,8 @@ _HNSW_OPTIONS = (
     "retry_expansion",
 )
 
-# usearch reserves the all-ones key (uint64 max, i.e. int64 -1) as its "free slot" marker, and -1 is also the
-# padding key of every VectorIndex result, so it cannot be a real key.
-_PAD_KEY = -1
-
-
-def _as_keys(keys: np.ndarray) -> np.ndarray:
-    k = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(-1))
-    if np.any(k == _PAD_KEY):
-        raise ValueError("key -1 is reserved as the padding key of search results; use another key")
-    return k
-
-
-def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
-    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
-    if v.ndim == 1:
-        v = v[None, :]
-    if v.ndim != 2 or v.shape[1] != dim:
-        raise ValueError(f"expected vectors of shape [n, {dim}], got {tuple(v.shape)}")
-    return v
+# usearch also reserves the all-ones key (uint64 max, i.e. int64 -1 == PAD_KEY) as its "free slot" marker:
+# one more reason `as_keys` refuses it.
 
 
 def _last_occurrence(keys: np.ndarray) -> np.ndarray:
@@ -194,8 +177,8 @@ class HnswIndex:
         return index
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        keys = _as_keys(keys)
-        vectors = _as_vectors(vectors, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, self.dim)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(keys)} keys for {len(vectors)} vectors")
         if len(keys) == 0:
@@ -211,18 +194,18 @@ class HnswIndex:
             self._index.add(ukeys, vectors, threads=self.threads)
 
     def remove(self, keys: np.ndarray) -> None:
-        keys = _as_keys(keys)
+        keys = as_keys(keys)
         if len(keys) == 0:
             return
         with self._lock:
             self._index.remove(keys.view(np.uint64))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = _as_vectors(queries, self.dim)
+        q = as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
         sims_out = np.full((len(q), k), -np.inf, dtype=np.float32)
-        keys_out = np.full((len(q), k), _PAD_KEY, dtype=np.int64)
+        keys_out = np.full((len(q), k), PAD_KEY, dtype=np.int64)
         with self._lock:
             if len(self._index) == 0 or len(q) == 0:
                 return sims_out, keys_out
@@ -259,7 +242,7 @@ class HnswIndex:
             counts, keys_2d, dist_2d = found.counts, found.keys, found.distances
         targets = range(len(counts)) if rows is None else rows.tolist()
         for i, (row, count) in enumerate(zip(targets, np.asarray(counts).tolist(), strict=True)):
-            keys_out[row, :] = _PAD_KEY
+            keys_out[row, :] = PAD_KEY
             sims_out[row, :] = -np.inf
             keys_out[row, :count] = keys_2d[i, :count].view(np.int64)
             # f16/i8 rounding can put an exact match at 1.0001; similarities are cosines, so clip.

@@ -29,11 +29,19 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
-def _as_keys(keys: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(-1))
+PAD_KEY = -1  # fills search results shorter than k; so no caller may use it as a key
 
 
-def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+def as_keys(keys: np.ndarray) -> np.ndarray:
+    """Validate caller keys: a flat contiguous int64 array without the reserved padding key."""
+    k = np.ascontiguousarray(np.asarray(keys, dtype=np.int64).reshape(-1))
+    if np.any(k == PAD_KEY):
+        raise ValueError("key -1 is reserved as the padding key of search results; use another key")
+    return k
+
+
+def as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Validate vectors: contiguous float32 `[n, dim]` (a single `[dim]` vector becomes `[1, dim]`)."""
     v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
     if v.ndim == 1:
         v = v[None, :]
@@ -72,8 +80,8 @@ class ExactIndex:
         self._vectors, self._keys = vectors, keys
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        keys = _as_keys(keys)
-        vectors = _as_vectors(vectors, self.dim)
+        keys = as_keys(keys)
+        vectors = as_vectors(vectors, self.dim)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(keys)} keys for {len(vectors)} vectors")
         with self._lock:
@@ -89,7 +97,7 @@ class ExactIndex:
 
     def remove(self, keys: np.ndarray) -> None:
         with self._lock:
-            for key in _as_keys(keys).tolist():
+            for key in as_keys(keys).tolist():
                 row = self._row_of.pop(key, None)
                 if row is None:
                     continue
@@ -102,13 +110,13 @@ class ExactIndex:
                 self._n = last
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = _as_vectors(queries, self.dim)
+        q = as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
         with self._lock:
             n = self._n
             sims_out = np.full((len(q), k), -np.inf, dtype=np.float32)
-            keys_out = np.full((len(q), k), -1, dtype=np.int64)
+            keys_out = np.full((len(q), k), PAD_KEY, dtype=np.int64)
             if n == 0:
                 return sims_out, keys_out
             scores = q @ self._vectors[:n].T  # [q, n]

@@ -132,9 +132,11 @@ def test_large_and_negative_int64_keys_round_trip() -> None:
     assert keys[:, 0].tolist() == keys_in.tolist()
 
 
-def test_reserved_padding_key_is_rejected() -> None:
+@pytest.mark.parametrize("index_cls", [HnswIndex, ExactIndex])
+def test_reserved_padding_key_is_rejected(index_cls) -> None:
+    # -1 pads short results of every index, so a real key -1 would be indistinguishable from "no match".
     with pytest.raises(ValueError, match="key -1 is reserved"):
-        HnswIndex(DIM).add(np.array([-1]), unit_rows(1))
+        index_cls(DIM).add(np.array([-1]), unit_rows(1))
 
 
 def test_wrong_vector_shape_names_the_expected_shape() -> None:
