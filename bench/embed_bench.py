@@ -1,11 +1,22 @@
 """Embedding service speed: /v1/embed throughput at concurrency N vs raw onnxruntime batch throughput on the
-same model, and single-request latency overhead over one onnxruntime call; all measured in one run.
+same model, and single-request latency overhead over one onnxruntime call; all measured in one run per bundle.
 
-    python bench/embed_bench.py --bundle models/default [--concurrency 32] [--seconds 10]
+    python bench/embed_bench.py --wrk          # models/default + a 112x112 gray facecnn bundle
+    python bench/embed_bench.py --bundle models/default --no-face --images-per-request 1 32
 
-Prints a table and writes bench/results/embed_bench.json. The load generator is a minimal keep-alive HTTP/1.1
-client on raw asyncio streams (not httpx): on a small machine the client shares the CPU with the server, and
-a heavy client would be measured instead of the service.
+For each bundle, one run: raw onnxruntime on a ready batch of `--concurrency` images, before and after the
+service phases, with onnxruntime's default session options and with intra-op spinning off (the faster
+configuration's mean is the baseline; before/after shows drift from other jobs on a shared host); one
+onnxruntime call on one image; then the service started on a free port: one sequential `/v1/embed` request
+at a time (one PNG), and `/v1/embed` with `--concurrency` keep-alive connections for each
+`--images-per-request` value (and, with `--wrk`, 1 image/request driven by wrk). Unless `--no-face`, a
+`--face-size` face-sized bundle is built with bench/face_bundle.py under bench/results/ if missing (untrained
+`facecnn`: speed does not depend on the weights) and benchmarked too.
+
+Prints a markdown table and writes bench/results/embed_bench.json. The load generator is a minimal keep-alive
+HTTP/1.1 client on raw asyncio streams (not httpx) in this process, separate from the server process: on a
+small machine the client shares the CPU with the server, so its CPU time during each throughput phase is
+measured and reported (`client_cpu_cores`) beside the server's, to show it is not the bottleneck.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import io
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -24,16 +36,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
 from bundle.preprocess import preprocess_pil
-from service.model import EmbeddingModel
+from service.model import EmbeddingModel, RuntimeOptions
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+THROUGHPUT_TARGET = 0.85
+OVERHEAD_TARGET_MS = 1.0
 
 
 def sample_pngs(model: EmbeddingModel, count: int, seed: int) -> list[bytes]:
@@ -61,6 +78,7 @@ def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float) -> 
 
 
 def ort_latency(model: EmbeddingModel, one: np.ndarray, n: int) -> list[float]:
+    """Seconds of each of `n` sequential session.run calls on one image."""
     for _ in range(20):
         model.run_raw(one)
     times = []
@@ -77,11 +95,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+def start_server(args: argparse.Namespace, bundle: Path, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    """`python -m service.cli` on `bundle`, logging to a file in `tmp`; returns once /readyz answers 200."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
     env.update(
         {
-            "IDEMBED_BUNDLE_PATH": str(args.bundle),
+            "IDEMBED_BUNDLE_PATH": str(bundle),
             "IDEMBED_PORT": str(port),
             "IDEMBED_HOST": "127.0.0.1",
             "IDEMBED_STORE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
@@ -91,6 +110,7 @@ def start_server(args: argparse.Namespace, port: int, tmp: Path) -> subprocess.P
             "IDEMBED_INLINE_INFERENCE_MAX_MS": str(args.inline_max_ms),
         }
     )
+    env.update(dict(item.split("=", 1) for item in args.server_env))
     # Logs go to a file: a pipe nobody reads would fill up and block the server mid-benchmark.
     log = tmp / "server.log"
     with log.open("wb") as out:
@@ -113,8 +133,14 @@ def start_server(args: argparse.Namespace, port: int, tmp: Path) -> subprocess.P
     raise SystemExit("server did not become ready in 60 s")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Connection:
-    """One keep-alive HTTP/1.1 connection sending prebuilt POST requests."""
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -124,6 +150,11 @@ class Connection:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     async def request(self, raw: bytes) -> int:
+        status, _ = await self.exchange(raw)
+        return status
+
+    async def exchange(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one request, read the response; returns (status, body)."""
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -131,8 +162,7 @@ class Connection:
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":", 1)[1])
-        await self.reader.readexactly(length)
-        return status
+        return status, await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()
@@ -148,6 +178,7 @@ def embed_request(pngs: list[bytes]) -> bytes:
 
 
 async def http_latency(port: int, requests: list[bytes], n: int) -> list[float]:
+    """Seconds of each of `n` sequential requests on one keep-alive connection."""
     conn = await Connection.open(port)
     for raw in requests[:20]:
         await conn.request(raw)
@@ -162,9 +193,38 @@ async def http_latency(port: int, requests: list[bytes], n: int) -> list[float]:
     return times
 
 
+async def batch_stats(port: int) -> tuple[float, float]:
+    """(images, onnxruntime calls) so far, from the server's `idembed_batch_size` histogram."""
+    conn = await Connection.open(port)
+    status, body = await conn.exchange(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+    conn.close()
+    if status != 200:
+        raise SystemExit(f"/metrics answered {status}")
+    text = body.decode()
+    total = re.search(r"^idembed_batch_size_sum (\S+)$", text, re.M)
+    calls = re.search(r"^idembed_batch_size_count (\S+)$", text, re.M)
+    if total is None or calls is None:
+        raise SystemExit("/metrics has no idembed_batch_size histogram")
+    return float(total.group(1)), float(calls.group(1))
+
+
+@dataclass
+class LoadPhase:
+    """One closed-loop throughput phase against the service."""
+
+    images_per_request: int
+    requests_per_s: float
+    images_per_s: float
+    errors: int
+    mean_batch_size: float
+    client_cpu_cores: float
+    server_cpu_cores: float
+
+
 async def http_throughput(
-    port: int, requests: list[bytes], concurrency: int, seconds: float
-) -> tuple[float, int]:
+    port: int, server_pid: int, requests: list[bytes], images: int, concurrency: int, seconds: float
+) -> LoadPhase:
+    """Closed loop: `concurrency` connections each send the next request as soon as the last is answered."""
     conns = [await Connection.open(port) for _ in range(concurrency)]
     errors = 0
     counting = False
@@ -183,26 +243,266 @@ async def http_throughput(
     stop = asyncio.Event()
     tasks = [asyncio.create_task(worker(k, c)) for k, c in enumerate(conns)]
     await asyncio.sleep(min(2.0, seconds / 4))  # warm-up: connections open, batches at steady size
+    images0, calls0 = await batch_stats(port)
+    client0, server0 = time.process_time(), process_cpu_s(server_pid)
     counting, start = True, time.perf_counter()
     await asyncio.sleep(seconds)
     counting = False
     elapsed = time.perf_counter() - start
+    client_cpu, server_cpu = time.process_time() - client0, process_cpu_s(server_pid) - server0
+    images1, calls1 = await batch_stats(port)
     stop.set()
     await asyncio.gather(*tasks)
     for c in conns:
         c.close()
-    return done / elapsed, errors
+    return LoadPhase(
+        images_per_request=images,
+        requests_per_s=done / elapsed,
+        images_per_s=done * images / elapsed,
+        errors=errors,
+        mean_batch_size=(images1 - images0) / max(calls1 - calls0, 1.0),
+        client_cpu_cores=client_cpu / elapsed,
+        server_cpu_cores=server_cpu / elapsed,
+    )
+
+
+def wrk_throughput(
+    port: int, server_pid: int, body_file: Path, concurrency: int, seconds: float
+) -> LoadPhase:
+    """The same closed loop driven by `wrk` (C, one thread): a cross-check that the Python client is not
+    the bottleneck. Every request carries the same one-image body (bench/wrk_embed.lua)."""
+    images0, calls0 = asyncio.run(batch_stats(port))
+    server0 = process_cpu_s(server_pid)
+    children0 = os.times()
+    start = time.perf_counter()
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds:g}s",
+            "-s",
+            str(REPO / "bench" / "wrk_embed.lua"),
+            f"http://127.0.0.1:{port}/v1/embed",
+        ],
+        env={**os.environ, "EMBED_BODY": str(body_file)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    elapsed = time.perf_counter() - start
+    children1 = os.times()
+    server_cpu = process_cpu_s(server_pid) - server0
+    images1, calls1 = asyncio.run(batch_stats(port))
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if rate is None:
+        raise SystemExit(f"cannot read wrk output:\n{out}")
+    client_cpu = (children1.children_user + children1.children_system) - (
+        children0.children_user + children0.children_system
+    )
+    return LoadPhase(
+        images_per_request=1,
+        requests_per_s=float(rate.group(1)),
+        images_per_s=float(rate.group(1)),
+        errors=int(bad.group(1)) if bad else 0,
+        mean_batch_size=(images1 - images0) / max(calls1 - calls0, 1.0),
+        client_cpu_cores=client_cpu / elapsed,
+        server_cpu_cores=server_cpu / elapsed,
+    )
 
 
 def ms(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values), q) * 1000.0)
 
 
+# Raw onnxruntime is timed with its default session options and with intra-op spinning off (the service's
+# default, IDEMBED_ORT_ALLOW_SPINNING=false); the faster one is the baseline, so a setting that helps the
+# service cannot make the baseline look worse than onnxruntime can do on this host.
+RAW_CONFIGS = {"ort_default": RuntimeOptions(), "no_spinning": RuntimeOptions(allow_spinning=False)}
+
+
+@dataclass
+class RawPhase:
+    """Raw onnxruntime on ready tensors, one session configuration."""
+
+    images_per_s: float
+    cpu_cores: float
+    single_call_p50_ms: float
+
+
+def raw_phase(bundle: Path, options: RuntimeOptions, batch: np.ndarray, seconds: float, n: int) -> RawPhase:
+    model = EmbeddingModel.load(bundle, options)
+    cpu0, start = time.process_time(), time.perf_counter()
+    images_per_s = ort_throughput(model, batch, seconds)
+    cores = (time.process_time() - cpu0) / (time.perf_counter() - start)
+    p50 = ms(ort_latency(model, batch[:1], n), 0.5)
+    del model  # free the session's threads before anything else runs
+    return RawPhase(images_per_s, cores, p50)
+
+
+def bench_bundle(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
+    """Every measurement for one bundle, in one run: raw onnxruntime, then the service, then raw again."""
+    model = EmbeddingModel.load(bundle)
+    pngs = sample_pngs(model, 256, args.seed)
+    m = model.manifest
+    del model
+    tensors = np.stack([preprocess_pil(Image.open(io.BytesIO(b)), m.preprocessing, m.input) for b in pngs])
+    batch = np.ascontiguousarray(tensors[: args.concurrency])
+    raw: dict[str, list[RawPhase]] = {name: [] for name in RAW_CONFIGS}
+
+    def measure_raw() -> None:
+        for name, options in RAW_CONFIGS.items():
+            raw[name].append(raw_phase(bundle, options, batch, args.raw_seconds, args.latency_requests))
+
+    measure_raw()
+    singles = [embed_request([b]) for b in pngs]
+    phases: list[LoadPhase] = []
+    wrk_phase: LoadPhase | None = None
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = start_server(args, bundle, port, Path(tmp))
+        try:
+            http_lat = asyncio.run(http_latency(port, singles, args.latency_requests))
+            for k in args.images_per_request:
+                reqs = [
+                    embed_request([pngs[(i + j) % len(pngs)] for j in range(k)])
+                    for i in range(0, len(pngs), k)
+                ]
+                phases.append(
+                    asyncio.run(http_throughput(port, server.pid, reqs, k, args.concurrency, args.seconds))
+                )
+            if args.wrk:
+                body_file = Path(tmp) / "embed_body.json"
+                body_file.write_bytes(singles[0].split(b"\r\n\r\n", 1)[1])
+                wrk_phase = wrk_throughput(port, server.pid, body_file, args.concurrency, args.seconds)
+        finally:
+            server.terminate()
+            server.wait(30)
+    measure_raw()
+
+    means = {name: statistics.fmean(r.images_per_s for r in runs) for name, runs in raw.items()}
+    best = max(means, key=means.__getitem__)
+    raw_tput = means[best]
+    raw_cores = statistics.fmean(r.cpu_cores for r in raw[best])
+    # The smallest single-call p50 of any configuration: the overhead is never flattered by a slow baseline.
+    ort_p50 = min(r.single_call_p50_ms for runs in raw.values() for r in runs)
+    svc_p50 = ms(http_lat, 0.5)
+    return {
+        "bundle": str(
+            bundle.resolve().relative_to(REPO) if bundle.resolve().is_relative_to(REPO) else bundle
+        ),
+        "model_id": m.model_id,
+        "backbone": m.training.backbone,
+        "input": [m.input.height, m.input.width, m.input.channels],
+        "raw_ort_batch": args.concurrency,
+        "raw_ort": {name: [asdict(r) for r in runs] for name, runs in raw.items()},
+        "raw_ort_baseline_config": best,
+        "raw_ort_images_per_s": raw_tput,
+        "raw_ort_cpu_cores": raw_cores,
+        "raw_ort_ms_per_image": 1000.0 / raw_tput,
+        "service": [
+            {
+                **asdict(p),
+                "throughput_ratio": p.images_per_s / raw_tput,
+                "throughput_target": THROUGHPUT_TARGET,
+                # Images per CPU-second, service process vs raw onnxruntime: what the ratio would be if
+                # both got the same CPU time (on a shared host they do not).
+                "cpu_normalised_ratio": (p.images_per_s / max(p.server_cpu_cores, 1e-9))
+                / (raw_tput / max(raw_cores, 1e-9)),
+            }
+            for p in phases
+        ],
+        "wrk_1_image_per_request": None
+        if wrk_phase is None
+        else {**asdict(wrk_phase), "throughput_ratio": wrk_phase.images_per_s / raw_tput},
+        "ort_single_call_p50_ms": ort_p50,
+        "service_single_request_p50_ms": svc_p50,
+        "service_single_request_p95_ms": ms(http_lat, 0.95),
+        "single_request_overhead_p50_ms": svc_p50 - ort_p50,
+        "overhead_target_ms": OVERHEAD_TARGET_MS,
+    }
+
+
+def face_bundle(size: int, color_mode: str) -> Path:
+    """The face-sized benchmark bundle, built by bench/face_bundle.py in its own process if missing."""
+    path = RESULTS / "bundles" / f"facecnn-{size}-{color_mode.lower()}"
+    if not (path / "manifest.json").is_file():
+        print(f"building {path.relative_to(REPO)} (untrained facecnn, TensorFlow export) ...", flush=True)
+        script = REPO / "bench" / "face_bundle.py"
+        cmd = [
+            sys.executable,
+            str(script),
+            "--size",
+            str(size),
+            "--color-mode",
+            color_mode,
+            "--out",
+            str(path),
+        ]
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def table(runs: list[dict[str, Any]], concurrency: int) -> str:
+    """Markdown table: one row per bundle and images-per-request setting (CPU columns in cores)."""
+    c = concurrency
+    head = (
+        f"| model (input) | raw ORT, batch {c} | img/req | service, conc. {c} | ratio (>= 0.85) "
+        "| per-CPU ratio | mean batch | CPU: ORT / server / client | ORT 1 call p50 | service p50 "
+        "| overhead p50 (<= 1 ms) |"
+    )
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for run in runs:
+        h, w, ch = run["input"]
+        for i, p in enumerate(run["service"]):
+            first = i == 0
+            raw = f"{run['raw_ort_images_per_s']:,.0f} img/s ({run['raw_ort_ms_per_image']:.2f} ms/img)"
+            cells = [
+                f"{run['backbone']} ({h}x{w}x{ch})" if first else "",
+                raw if first else "",
+                str(p["images_per_request"]),
+                f"{p['images_per_s']:,.0f} img/s" + (f" ({p['errors']} err)" if p["errors"] else ""),
+                f"**{p['throughput_ratio']:.2f}x**",
+                f"{p['cpu_normalised_ratio']:.2f}x",
+                f"{p['mean_batch_size']:.1f}",
+                f"{run['raw_ort_cpu_cores']:.2f} / {p['server_cpu_cores']:.2f} / {p['client_cpu_cores']:.2f}",
+                f"{run['ort_single_call_p50_ms']:.3f} ms" if first else "",
+                f"{run['service_single_request_p50_ms']:.3f} ms" if first else "",
+                f"**{run['single_request_overhead_p50_ms']:.3f} ms**" if first else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        wrk = run.get("wrk_1_image_per_request")
+        if wrk is not None:
+            cpu = f"- / {wrk['server_cpu_cores']:.2f} / {wrk['client_cpu_cores']:.2f}"
+            cells = [
+                "",
+                "",
+                "1 (wrk)",
+                f"{wrk['images_per_s']:,.0f} img/s",
+                f"**{wrk['throughput_ratio']:.2f}x**",
+            ]
+            cells += ["", f"{wrk['mean_batch_size']:.1f}", cpu, "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=REPO / "models" / "default")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        help="bundle folder; repeat for several (default: models/default)",
+    )
+    p.add_argument("--face-size", type=int, default=112, help="also bench a SIZExSIZE facecnn bundle")
+    p.add_argument("--face-color-mode", choices=["L", "RGB"], default="L")
+    p.add_argument("--no-face", action="store_true", help="bench only the --bundle folders")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each throughput phase")
+    p.add_argument(
+        "--raw-seconds", type=float, default=5.0, help="duration of each raw onnxruntime phase (4 per bundle)"
+    )
     p.add_argument("--latency-requests", type=int, default=500)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
@@ -213,80 +513,54 @@ def main() -> None:
     p.add_argument(
         "--images-per-request",
         type=int,
-        default=1,
-        help="images per throughput-phase request (1: worst case)",
+        nargs="+",
+        default=[1, 32],
+        help="images per throughput-phase request; one phase per value (1: worst case)",
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra server setting, e.g. IDEMBED_ORT_ALLOW_SPINNING=true (repeatable)",
+    )
+    p.add_argument(
+        "--wrk", action="store_true", help="also drive 1 image/request with wrk (must be on PATH) as a check"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_bench.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "embed_bench.json")
     args = p.parse_args()
     # SIGTERM (e.g. from `timeout`) must still run the `finally` that stops the server this script started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if not (args.bundle / "manifest.json").is_file():
-        raise SystemExit(f"--bundle {args.bundle}: no manifest.json (train and export a bundle first)")
+    bundles = list(args.bundle or [REPO / "models" / "default"])
+    for bundle in bundles:
+        if not (bundle / "manifest.json").is_file():
+            raise SystemExit(f"--bundle {bundle}: no manifest.json (train and export a bundle first)")
+    if not args.no_face:
+        bundles.append(face_bundle(args.face_size, args.face_color_mode))
 
-    model = EmbeddingModel.load(args.bundle)
-    pngs = sample_pngs(model, 256, args.seed)
-    m = model.manifest
-    tensors = np.stack([preprocess_pil(Image.open(io.BytesIO(b)), m.preprocessing, m.input) for b in pngs])
-    batch = tensors[: args.concurrency]
-    raw_tput = ort_throughput(model, batch, args.seconds)
-    raw_lat = ort_latency(model, tensors[:1], args.latency_requests)
-    del model  # free the session's threads before the server runs
-
-    singles = [embed_request([b]) for b in pngs]
-    k = args.images_per_request
-    multi = [embed_request([pngs[(i + j) % len(pngs)] for j in range(k)]) for i in range(0, len(pngs), k)]
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = start_server(args, port, Path(tmp))
-        try:
-            http_lat = asyncio.run(http_latency(port, singles, args.latency_requests))
-            req_tput, errors = asyncio.run(http_throughput(port, multi, args.concurrency, args.seconds))
-        finally:
-            server.terminate()
-            server.wait(30)
-    svc_tput = req_tput * k
-
-    overhead_ms = statistics.median(http_lat) * 1000 - statistics.median(raw_lat) * 1000
+    runs = []
+    for bundle in bundles:
+        print(f"benchmarking {bundle} ...", flush=True)
+        runs.append(bench_bundle(args, bundle))
+    load = os.getloadavg()
     result = {
-        "model_id": m.model_id,
-        "input": [m.input.height, m.input.width, m.input.channels],
+        "command": " ".join(["python", "bench/embed_bench.py", *sys.argv[1:]]),
         "concurrency": args.concurrency,
-        "images_per_request": k,
+        "seconds_per_phase": args.seconds,
         "max_batch_size": args.max_batch_size,
         "batch_wait_ms": args.batch_wait_ms,
         "inline_inference_max_ms": args.inline_max_ms,
         "server_log_level": args.log_level,
-        "raw_ort_batch_images_per_s": raw_tput,
-        "service_images_per_s": svc_tput,
-        "service_errors": errors,
-        "throughput_ratio": svc_tput / raw_tput,
-        "throughput_target": 0.85,
-        "ort_single_call_p50_ms": ms(raw_lat, 0.5),
-        "service_single_request_p50_ms": ms(http_lat, 0.5),
-        "service_single_request_p95_ms": ms(http_lat, 0.95),
-        "single_request_overhead_p50_ms": overhead_ms,
-        "overhead_target_ms": 1.0,
+        "runs": runs,
+        "load_average_at_end": [round(x, 2) for x in load],
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),
     }
-    rows = [
-        (f"raw onnxruntime, batch of {args.concurrency}", f"{raw_tput:,.0f} img/s", ""),
-        (
-            f"service /v1/embed, concurrency {args.concurrency}, {k} img/req",
-            f"{svc_tput:,.0f} img/s",
-            f"{errors} err",
-        ),
-        ("throughput ratio (target >= 0.85)", f"{svc_tput / raw_tput:.2f}x", ""),
-        ("one onnxruntime call (batch 1), p50", f"{ms(raw_lat, 0.5):.3f} ms", ""),
-        ("one /v1/embed request, p50 / p95", f"{ms(http_lat, 0.5):.3f} ms", f"{ms(http_lat, 0.95):.3f} ms"),
-        ("single-request overhead p50 (target <= 1 ms)", f"{overhead_ms:.3f} ms", ""),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"embed benchmark: {m.model_id}, input {m.input.height}x{m.input.width}x{m.input.channels}")
-    for name, value, extra in rows:
-        print(f"  {name:<{width}}  {value:>14}  {extra}")
+    print()
+    print(table(runs, args.concurrency))
+    print(f"\nload average at end: {load[0]:.1f} on {os.cpu_count()} CPUs; client/server CPU in cores")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -139,6 +139,12 @@ class BatchingEngine:
             rows += head.rows
         return taken
 
+    def _timed_run(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
+        """The model's outputs and its own run time, timed in whichever thread runs it."""
+        start = time.perf_counter()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter() - start
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -158,9 +164,9 @@ class BatchingEngine:
             inline = self._per_row_s is not None and self._per_row_s * len(inputs) <= self.inline_max_s
             try:
                 if inline:
-                    outputs = self._run(inputs)
+                    outputs, run_s = self._timed_run(inputs)
                 else:
-                    outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                    outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, inputs)
             except Exception as exc:
                 logger.exception("inference failed for a batch of %d images", len(inputs))
                 for request in batch:
@@ -169,7 +175,10 @@ class BatchingEngine:
                 continue
             elapsed = time.perf_counter() - start
             self._last_batch_s = elapsed
-            per_row = elapsed / len(inputs)
+            # The inline decision uses the model's own time, not `elapsed`: that includes the hand-off to the
+            # inference thread (a wake-up and a GIL hand-back, often more than a tiny model's inference on a
+            # busy host), which would keep cheap batches on the thread once they had been sent there.
+            per_row = run_s / len(inputs)
             # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
             self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
             if self._observer is not None:

@@ -18,6 +18,7 @@ from bundle.manifest import MODEL_FILE
 class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = True
 
 
 def _dim_ok(declared: object, expected: int | None) -> bool:
@@ -44,6 +45,8 @@ class EmbeddingModel:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.log_severity_level = 3
+        if not options.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 bundle.model_bytes, sess_options=so, providers=["CPUExecutionProvider"]

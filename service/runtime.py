@@ -92,7 +92,9 @@ class ServiceRuntime:
 
     def _load_model(self, path: Path) -> LoadedModel:
         s = self.settings
-        model = EmbeddingModel.load(path, RuntimeOptions(s.ort_intra_op_threads, s.ort_inter_op_threads))
+        model = EmbeddingModel.load(
+            path, RuntimeOptions(s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_allow_spinning)
+        )
         engine = BatchingEngine(
             model.run,
             max_batch_size=s.max_batch_size,

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     )
     ort_intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: default)")
     ort_inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
+    ort_allow_spinning: bool = Field(
+        False,
+        description="let onnxruntime's intra-op threads busy-wait after each parallel section (its own "
+        "default); off, they sleep and leave the CPU to the event loop, which the request work between "
+        "batches needs (less CPU per image for the digits and the face models; docs/service.md, Speed)",
+    )
 
     store_url: str = Field(
         "sqlite:///data/identities.sqlite3",

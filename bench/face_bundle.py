@@ -1,0 +1,109 @@
+"""Build a face-sized model bundle for speed benchmarks: the `facecnn` backbone exported by training/export.
+
+    python bench/face_bundle.py [--size 112] [--out bench/results/bundles/facecnn-112]
+
+The weights are untrained (Keras' seeded initialisation, BatchNorm at its initial statistics): inference
+cost depends only on the graph (layer shapes and operators), not on the weight values, so this bundle times
+the service exactly as a trained face model of the same architecture would. Its thresholds, centers and
+evaluation are placeholders and it must not be used to embed real faces. The export is the production path
+(tf2onnx, dynamic batch, Keras/onnxruntime parity check, manifest with checksums), so the service loads it
+like any other bundle. The default output folder is git-ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results" / "bundles"
+
+
+def build_face_bundle(
+    out: Path,
+    *,
+    size: int = 112,
+    color_mode: str = "L",
+    feature_dim: int = 128,
+    width: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Path:
+    """Export an untrained `facecnn` (size x size, gray or RGB) as a bundle in `out`; returns `out`."""
+    import keras
+
+    from bundle.manifest import InputSpec, OperatingPoint, Preprocessing, Thresholds
+    from training.backbones import build_backbone
+    from training.export import export_bundle
+
+    channels = 1 if color_mode == "L" else 3
+    keras.utils.set_random_seed(seed)
+    model = build_backbone("facecnn", (size, size, channels), feature_dim, width=width)
+    rng = np.random.default_rng(seed)
+    parity = rng.uniform(-1.0, 1.0, size=(8, size, size, channels)).astype(np.float32)
+    placeholder = OperatingPoint(threshold=0.5, far=0.5, tar=0.5)
+    export_bundle(
+        out,
+        model=model,
+        centers=rng.normal(size=(num_classes, feature_dim)).astype(np.float32),
+        labels=[f"id{k}" for k in range(num_classes)],
+        parity_batch=parity,
+        input_spec=InputSpec(height=size, width=size, channels=channels),
+        preprocessing=Preprocessing(color_mode=color_mode, scale=1.0 / 255.0, mean=[0.5], std=[0.5]),
+        thresholds=Thresholds(
+            default=0.5,
+            target_far=0.001,
+            at_target_far=placeholder,
+            eer=placeholder,
+            num_genuine_pairs=1,
+            num_impostor_pairs=1,
+        ),
+        recipe={
+            "backbone": "facecnn",
+            "center_update": "none",
+            "center_lambda": 0.0,
+            "center_alpha": 0.5,
+            "epochs": 1,
+            "batch_size": 1,
+            "seed": seed,
+            "dataset": "none (untrained weights, for speed benchmarks only)",
+            "train_classes": [],
+            "heldout_classes": [],
+            "val_fraction": 0.0,
+            "options": {
+                "image_size": size,
+                "color_mode": color_mode,
+                "feature_dim": feature_dim,
+                "width": width,
+            },
+        },
+        evaluation={"note": "untrained speed-benchmark bundle: thresholds and centers are placeholders"},
+        name=f"bench-facecnn-{size}",
+        version="untrained",
+    )
+    return out
+
+
+def default_path(size: int, color_mode: str) -> Path:
+    return DEFAULT_OUT / f"facecnn-{size}-{color_mode.lower()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=112, help="input height and width (e.g. 112 or 96)")
+    p.add_argument("--color-mode", choices=["L", "RGB"], default="L")
+    p.add_argument("--feature-dim", type=int, default=128)
+    p.add_argument("--width", type=int, default=32, help="facecnn base width (32: ~1 M parameters)")
+    p.add_argument("--out", type=Path, default=None, help="bundle folder (default under bench/results/)")
+    args = p.parse_args()
+    out = args.out or default_path(args.size, args.color_mode)
+    build_face_bundle(
+        out, size=args.size, color_mode=args.color_mode, feature_dim=args.feature_dim, width=args.width
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
