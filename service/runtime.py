@@ -245,6 +245,15 @@ class ServiceRuntime:
             raise InvalidInputError(f"{field_name} contains an all-zero vector, which has no direction")
         return array
 
+    async def query_vectors(
+        self, images: list[bytes] | None, embeddings: list[list[float]] | None
+    ) -> tuple[np.ndarray, str]:
+        """What a request searches or enrolls with: its images embedded, else its own embeddings checked."""
+        if images is not None:
+            return await self.embed_images(images)
+        assert embeddings is not None  # the request schemas require one of the two
+        return self.check_embeddings(embeddings, "embeddings"), self.current.model_id
+
     async def embed_images(self, images: list[bytes], field_name: str = "images") -> tuple[np.ndarray, str]:
         """Decode, preprocess and embed images in one engine call; returns (embeddings, model id)."""
         while True:

@@ -32,13 +32,9 @@ async def identify(request: Request) -> IdentifyResponse:
             f"top_k is {body.top_k}; this server allows 1 to {settings.max_top_k} (IDEMBED_MAX_TOP_K)",
             detail={"max_top_k": settings.max_top_k},
         )
-    if "images" in files:
-        vectors, model_id = await runtime.embed_images(files["images"])
-    else:
-        assert body.embeddings is not None
+    if body.embeddings is not None:
         check_count(len(body.embeddings), settings, "embeddings")
-        vectors = runtime.check_embeddings(body.embeddings, "embeddings")
-        model_id = runtime.current.model_id
+    vectors, model_id = await runtime.query_vectors(files.get("images"), body.embeddings)
     threshold = body.threshold if body.threshold is not None else runtime.default_threshold
     results = []
     for matches in await runtime.search(vectors, body.top_k):

@@ -46,13 +46,9 @@ async def enroll(request: Request, runtime: RuntimeDep, settings: SettingsDep) -
     body, files = await read_body(
         request, EnrollRequest, settings, file_fields=FILES, json_fields=("metadata",)
     )
-    if "images" in files:
-        vectors, model_id = await runtime.embed_images(files["images"])
-    else:
-        assert body.embeddings is not None
+    if body.embeddings is not None:
         check_count(len(body.embeddings), settings, "embeddings")
-        vectors = runtime.check_embeddings(body.embeddings, "embeddings")
-        model_id = runtime.current.model_id
+    vectors, model_id = await runtime.query_vectors(files.get("images"), body.embeddings)
     gallery = runtime.gallery
     try:
         # The store commits with fsync: keep that wait off the event loop.
