@@ -235,17 +235,19 @@ def print_table(rows: list[IdentifyRow]) -> None:
         )
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers ("10000,100000")."""
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def int_list(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-        return values
 
     p.add_argument("--sizes", type=int_list, default=[10_000, 100_000, 1_000_000], help="enrolled counts")
     p.add_argument("--dim", type=int, default=128)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from embed_bench import Connection, embed_request, free_port, sample_pngs
+from identify_bench import int_list
 from PIL import Image
 
 from bundle.preprocess import preprocess_pil
@@ -391,15 +392,6 @@ def print_report(r: ServeReport) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    def int_list(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-        return values
-
     p.add_argument("--bundle", type=Path, default=REPO / "models" / "default")
     p.add_argument("--concurrency", type=int_list, default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
