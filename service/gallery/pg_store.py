@@ -25,7 +25,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
-from service.gallery.store import EnrolledIdentity, IdentityExistsError, StoreError, _check_embedding
+from service.gallery.store import EnrolledIdentity, IdentityExistsError, StoreError, check_embedding
 
 NOTIFY_CHANNEL = "idembed_identity_changes"
 
@@ -135,7 +135,7 @@ class PostgresIdentityStore:
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
     ) -> tuple[EnrolledIdentity, bool]:
-        vec = _check_embedding(embedding, self.dim)
+        vec = check_embedding(embedding, self.dim)
         meta = dict(metadata or {})
         with self._lock, self._db.transaction():
             # See the module docstring: makes change sequence numbers visible in commit order.

@@ -125,7 +125,7 @@ CREATE TABLE IF NOT EXISTS store_info (
 _COLUMNS = "key, name, embedding, dim, image_count, model_id, metadata, created_at"
 
 
-def _check_embedding(embedding: np.ndarray, dim: int) -> np.ndarray:
+def check_embedding(embedding: np.ndarray, dim: int) -> np.ndarray:
     vec = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).reshape(-1))
     if vec.shape != (dim,):
         raise ValueError(f"embedding has {vec.size} values, the store holds {dim}-d embeddings")
@@ -193,7 +193,7 @@ class SQLiteIdentityStore:
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
     ) -> tuple[EnrolledIdentity, bool]:
-        vec = _check_embedding(embedding, self.dim)
+        vec = check_embedding(embedding, self.dim)
         meta = json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True)
         created = datetime.now(UTC)
         values = (vec.tobytes(), self.dim, int(image_count), model_id, meta, created.isoformat())
