@@ -8,6 +8,11 @@ With `batch_wait_ms = 0` a lone request is run at once; under load, requests tha
 form the next batch, so batching grows with load without adding latency at low load (the infinity design).
 Batches predicted to be very cheap (`inline_max_ms`) run on the event loop itself, where a thread hand-off
 would cost more than the inference.
+
+`workers` batches may run at the same time, each in its own thread (Triton's "instance count"). With one
+onnxruntime intra-op thread per call this replaces parallelism inside a call by parallelism across calls,
+which keeps every core busy on a small host where the event loop competes with onnxruntime's threads: a
+parallel section waits for its slowest thread, so one descheduled intra-op thread stalls the whole call.
 """
 
 from __future__ import annotations
@@ -57,9 +62,10 @@ class BatchingEngine:
         max_queue_depth: int = 1024,
         observer: BatchObserver | None = None,
         inline_max_ms: float = 0.0,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_depth < 1 or batch_wait_ms < 0:
-            raise ValueError("max_batch_size and max_queue_depth must be >= 1 and batch_wait_ms >= 0")
+        if max_batch_size < 1 or max_queue_depth < 1 or batch_wait_ms < 0 or workers < 1:
+            raise ValueError("max_batch_size, max_queue_depth, workers must be >= 1 and batch_wait_ms >= 0")
         self._run = run
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -70,8 +76,12 @@ class BatchingEngine:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        # One thread: onnxruntime parallelises inside a call; two concurrent calls would only fight for cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idembed-infer")
+        # One thread per concurrent batch. With the default single worker, onnxruntime parallelises inside a
+        # call; several workers suit single-threaded calls (`ort_intra_op_threads=1`), see the module doc.
+        self.workers = workers
+        self._slots = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="idembed-infer")
         self._last_batch_s = 0.001
         # Batches predicted to take less than this run on the event loop itself: handing a 50 us inference
         # to a thread costs a wake-up and a GIL hand-back that can exceed the inference (profiled).
@@ -146,49 +156,78 @@ class BatchingEngine:
         return outputs, time.perf_counter() - start
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 if self._closing:
+                    if self._running:
+                        await asyncio.wait(set(self._running))
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             if self.batch_wait_s > 0:
                 await self._wait_for_more()
+            # Take the batch only once a worker is free: requests arriving meanwhile join it.
+            await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
+                self._slots.release()
                 continue
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
-            start = time.perf_counter()
             inline = self._per_row_s is not None and self._per_row_s * len(inputs) <= self.inline_max_s
-            try:
-                if inline:
-                    outputs, run_s = self._timed_run(inputs)
-                else:
-                    outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, inputs)
-            except Exception as exc:
-                logger.exception("inference failed for a batch of %d images", len(inputs))
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                continue
-            elapsed = time.perf_counter() - start
-            self._last_batch_s = elapsed
-            # The inline decision uses the model's own time, not `elapsed`: that includes the hand-off to the
-            # inference thread (a wake-up and a GIL hand-back, often more than a tiny model's inference on a
-            # busy host), which would keep cheap batches on the thread once they had been sent there.
-            per_row = run_s / len(inputs)
-            # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
-            self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
-            if self._observer is not None:
-                self._observer(len(inputs), elapsed)
-            offset = 0
-            for request in batch:
-                # Rows are handed out by position in the concatenation: request i gets exactly its own rows.
-                if not request.future.done():
-                    request.future.set_result(outputs[offset : offset + request.rows])
-                offset += request.rows
+            if inline:
+                try:
+                    start = time.perf_counter()
+                    try:
+                        outputs, run_s = self._timed_run(inputs)
+                    except Exception as exc:
+                        self._fail(batch, exc)
+                        continue
+                    self._finish(batch, outputs, run_s, time.perf_counter() - start)
+                finally:
+                    self._slots.release()
+            else:
+                task = asyncio.get_running_loop().create_task(self._run_in_thread(batch, inputs))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _run_in_thread(self, batch: list[_Request], inputs: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, inputs)
+        except Exception as exc:
+            self._fail(batch, exc)
+        else:
+            self._finish(batch, outputs, run_s, time.perf_counter() - start)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _fail(batch: list[_Request], exc: Exception) -> None:
+        rows = sum(r.rows for r in batch)
+        logger.error("inference failed for a batch of %d images", rows, exc_info=exc)
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(exc)
+
+    def _finish(self, batch: list[_Request], outputs: np.ndarray, run_s: float, elapsed: float) -> None:
+        self._last_batch_s = elapsed
+        rows = sum(r.rows for r in batch)
+        # The inline decision uses the model's own time (`run_s`), not `elapsed`: that includes the hand-off
+        # to the inference thread (a wake-up and a GIL hand-back, often more than a tiny model's inference on
+        # a busy host), which would keep cheap batches on the thread once they had been sent there.
+        per_row = run_s / rows
+        # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
+        self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
+        if self._observer is not None:
+            self._observer(rows, elapsed)
+        offset = 0
+        for request in batch:
+            # Rows are handed out by position in the concatenation: request i gets exactly its own rows.
+            if not request.future.done():
+                request.future.set_result(outputs[offset : offset + request.rows])
+            offset += request.rows
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking work, finish every queued and running batch (up to `timeout_s`), then shut down."""

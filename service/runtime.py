@@ -93,7 +93,7 @@ class ServiceRuntime:
     def _load_model(self, path: Path) -> LoadedModel:
         s = self.settings
         model = EmbeddingModel.load(
-            path, RuntimeOptions(s.ort_intra_op_threads, s.ort_inter_op_threads, s.ort_allow_spinning)
+            path, RuntimeOptions(s.intra_op_threads(), s.ort_inter_op_threads, s.ort_allow_spinning)
         )
         engine = BatchingEngine(
             model.run,
@@ -102,6 +102,7 @@ class ServiceRuntime:
             max_queue_depth=s.max_queue_depth,
             observer=self._observer,
             inline_max_ms=s.inline_inference_max_ms,
+            workers=s.inference_workers,
         )
         manifest = model.manifest
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -59,7 +60,20 @@ class Settings(BaseSettings):
         "(saves the thread hand-off, measured at ~0.1-0.7 ms on a busy 2-core host, for small models; "
         "0 = always use the inference thread)",
     )
-    ort_intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: default)")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches run at the same time, each in its own thread; with several, each onnxruntime "
+        "call gets a share of the cores, so cores run separate batches instead of splitting one call "
+        "(more throughput under load, slower lone requests; docs/service.md, Speed)",
+    )
+    ort_intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="onnxruntime intra-op threads per call (0: onnxruntime's default, one per core, with one "
+        "inference worker; with several, the usable cores divided among the workers, at least one each)",
+    )
     ort_inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: default)")
     ort_allow_spinning: bool = Field(
         False,
@@ -117,6 +131,12 @@ class Settings(BaseSettings):
     @property
     def reload_root(self) -> Path:
         return (self.models_dir or self.bundle_path.parent).resolve()
+
+    def intra_op_threads(self) -> int:
+        """Threads per onnxruntime call: the setting, or with several workers the cores shared among them."""
+        if self.ort_intra_op_threads or self.inference_workers == 1:
+            return self.ort_intra_op_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
 
     def api_key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

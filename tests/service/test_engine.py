@@ -146,3 +146,58 @@ async def test_inline_mode_runs_cheap_batches_on_the_event_loop_thread() -> None
     # The first batch has no timing yet and goes to the inference thread; later cheap ones run inline.
     assert threads[0].startswith("idembed-infer")
     assert threads[1:] == [threading.main_thread().name] * 2
+
+
+class OverlapModel:
+    """Records how many calls run at the same time; each call holds its thread for `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most_active = 0
+        self.threads: set[str] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+            self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.active -= 1
+        return batch.reshape(len(batch), -1) * 2.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_workers_bound_the_batches_running_at_once_and_never_mix_rows(workers: int) -> None:
+    model = OverlapModel(delay_s=0.02)
+    engine = BatchingEngine(model, max_batch_size=4, max_queue_depth=1000, workers=workers)
+    engine.start()
+    rng = np.random.default_rng(1)
+    inputs = [rng.normal(size=(int(rng.integers(1, 3)), 3)).astype(np.float32) for _ in range(60)]
+    outputs = await asyncio.gather(*(engine.embed(x) for x in inputs))
+    await engine.stop()
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(y, x * 2.0)
+    assert model.most_active == workers
+    assert len(model.threads) == workers
+
+
+@pytest.mark.asyncio
+async def test_stop_drains_every_running_batch_of_several_workers() -> None:
+    model = OverlapModel(delay_s=0.05)
+    engine = BatchingEngine(model, max_batch_size=1, workers=2)
+    engine.start()
+    pending = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5)]
+    await asyncio.sleep(0.01)  # two batches are running, three queued
+    await engine.stop()
+    assert [float(p.result()[0, 0]) for p in pending] == [2.0 * i for i in range(5)]
+    with pytest.raises(EngineClosedError):
+        await engine.embed(np.ones((1, 1), np.float32))
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        BatchingEngine(RecordingModel(), workers=0)

@@ -41,6 +41,7 @@ def test_dotenv_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("batch_wait_ms", -1.0),
         ("api_keys", ["short"]),
         ("log_level", "LOUD"),
+        ("inference_workers", 0),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(field: str, value: object) -> None:
@@ -56,3 +57,11 @@ def test_queue_smaller_than_one_request_is_rejected() -> None:
 def test_api_keys_are_hidden_in_repr() -> None:
     s = Settings(_env_file=None, api_keys=["super-secret-key"])
     assert "super-secret-key" not in repr(s)
+
+
+def test_several_workers_share_the_cores_unless_threads_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert Settings(_env_file=None).intra_op_threads() == 0  # one worker: onnxruntime's own default
+    assert Settings(_env_file=None, inference_workers=2).intra_op_threads() == 4
+    assert Settings(_env_file=None, inference_workers=16).intra_op_threads() == 1
+    assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=3).intra_op_threads() == 3

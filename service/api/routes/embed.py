@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.api.bodies import read_body, request_body_doc
 from service.api.deps import read_context
 from service.api.errors import error_responses
+from service.api.responses import json_response
 from service.api.schemas import EmbedRequest, EmbedResponse
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
@@ -23,8 +24,8 @@ FILES = {"images": "images", "image": "images"}
     openapi_extra=request_body_doc(EmbedRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def embed(request: Request) -> EmbedResponse:
+async def embed(request: Request) -> Response:
     runtime, settings = read_context(request)
     _, files = await read_body(request, EmbedRequest, settings, file_fields=FILES)
     vectors, model_id = await runtime.embed_images(files["images"])
-    return EmbedResponse(model_id=model_id, dim=vectors.shape[1], embeddings=vectors.tolist())
+    return json_response(EmbedResponse(model_id=model_id, dim=vectors.shape[1], embeddings=vectors.tolist()))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.api.bodies import check_count, read_body, request_body_doc
 from service.api.deps import read_context
 from service.api.errors import error_responses
+from service.api.responses import json_response
 from service.api.schemas import Identification, IdentifyRequest, IdentifyResponse, Match
 from service.errors import InvalidInputError
 
@@ -24,7 +25,7 @@ FILES = {"images": "images", "image": "images"}
     openapi_extra=request_body_doc(IdentifyRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def identify(request: Request) -> IdentifyResponse:
+async def identify(request: Request) -> Response:
     runtime, settings = read_context(request)
     body, files = await read_body(request, IdentifyRequest, settings, file_fields=FILES)
     if body.top_k > settings.max_top_k:
@@ -48,4 +49,4 @@ async def identify(request: Request) -> IdentifyResponse:
                 matches=[Match(identity=m.name, similarity=m.similarity, source=m.source) for m in matches],
             )
         )
-    return IdentifyResponse(model_id=model_id, threshold=threshold, results=results)
+    return json_response(IdentifyResponse(model_id=model_id, threshold=threshold, results=results))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.api.bodies import read_body, request_body_doc
 from service.api.deps import read_context
 from service.api.errors import error_responses
+from service.api.responses import json_response
 from service.api.schemas import VerifyRequest, VerifyResponse
 
 router = APIRouter(prefix="/v1", tags=["recognition"])
@@ -24,7 +25,7 @@ FILES = {"image_a": "image_a", "image_b": "image_b"}
     openapi_extra=request_body_doc(VerifyRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
-async def verify(request: Request) -> VerifyResponse:
+async def verify(request: Request) -> Response:
     runtime, settings = read_context(request)
     body, files = await read_body(request, VerifyRequest, settings, file_fields=FILES)
     sides = [("a", body.embedding_a), ("b", body.embedding_b)]
@@ -43,6 +44,8 @@ async def verify(request: Request) -> VerifyResponse:
     a, b = (v / np.linalg.norm(v) for v in vectors)
     similarity = float(np.clip(np.dot(a, b), -1.0, 1.0))
     threshold = body.threshold if body.threshold is not None else runtime.default_threshold
-    return VerifyResponse(
-        model_id=model_id, similarity=similarity, threshold=threshold, same=similarity >= threshold
+    return json_response(
+        VerifyResponse(
+            model_id=model_id, similarity=similarity, threshold=threshold, same=similarity >= threshold
+        )
     )
