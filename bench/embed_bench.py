@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,15 +67,24 @@ def sample_pngs(model: EmbeddingModel, count: int, seed: int) -> list[bytes]:
     return out
 
 
-def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float) -> float:
-    """Images/s of back-to-back session.run calls on one ready batch."""
+def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int = 1) -> float:
+    """Images/s of back-to-back session.run calls on one ready batch, from `callers` threads at once."""
     for _ in range(5):
         model.run_raw(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.run_raw(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
+    counts = [0] * callers
+    start = time.perf_counter()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - start < seconds:
+            model.run_raw(batch)
+            counts[i] += len(batch)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
 
 
 def ort_latency(model: EmbeddingModel, one: np.ndarray, n: int) -> list[float]:
@@ -95,7 +105,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, bundle: Path, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    args: argparse.Namespace, bundle: Path, port: int, tmp: Path, settings: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`python -m service.cli` on `bundle`, logging to a file in `tmp`; returns once /readyz answers 200."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
     env.update(
@@ -110,6 +122,7 @@ def start_server(args: argparse.Namespace, bundle: Path, port: int, tmp: Path) -
             "IDEMBED_INLINE_INFERENCE_MAX_MS": str(args.inline_max_ms),
         }
     )
+    env.update(settings or {})
     env.update(dict(item.split("=", 1) for item in args.server_env))
     # Logs go to a file: a pipe nobody reads would fill up and block the server mid-benchmark.
     log = tmp / "server.log"
@@ -316,10 +329,16 @@ def ms(values: list[float], q: float) -> float:
     return float(np.quantile(np.asarray(values), q) * 1000.0)
 
 
-# Raw onnxruntime is timed with its default session options and with intra-op spinning off (the service's
-# default, IDEMBED_ORT_ALLOW_SPINNING=false); the faster one is the baseline, so a setting that helps the
-# service cannot make the baseline look worse than onnxruntime can do on this host.
-RAW_CONFIGS = {"ort_default": RuntimeOptions(), "no_spinning": RuntimeOptions(allow_spinning=False)}
+# Raw onnxruntime is timed in three configurations and the fastest is the baseline, so no setting that helps
+# the service can make the baseline look worse than onnxruntime manages on this host: its default session
+# options; intra-op spinning off (the service's default, IDEMBED_ORT_ALLOW_SPINNING=false); and one
+# single-threaded session.run caller per core (what IDEMBED_INFERENCE_WORKERS=<cores> does in the service).
+CORES = len(os.sched_getaffinity(0))
+RAW_CONFIGS: dict[str, tuple[RuntimeOptions, int]] = {
+    "ort_default": (RuntimeOptions(), 1),
+    "no_spinning": (RuntimeOptions(allow_spinning=False), 1),
+    "one_thread_per_core": (RuntimeOptions(intra_op_threads=1, allow_spinning=False), CORES),
+}
 
 
 @dataclass
@@ -331,10 +350,13 @@ class RawPhase:
     single_call_p50_ms: float
 
 
-def raw_phase(bundle: Path, options: RuntimeOptions, batch: np.ndarray, seconds: float, n: int) -> RawPhase:
+def raw_phase(
+    bundle: Path, config: tuple[RuntimeOptions, int], batch: np.ndarray, seconds: float, n: int
+) -> RawPhase:
+    options, callers = config
     model = EmbeddingModel.load(bundle, options)
     cpu0, start = time.process_time(), time.perf_counter()
-    images_per_s = ort_throughput(model, batch, seconds)
+    images_per_s = ort_throughput(model, batch, seconds, callers)
     cores = (time.process_time() - cpu0) / (time.perf_counter() - start)
     p50 = ms(ort_latency(model, batch[:1], n), 0.5)
     del model  # free the session's threads before anything else runs
@@ -352,16 +374,80 @@ def bench_bundle(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     raw: dict[str, list[RawPhase]] = {name: [] for name in RAW_CONFIGS}
 
     def measure_raw() -> None:
-        for name, options in RAW_CONFIGS.items():
-            raw[name].append(raw_phase(bundle, options, batch, args.raw_seconds, args.latency_requests))
+        for name, config in RAW_CONFIGS.items():
+            raw[name].append(raw_phase(bundle, config, batch, args.raw_seconds, args.latency_requests))
 
     measure_raw()
     singles = [embed_request([b]) for b in pngs]
+    servers = [serve_phases(args, bundle, pngs, singles, workers) for workers in args.inference_workers]
+    measure_raw()
+
+    means = {name: statistics.fmean(r.images_per_s for r in runs) for name, runs in raw.items()}
+    best = max(means, key=means.__getitem__)
+    raw_tput = means[best]
+    raw_cores = statistics.fmean(r.cpu_cores for r in raw[best])
+    # The smallest single-call p50 of any configuration: the overhead is never flattered by a slow baseline.
+    ort_p50 = min(r.single_call_p50_ms for runs in raw.values() for r in runs)
+
+    def ratios(p: LoadPhase) -> dict[str, Any]:
+        return {
+            **asdict(p),
+            "throughput_ratio": p.images_per_s / raw_tput,
+            "throughput_target": THROUGHPUT_TARGET,
+            # Images per CPU-second, service process vs raw onnxruntime: what the ratio would be if both got
+            # the same CPU time (on a shared host they do not).
+            "cpu_normalised_ratio": (p.images_per_s / max(p.server_cpu_cores, 1e-9))
+            / (raw_tput / max(raw_cores, 1e-9)),
+        }
+
+    return {
+        "bundle": str(
+            bundle.resolve().relative_to(REPO) if bundle.resolve().is_relative_to(REPO) else bundle
+        ),
+        "model_id": m.model_id,
+        "backbone": m.training.backbone,
+        "input": [m.input.height, m.input.width, m.input.channels],
+        "raw_ort_batch": args.concurrency,
+        "raw_ort": {name: [asdict(r) for r in runs] for name, runs in raw.items()},
+        "raw_ort_baseline_config": best,
+        "raw_ort_images_per_s": raw_tput,
+        "raw_ort_cpu_cores": raw_cores,
+        "raw_ort_ms_per_image": 1000.0 / raw_tput,
+        "ort_single_call_p50_ms": ort_p50,
+        "overhead_target_ms": OVERHEAD_TARGET_MS,
+        "servers": [
+            {
+                "inference_workers": srv.workers,
+                "service": [ratios(p) for p in srv.phases],
+                "wrk_1_image_per_request": None if srv.wrk is None else ratios(srv.wrk),
+                "service_single_request_p50_ms": ms(srv.latencies, 0.5),
+                "service_single_request_p95_ms": ms(srv.latencies, 0.95),
+                "single_request_overhead_p50_ms": ms(srv.latencies, 0.5) - ort_p50,
+            }
+            for srv in servers
+        ],
+    }
+
+
+@dataclass
+class ServerRun:
+    """The service phases against one server configuration."""
+
+    workers: int
+    latencies: list[float]
+    phases: list[LoadPhase]
+    wrk: LoadPhase | None
+
+
+def serve_phases(
+    args: argparse.Namespace, bundle: Path, pngs: list[bytes], singles: list[bytes], workers: int
+) -> ServerRun:
+    """Start the service with `workers` inference workers; sequential latency, then each throughput phase."""
     phases: list[LoadPhase] = []
     wrk_phase: LoadPhase | None = None
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(args, bundle, port, Path(tmp))
+        server = start_server(args, bundle, port, Path(tmp), {"IDEMBED_INFERENCE_WORKERS": str(workers)})
         try:
             http_lat = asyncio.run(http_latency(port, singles, args.latency_requests))
             for k in args.images_per_request:
@@ -379,49 +465,7 @@ def bench_bundle(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
         finally:
             server.terminate()
             server.wait(30)
-    measure_raw()
-
-    means = {name: statistics.fmean(r.images_per_s for r in runs) for name, runs in raw.items()}
-    best = max(means, key=means.__getitem__)
-    raw_tput = means[best]
-    raw_cores = statistics.fmean(r.cpu_cores for r in raw[best])
-    # The smallest single-call p50 of any configuration: the overhead is never flattered by a slow baseline.
-    ort_p50 = min(r.single_call_p50_ms for runs in raw.values() for r in runs)
-    svc_p50 = ms(http_lat, 0.5)
-    return {
-        "bundle": str(
-            bundle.resolve().relative_to(REPO) if bundle.resolve().is_relative_to(REPO) else bundle
-        ),
-        "model_id": m.model_id,
-        "backbone": m.training.backbone,
-        "input": [m.input.height, m.input.width, m.input.channels],
-        "raw_ort_batch": args.concurrency,
-        "raw_ort": {name: [asdict(r) for r in runs] for name, runs in raw.items()},
-        "raw_ort_baseline_config": best,
-        "raw_ort_images_per_s": raw_tput,
-        "raw_ort_cpu_cores": raw_cores,
-        "raw_ort_ms_per_image": 1000.0 / raw_tput,
-        "service": [
-            {
-                **asdict(p),
-                "throughput_ratio": p.images_per_s / raw_tput,
-                "throughput_target": THROUGHPUT_TARGET,
-                # Images per CPU-second, service process vs raw onnxruntime: what the ratio would be if
-                # both got the same CPU time (on a shared host they do not).
-                "cpu_normalised_ratio": (p.images_per_s / max(p.server_cpu_cores, 1e-9))
-                / (raw_tput / max(raw_cores, 1e-9)),
-            }
-            for p in phases
-        ],
-        "wrk_1_image_per_request": None
-        if wrk_phase is None
-        else {**asdict(wrk_phase), "throughput_ratio": wrk_phase.images_per_s / raw_tput},
-        "ort_single_call_p50_ms": ort_p50,
-        "service_single_request_p50_ms": svc_p50,
-        "service_single_request_p95_ms": ms(http_lat, 0.95),
-        "single_request_overhead_p50_ms": svc_p50 - ort_p50,
-        "overhead_target_ms": OVERHEAD_TARGET_MS,
-    }
+    return ServerRun(workers, http_lat, phases, wrk_phase)
 
 
 def face_bundle(size: int, color_mode: str) -> Path:
@@ -445,45 +489,40 @@ def face_bundle(size: int, color_mode: str) -> Path:
 
 
 def table(runs: list[dict[str, Any]], concurrency: int) -> str:
-    """Markdown table: one row per bundle and images-per-request setting (CPU columns in cores)."""
+    """Markdown table: one row per bundle, server configuration and images-per-request (CPU in cores)."""
     c = concurrency
     head = (
-        f"| model (input) | raw ORT, batch {c} | img/req | service, conc. {c} | ratio (>= 0.85) "
+        f"| model (input) | raw ORT, batch {c} | workers | img/req | service, conc. {c} | ratio (>= 0.85) "
         "| per-CPU ratio | mean batch | CPU: ORT / server / client | ORT 1 call p50 | service p50 "
         "| overhead p50 (<= 1 ms) |"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for run in runs:
         h, w, ch = run["input"]
-        for i, p in enumerate(run["service"]):
-            first = i == 0
-            raw = f"{run['raw_ort_images_per_s']:,.0f} img/s ({run['raw_ort_ms_per_image']:.2f} ms/img)"
-            cells = [
-                f"{run['backbone']} ({h}x{w}x{ch})" if first else "",
-                raw if first else "",
-                str(p["images_per_request"]),
-                f"{p['images_per_s']:,.0f} img/s" + (f" ({p['errors']} err)" if p["errors"] else ""),
-                f"**{p['throughput_ratio']:.2f}x**",
-                f"{p['cpu_normalised_ratio']:.2f}x",
-                f"{p['mean_batch_size']:.1f}",
-                f"{run['raw_ort_cpu_cores']:.2f} / {p['server_cpu_cores']:.2f} / {p['client_cpu_cores']:.2f}",
-                f"{run['ort_single_call_p50_ms']:.3f} ms" if first else "",
-                f"{run['service_single_request_p50_ms']:.3f} ms" if first else "",
-                f"**{run['single_request_overhead_p50_ms']:.3f} ms**" if first else "",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        wrk = run.get("wrk_1_image_per_request")
-        if wrk is not None:
-            cpu = f"- / {wrk['server_cpu_cores']:.2f} / {wrk['client_cpu_cores']:.2f}"
-            cells = [
-                "",
-                "",
-                "1 (wrk)",
-                f"{wrk['images_per_s']:,.0f} img/s",
-                f"**{wrk['throughput_ratio']:.2f}x**",
-            ]
-            cells += ["", f"{wrk['mean_batch_size']:.1f}", cpu, "", "", ""]
-            lines.append("| " + " | ".join(cells) + " |")
+        for si, srv in enumerate(run["servers"]):
+            rows = [(str(p["images_per_request"]), p) for p in srv["service"]]
+            if srv["wrk_1_image_per_request"] is not None:
+                rows.append(("1 (wrk)", srv["wrk_1_image_per_request"]))
+            for i, (label, p) in enumerate(rows):
+                first, top = i == 0, i == 0 and si == 0
+                raw = f"{run['raw_ort_images_per_s']:,.0f} img/s ({run['raw_ort_ms_per_image']:.2f} ms/img)"
+                cpu = f"{run['raw_ort_cpu_cores']:.2f} / {p['server_cpu_cores']:.2f} / "
+                cpu += f"{p['client_cpu_cores']:.2f}"
+                cells = [
+                    f"{run['backbone']} ({h}x{w}x{ch})" if top else "",
+                    raw if top else "",
+                    str(srv["inference_workers"]) if first else "",
+                    label,
+                    f"{p['images_per_s']:,.0f} img/s" + (f" ({p['errors']} err)" if p["errors"] else ""),
+                    f"**{p['throughput_ratio']:.2f}x**",
+                    f"{p['cpu_normalised_ratio']:.2f}x",
+                    f"{p['mean_batch_size']:.1f}",
+                    cpu,
+                    f"{run['ort_single_call_p50_ms']:.3f} ms" if top else "",
+                    f"{srv['service_single_request_p50_ms']:.3f} ms" if first else "",
+                    f"**{srv['single_request_overhead_p50_ms']:.3f} ms**" if first else "",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -504,7 +543,7 @@ def main() -> None:
         "--raw-seconds", type=float, default=5.0, help="duration of each raw onnxruntime phase (4 per bundle)"
     )
     p.add_argument("--latency-requests", type=int, default=500)
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=32, help="server IDEMBED_MAX_BATCH_SIZE")
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
     p.add_argument(
         "--log-level", default="INFO", help="server log level (INFO writes one access line/request)"
@@ -516,6 +555,13 @@ def main() -> None:
         nargs="+",
         default=[1, 32],
         help="images per throughput-phase request; one phase per value (1: worst case)",
+    )
+    p.add_argument(
+        "--inference-workers",
+        type=int,
+        nargs="+",
+        default=[1, CORES],
+        help="IDEMBED_INFERENCE_WORKERS of each server configuration to bench (default: 1 and one per core)",
     )
     p.add_argument(
         "--server-env",

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     )
     max_top_k: int = Field(100, ge=1, le=10_000, description="largest top_k accepted by /v1/identify")
 
-    max_batch_size: int = Field(64, ge=1, le=4096, description="most images in one onnxruntime call")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most images in one onnxruntime call")
     batch_wait_ms: float = Field(
         0.0,
         ge=0.0,
