@@ -74,3 +74,15 @@ class InvalidBundleError(ServiceError):
     """A hot reload named a bundle that failed validation; the current model keeps serving."""
 
     code = "invalid_bundle"
+
+
+class SnapshotUnavailableError(ServiceError):
+    """A gallery snapshot was asked for but none can be taken: no snapshot folder set, or an exact index."""
+
+    code = "snapshot_unavailable"
+
+
+class SnapshotFailedError(ServiceError):
+    """Writing the gallery snapshot failed (disk full, folder not writable); the service keeps serving."""
+
+    code = "snapshot_failed"

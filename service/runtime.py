@@ -23,9 +23,16 @@ from anyio import to_thread
 from bundle.errors import BundleError
 from service.core.config import Settings
 from service.engine import BatchingEngine, BatchObserver, EngineClosedError
-from service.errors import InvalidBundleError, InvalidInputError, NotReadyError
+from service.errors import (
+    InvalidBundleError,
+    InvalidInputError,
+    NotReadyError,
+    SnapshotFailedError,
+    SnapshotUnavailableError,
+)
 from service.gallery.gallery import Gallery, IndexFactory, Match
 from service.gallery.index import ExactIndex
+from service.gallery.snapshot import SnapshotError, SnapshotManifest, open_gallery, save_snapshot
 from service.gallery.store import ChangeFeedStore, IdentityStore, open_store
 from service.model import EmbeddingModel, RuntimeOptions
 from service.preprocess import ImagePreprocessor
@@ -38,7 +45,9 @@ _INLINE_DECODE_BYTES = 256 * 1024
 _INLINE_SEARCH_ROWS = 20_000
 
 
-class Stoppable(Protocol):
+class Follower(Protocol):
+    cursor: int  # the store change cursor the gallery's index reflects
+
     def stop(self) -> None: ...
 
 
@@ -72,7 +81,8 @@ class ServiceRuntime:
         self._reload_lock = asyncio.Lock()
         self.bundle_path = settings.bundle_path
         self.startup_error: str | None = None
-        self._follower: Stoppable | None = None
+        self._follower: Follower | None = None
+        self._snapshot_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -108,8 +118,12 @@ class ServiceRuntime:
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)
         return LoadedModel(model=model, engine=engine, preprocess=pre)
 
-    def _follow_changes(self, store: IdentityStore, cursor: int) -> Stoppable:
-        """Keep this replica's index in step with identities other replicas write to the shared store."""
+    def _follow_changes(self, store: IdentityStore, cursor: int) -> Follower:
+        """Keep this replica's index in step with identities other replicas write to the shared store.
+
+        Only for stores other processes write (PostgreSQL): the SQLite store has a change feed too, but one
+        process owns the file and its gallery applies its own writes, so there is nothing to follow.
+        """
         from service.gallery.pg_store import ChangeBatch, ChangeFollower, PostgresIdentityStore
 
         assert isinstance(store, PostgresIdentityStore)
@@ -137,15 +151,21 @@ class ServiceRuntime:
         loaded = await to_thread.run_sync(self._load_model, self.bundle_path)
         store = await to_thread.run_sync(open_store, self.settings.store_url, loaded.model.dim)
         self._store = store
-        # A shared store (PostgreSQL) has a change feed: take its cursor before reading the identities, so a
-        # write landing while the index is built is applied again (idempotent) rather than missed.
-        cursor = store.change_cursor() if isinstance(store, ChangeFeedStore) else None
         bundle = loaded.model.bundle
         threshold = loaded.model.manifest.thresholds.default
-        gallery = partial(Gallery, index_factory=self._index_factory(threshold))
-        self._gallery = await to_thread.run_sync(gallery, bundle.centers, bundle.labels, store)
-        if cursor is not None:
-            self._follower = await to_thread.run_sync(self._follow_changes, store, cursor)
+        # From the snapshot (plus the store's changes since) when one fits, else rebuilt from the store; the
+        # cursor is the point of the change feed the index reflects, where a follower carries on.
+        opened = partial(
+            open_gallery, self.settings.gallery_snapshot_path, index_factory=self._index_factory(threshold)
+        )
+        start_gallery = await to_thread.run_sync(opened, bundle.centers, bundle.labels, store)
+        self._gallery = start_gallery.gallery
+        if (
+            start_gallery.cursor is not None
+            and isinstance(store, ChangeFeedStore)
+            and store.shared_by_replicas
+        ):
+            self._follower = await to_thread.run_sync(self._follow_changes, store, start_gallery.cursor)
         loaded.engine.start()
         self._current = loaded
         if self._on_model_change is not None:
@@ -157,18 +177,68 @@ class ServiceRuntime:
                 "bundle": str(self.bundle_path),
                 "centers": self._gallery.num_centers,
                 "enrolled": self._gallery.num_enrolled,
+                "gallery_source": start_gallery.source,
                 "warmup_ms": round(loaded.model.warmup_ms, 2),
                 "startup_ms": round((time.perf_counter() - start) * 1000, 1),
             },
         )
 
+    def _snapshot_cursor(self) -> int:
+        """The change cursor the index reflects: the follower's with a shared store; with a store only this
+        process writes, every write went through the gallery, so the store's newest change."""
+        if self._follower is not None:
+            return self._follower.cursor
+        assert isinstance(self._store, ChangeFeedStore)
+        return self._store.change_cursor()
+
+    async def write_snapshot(self) -> SnapshotManifest:
+        """Save the gallery index into IDEMBED_GALLERY_SNAPSHOT_PATH (admin endpoint, graceful shutdown)."""
+        directory = self.settings.gallery_snapshot_path
+        if directory is None:
+            raise SnapshotUnavailableError(
+                "no gallery snapshot folder is configured (IDEMBED_GALLERY_SNAPSHOT_PATH)"
+            )
+        if self.settings.gallery_index == "exact":
+            raise SnapshotUnavailableError(
+                "the exact gallery index rebuilds from the store in seconds and is not snapshotted; "
+                "snapshots are for IDEMBED_GALLERY_INDEX=hnsw or auto"
+            )
+        gallery = self.gallery
+        async with self._snapshot_lock:
+            try:
+                manifest = await to_thread.run_sync(save_snapshot, directory, gallery, self._snapshot_cursor)
+            except SnapshotError as exc:
+                raise SnapshotFailedError(str(exc)) from exc
+        logger.info(
+            "gallery snapshot written",
+            extra={
+                "path": str(directory),
+                "identities": manifest.identities,
+                "cursor": manifest.cursor,
+                "write_s": manifest.write_seconds,
+            },
+        )
+        return manifest
+
+    async def _snapshot_on_shutdown(self) -> None:
+        if self._gallery is None or self.settings.gallery_snapshot_path is None:
+            return
+        if self.settings.gallery_index == "exact":
+            return
+        try:
+            await self.write_snapshot()
+        except SnapshotFailedError as exc:
+            # A snapshot is only a faster start; failing to write one must not stop the shutdown.
+            logger.error("gallery snapshot not written on shutdown: %s", exc.message)
+
     async def stop(self) -> None:
-        """Finish queued batches, then close the store."""
+        """Finish queued batches, stop following changes, snapshot the gallery (if set), close the store."""
         if self._current is not None:
             await self._current.engine.stop(self.settings.shutdown_timeout_s)
         if self._follower is not None:
             await to_thread.run_sync(self._follower.stop)
-            self._follower = None
+        await self._snapshot_on_shutdown()
+        self._follower = None
         if self._store is not None:
             self._store.close()
             self._store = None

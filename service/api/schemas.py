@@ -281,3 +281,17 @@ class ErrorResponse(BaseModel):
             ]
         }
     )
+
+
+class SnapshotResponse(BaseModel):
+    """The gallery snapshot just written (its manifest), for POST /v1/admin/snapshot."""
+
+    path: str = Field(description="snapshot folder (IDEMBED_GALLERY_SNAPSHOT_PATH)")
+    index_kind: Literal["hnsw", "auto"]
+    identities: int = Field(description="enrolled identities in the saved index")
+    cursor: int = Field(description="store change cursor the saved index reflects")
+    index_file: str
+    index_bytes: int
+    index_sha256: str
+    created_at: datetime
+    write_seconds: float

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="search index for enrolled identities: exact (numpy), hnsw (usearch graph) or auto "
         "(exact while small, then hnsw)",
     )
+    gallery_snapshot_path: Path | None = Field(
+        None,
+        description="folder for a snapshot of the hnsw/auto gallery index, written on graceful shutdown and "
+        "by POST /v1/admin/snapshot, loaded at start-up instead of re-inserting every identity (seconds "
+        "instead of minutes at 1M); one that does not fit the store is ignored with a warning (default: off)",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")
@@ -113,6 +119,13 @@ class Settings(BaseSettings):
             if len(key.get_secret_value()) < 8:
                 raise ValueError("every API key must have at least 8 characters")
         return keys
+
+    @field_validator("gallery_snapshot_path")
+    @classmethod
+    def _snapshot_path_is_a_folder(cls, path: Path | None) -> Path | None:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file; the gallery snapshot needs a folder (made if missing)")
+        return path
 
     @field_validator("log_level", mode="before")
     @classmethod

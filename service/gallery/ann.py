@@ -140,6 +140,30 @@ class HnswIndex:
         with self._lock:
             self._index.save(os.fspath(path))
 
+    def graph_options(self) -> dict[str, object]:
+        """The options the graph file depends on; search-time options (expansion_search, retry) do not."""
+        return {
+            "connectivity": int(self._index.connectivity),
+            "expansion_add": int(self._index.expansion_add),
+            "dtype": str(self._index.dtype).rsplit(".", 1)[-1].lower(),
+        }
+
+    def keys(self) -> np.ndarray:
+        """Every key in the index (int64), in no particular order."""
+        with self._lock:
+            return np.asarray(self._index.keys, dtype=np.uint64).view(np.int64)
+
+    def restored(self, path: str | os.PathLike[str]) -> HnswIndex:
+        """The graph saved at `path`, searched with this index's run-time options (beam, threads, retry)."""
+        return HnswIndex.load(
+            path,
+            self.dim,
+            expansion_search=self.expansion_search,
+            threads=self.threads,
+            retry_below=self.retry_below,
+            retry_expansion=self.retry_expansion,
+        )
+
     @classmethod
     def load(
         cls,
@@ -273,6 +297,38 @@ class AutoIndex:
 
     def __len__(self) -> int:
         return len(self._hnsw)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the graph (which always holds every vector); the exact copy is refilled on restore."""
+        self._hnsw.save(path)
+
+    def graph_options(self) -> dict[str, object]:
+        return {"threshold": self.threshold, **self._hnsw.graph_options()}
+
+    def keys(self) -> np.ndarray:
+        return self._hnsw.keys()
+
+    def restored(self, path: str | os.PathLike[str]) -> AutoIndex:
+        """The graph saved at `path` with this index's options. At or under `threshold` vectors the restored
+        index answers from an exact copy again, which is empty: fill it with `fill_exact` before searching."""
+        index = AutoIndex.__new__(AutoIndex)
+        index.dim, index.threshold = self.dim, self.threshold
+        index._hnsw = self._hnsw.restored(path)
+        small = self.threshold > 0 and len(index._hnsw) <= self.threshold
+        index._exact = ExactIndex(self.dim) if small else None
+        index._lock = threading.Lock()
+        return index
+
+    @property
+    def needs_exact_fill(self) -> bool:
+        """True when exact search answers but its copy lacks the graph's vectors (just restored)."""
+        return self._exact is not None and len(self._exact) != len(self._hnsw)
+
+    def fill_exact(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Give the exact copy full-precision vectors (the graph keeps them quantised); graph unchanged."""
+        with self._lock:
+            if self._exact is not None:
+                self._exact.add(keys, vectors)
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:

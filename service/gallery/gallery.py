@@ -8,7 +8,8 @@ A query searches both and merges the two top-k lists, so every match says where 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,14 +48,41 @@ class Gallery:
         index_factory: IndexFactory = ExactIndex,
         load_batch_size: int = 10_000,
     ) -> None:
+        self._setup(centers, labels, store, index_factory(int(store.dim)), {})
+        for batch in store.iter_all(load_batch_size):
+            self._index_records(batch)
+
+    @classmethod
+    def with_index(
+        cls,
+        centers: np.ndarray,
+        labels: list[str],
+        store: IdentityStore,
+        index: VectorIndex,
+        names: dict[int, str],
+    ) -> Gallery:
+        """A gallery over an index already holding the store's identities (a snapshot brought up to date),
+        `names` mapping each of its keys to the identity name; nothing is read from the store."""
+        if index.dim != store.dim:
+            raise ValueError(f"a {index.dim}-d index does not fit a store of {store.dim}-d embeddings")
+        gallery = cls.__new__(cls)
+        gallery._setup(centers, labels, store, index, dict(names))
+        return gallery
+
+    def _setup(
+        self,
+        centers: np.ndarray,
+        labels: list[str],
+        store: IdentityStore,
+        index: VectorIndex,
+        names: dict[int, str],
+    ) -> None:
         self.dim = int(store.dim)
         self.store = store
         self._lock = threading.Lock()
-        self._names: dict[int, str] = {}
-        self._enrolled = index_factory(self.dim)
+        self._names = names
+        self._enrolled = index
         self.set_centers(centers, labels)
-        for batch in store.iter_all(load_batch_size):
-            self._index_records(batch)
 
     def set_centers(self, centers: np.ndarray, labels: list[str]) -> None:
         """Replace the exported centers (start-up and hot reload); enrolled identities are kept."""
@@ -75,6 +103,13 @@ class Gallery:
         self._enrolled.add(keys, np.stack([r.embedding for r in records]))
         for r in records:
             self._names[r.key] = r.name
+
+    @contextmanager
+    def frozen(self) -> Iterator[VectorIndex]:
+        """The enrolled index with enrollments, deletions and followed changes held off (searches go on), so
+        it can be saved whole at one point of the store's change feed."""
+        with self._lock:
+            yield self._enrolled
 
     @property
     def num_centers(self) -> int:

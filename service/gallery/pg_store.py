@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,13 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
-from service.gallery.store import EnrolledIdentity, IdentityExistsError, StoreError, check_embedding
+from service.gallery.store import (
+    ChangeBatch,
+    EnrolledIdentity,
+    IdentityExistsError,
+    StoreError,
+    check_embedding,
+)
 
 NOTIFY_CHANNEL = "idembed_identity_changes"
 
@@ -60,15 +66,6 @@ def _safe_url(url: str) -> str:
     return url.split("@")[-1]
 
 
-@dataclass(frozen=True)
-class ChangeBatch:
-    """Changes after a cursor: identities to (re)index, keys to drop, and the cursor to ask from next time."""
-
-    cursor: int
-    upserts: list[EnrolledIdentity]
-    deleted: list[int]
-
-
 class PostgresIdentityStore:
     """`IdentityStore` on PostgreSQL with the pgvector extension (`embedding vector(dim)`).
 
@@ -76,6 +73,8 @@ class PostgresIdentityStore:
     which never reach the database. The connecting role must be allowed to `CREATE EXTENSION vector` the
     first time (or an administrator creates it beforehand).
     """
+
+    shared_by_replicas = True  # every replica follows the change feed (`ChangeFollower`)
 
     def __init__(self, url: str, dim: int, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -94,6 +93,20 @@ class PostgresIdentityStore:
         except psycopg.Error as exc:
             raise StoreError(f"cannot open PostgreSQL identity store {_safe_url(url)}: {exc}") from exc
         self._check_dim()
+        self._store_id = self._ensure_store_id()
+
+    def _ensure_store_id(self) -> str:
+        with self._lock, self._db.transaction():
+            self._db.execute(
+                "INSERT INTO idembed_store_info (k, v) VALUES ('store_id', %s) ON CONFLICT (k) DO NOTHING",
+                (uuid.uuid4().hex,),
+            )
+            row = self._db.execute("SELECT v FROM idembed_store_info WHERE k = 'store_id'").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def store_id(self) -> str:
+        return self._store_id
 
     def _check_dim(self) -> None:
         with self._lock, self._db.transaction():
@@ -219,12 +232,21 @@ class PostgresIdentityStore:
             last = batch[-1].key
             yield batch
 
+    def names_by_key(self) -> dict[int, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, name FROM identities").fetchall()
+        return {int(key): name for key, name in rows}
+
     def change_cursor(self) -> int:
         """The newest change sequence number; take it BEFORE `iter_all` when (re)building an index, then
         follow `changes_since(cursor)`: a change landing in between is applied twice, which is harmless
         (upsert and delete are idempotent), whereas taking it after could miss one."""
         with self._lock:
-            row = self._db.execute("SELECT coalesce(max(seq), 0) FROM identity_changes").fetchone()
+            # Pruning may have emptied the table: never report a cursor below what was pruned.
+            row = self._db.execute(
+                "SELECT greatest((SELECT coalesce(max(seq), 0) FROM identity_changes), "
+                "(SELECT coalesce(max(v::bigint), 0) FROM idembed_store_info WHERE k = 'pruned_through'))"
+            ).fetchone()
         return int(row[0]) if row else 0
 
     def changes_since(self, cursor: int, limit: int = 10_000) -> ChangeBatch:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,16 +94,44 @@ class IdentityStore(Protocol):
     def iter_all(self, batch_size: int = 10_000) -> Iterator[list[EnrolledIdentity]]:
         """Every identity, in batches, to (re)build the in-memory index."""
 
+    def names_by_key(self) -> dict[int, str]:
+        """Key -> name of every identity, without embeddings (names for an index loaded from disk)."""
+
+    def store_id(self) -> str:
+        """A random id made when the store was created: tells a gallery snapshot which store it belongs to."""
+
     def close(self) -> None:
         """Release connections; further calls are an error."""
 
 
+@dataclass(frozen=True)
+class ChangeBatch:
+    """Changes after a cursor: identities to (re)index, keys to drop, and the cursor to ask from next time."""
+
+    cursor: int
+    upserts: list[EnrolledIdentity]
+    deleted: list[int]
+
+
 @runtime_checkable
 class ChangeFeedStore(Protocol):
-    """A store shared by several replicas that reports changes (PostgreSQL); SQLite is single-process."""
+    """A store that logs every write as (seq, key, op) in the same transaction, so an index built at one
+    cursor (at start-up, or saved in a gallery snapshot) can be brought up to date with the writes after it.
+
+    `shared_by_replicas` says whether other server processes write it and each must follow the feed
+    continuously (PostgreSQL); the SQLite store is written by one process, which sees its own writes.
+    """
+
+    shared_by_replicas: bool
 
     def change_cursor(self) -> int:
         """Sequence number of the newest change; follow changes after it to keep an index in sync."""
+
+    def changes_since(self, cursor: int, limit: int = 10_000) -> ChangeBatch:
+        """Net changes after `cursor`; raises `StoreError` if the feed was pruned past it."""
+
+    def prune_changes(self, keep_last: int = 100_000) -> int:
+        """Drop all but the newest `keep_last` change rows; returns how many were dropped."""
 
 
 _SCHEMA = """
@@ -120,7 +149,14 @@ CREATE TABLE IF NOT EXISTS store_info (
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS identity_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key INTEGER NOT NULL,
+    op  TEXT    NOT NULL CHECK (op IN ('u', 'd'))
+);
 """
+# `CREATE TABLE IF NOT EXISTS` is also the migration of files written before the change feed existed: their
+# identities predate every change (cursor 0), which is exactly what an index built from them reflects.
 
 _COLUMNS = "key, name, embedding, dim, image_count, model_id, metadata, created_at"
 
@@ -135,12 +171,16 @@ def check_embedding(embedding: np.ndarray, dim: int) -> np.ndarray:
 
 
 class SQLiteIdentityStore:
-    """`IdentityStore` on one SQLite file in WAL mode.
+    """`IdentityStore` on one SQLite file in WAL mode, with a change feed like the PostgreSQL store's.
 
     WAL lets readers (list/get) proceed while a write commits; `synchronous=FULL` makes each commit durable
     before `add`/`delete` returns. One connection guarded by a lock: SQLite serialises writers anyway, and the
-    calls are short, so a pool would add complexity without throughput.
+    calls are short, so a pool would add complexity without throughput. Every write appends (seq, key, op)
+    to `identity_changes` in its own transaction; `BEGIN IMMEDIATE` serialises writers, so sequence numbers
+    are in commit order. The feed lets a gallery snapshot catch up with the writes made after it was saved.
     """
+
+    shared_by_replicas = False  # one server process per file: its gallery sees its own writes
 
     def __init__(self, path: Path | str, dim: int) -> None:
         self.path = Path(path)
@@ -157,6 +197,7 @@ class SQLiteIdentityStore:
             raise StoreError(f"cannot open identity store {self.path}: {exc}") from exc
         self._lock = threading.Lock()
         self._check_dim()
+        self._store_id = self._ensure_store_id()
 
     def _check_dim(self) -> None:
         with self._lock:
@@ -170,6 +211,20 @@ class SQLiteIdentityStore:
                 f"identity store {self.path} holds {stored}-d embeddings but the model produces "
                 f"{self.dim}-d; use another store (IDEMBED_STORE_URL) or re-enroll with the new model"
             )
+
+    def _ensure_store_id(self) -> str:
+        with self._lock:
+            # OR IGNORE: two processes opening a new file at once agree on whichever id landed first.
+            self._db.execute(
+                "INSERT OR IGNORE INTO store_info (k, v) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+            )
+            return str(self._db.execute("SELECT v FROM store_info WHERE k = 'store_id'").fetchone()[0])
+
+    def store_id(self) -> str:
+        return self._store_id
+
+    def _log_change(self, key: int, op: str) -> None:
+        self._db.execute("INSERT INTO identity_changes (key, op) VALUES (?, ?)", (key, op))
 
     def _row(self, row: tuple[Any, ...]) -> EnrolledIdentity:
         key, name, blob, dim, image_count, model_id, metadata, created_at = row
@@ -219,6 +274,7 @@ class SQLiteIdentityStore:
                         "metadata = ?, created_at = ? WHERE key = ?",
                         (*values, key),
                     )
+                self._log_change(key, "u")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -257,6 +313,7 @@ class SQLiteIdentityStore:
                 row = self._db.execute(query, (name,)).fetchone()
                 if row is not None:
                     self._db.execute("DELETE FROM identities WHERE key = ?", (row[0],))
+                    self._log_change(int(row[0]), "d")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -288,6 +345,80 @@ class SQLiteIdentityStore:
             batch = [self._row(r) for r in rows]
             last = batch[-1].key
             yield batch
+
+    def names_by_key(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT key, name FROM identities"))
+
+    def change_cursor(self) -> int:
+        """The newest change sequence number (0 before the first write); see `PostgresIdentityStore`."""
+        with self._lock:
+            # Pruning may have emptied the table: never report a cursor below what was pruned.
+            row = self._db.execute(
+                "SELECT max(coalesce((SELECT max(seq) FROM identity_changes), 0), "
+                "coalesce((SELECT CAST(v AS INTEGER) FROM store_info WHERE k = 'pruned_through'), 0))"
+            ).fetchone()
+        return int(row[0])
+
+    def changes_since(self, cursor: int, limit: int = 10_000) -> ChangeBatch:
+        """Net changes after `cursor` (at most `limit` change rows): current records of keys added or
+        replaced that still exist, and keys deleted. Raises `StoreError` if the feed was pruned past it."""
+        with self._lock:
+            # One read transaction, so the change rows and the identity rows are the same snapshot.
+            self._db.execute("BEGIN")
+            try:
+                pruned = self._db.execute("SELECT v FROM store_info WHERE k = 'pruned_through'").fetchone()
+                if pruned is not None and cursor < int(pruned[0]):
+                    raise StoreError(
+                        f"change feed of {self.path} was pruned through {pruned[0]}, past cursor {cursor}: "
+                        "rebuild the index from the store"
+                    )
+                changes = self._db.execute(
+                    "SELECT seq, key FROM identity_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (cursor, limit),
+                ).fetchall()
+                touched = sorted({int(key) for _, key in changes})
+                marks = ",".join("?" * len(touched))
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM identities WHERE key IN ({marks})", touched
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        if not changes:
+            return ChangeBatch(cursor, [], [])
+        # The current row decides, whatever the op sequence was: present -> upsert, absent -> delete.
+        upserts = [self._row(r) for r in rows]
+        present = {r.key for r in upserts}
+        return ChangeBatch(int(changes[-1][0]), upserts, [k for k in touched if k not in present])
+
+    def prune_changes(self, keep_last: int = 100_000) -> int:
+        """Drop all but the newest `keep_last` change rows; returns how many were dropped.
+
+        A snapshot or index whose cursor is older than what was pruned can no longer catch up from the feed
+        (`changes_since` raises `StoreError`) and must be rebuilt from the identities.
+        """
+        if keep_last < 0:
+            raise ValueError("keep_last must be >= 0")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT coalesce(max(seq), 0) - ? FROM identity_changes", (keep_last,))
+                through = int(row.fetchone()[0])
+                dropped = 0
+                if through > 0:
+                    dropped = self._db.execute(
+                        "DELETE FROM identity_changes WHERE seq <= ?", (through,)
+                    ).rowcount
+                    self._db.execute(
+                        "INSERT INTO store_info (k, v) VALUES ('pruned_through', ?) "
+                        "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                        (str(through),),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(dropped)
 
     def close(self) -> None:
         with self._lock:

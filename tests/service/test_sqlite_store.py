@@ -1,7 +1,9 @@
-"""SQLite identity store: uniqueness, replace keeps the key, durability across reopen, dimension guard."""
+"""SQLite identity store: uniqueness, replace keeps the key, durability across reopen, dimension guard, change
+feed (net changes after a cursor, pruning) and the migration of files written before it."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from service.gallery.store import (
+    ChangeFeedStore,
     IdentityExistsError,
     IdentityStore,
     SQLiteIdentityStore,
@@ -121,3 +124,58 @@ def test_concurrent_enrollments_from_threads_all_land_once(store: SQLiteIdentity
         th.join()
     assert not errors
     assert store.count() == 80
+
+
+def test_change_feed_reports_net_upserts_and_deletes_after_a_cursor(store: SQLiteIdentityStore) -> None:
+    assert isinstance(store, ChangeFeedStore) and not store.shared_by_replicas
+    assert store.change_cursor() == 0
+    a, _ = store.add("a", unit(1), image_count=1, model_id="m:1")
+    cursor = store.change_cursor()
+    b, _ = store.add("b", unit(2), image_count=1, model_id="m:1")
+    store.add("a", unit(3), image_count=2, model_id="m:1", replace=True)
+    store.delete("b")
+    with pytest.raises(IdentityExistsError):
+        store.add("a", unit(4), image_count=1, model_id="m:1")  # refused: logs no change
+
+    batch = store.changes_since(cursor)
+
+    assert batch.cursor == store.change_cursor() == cursor + 3
+    assert [(r.key, r.image_count) for r in batch.upserts] == [(a.key, 2)] and batch.deleted == [b.key]
+    assert store.changes_since(batch.cursor).upserts == [] and store.changes_since(batch.cursor).deleted == []
+
+
+def test_pruned_feed_refuses_an_older_cursor_but_keeps_the_cursor(store: SQLiteIdentityStore) -> None:
+    for i in range(5):
+        store.add(f"p{i}", unit(i), image_count=1, model_id="m:1")
+    assert store.prune_changes(keep_last=0) == 5
+    assert store.change_cursor() == 5  # not 0: a later index must not replay from before the prune
+    with pytest.raises(StoreError, match="pruned through 5"):
+        store.changes_since(2)
+    assert store.changes_since(5).upserts == []
+
+
+def test_old_file_without_change_feed_is_migrated_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema before the change feed existed
+        db.executescript(
+            "CREATE TABLE identities (key INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, "
+            "embedding BLOB NOT NULL, dim INTEGER NOT NULL, image_count INTEGER NOT NULL, "
+            "model_id TEXT NOT NULL, metadata TEXT NOT NULL, created_at TEXT NOT NULL);"
+            "CREATE TABLE store_info (k TEXT PRIMARY KEY, v TEXT NOT NULL);"
+            "INSERT INTO store_info VALUES ('dim', '4');"
+        )
+        db.execute(
+            "INSERT INTO identities (name, embedding, dim, image_count, model_id, metadata, created_at) "
+            "VALUES ('old', ?, 4, 1, 'm:0', '{}', '2024-01-01T00:00:00+00:00')",
+            (unit(0).tobytes(),),
+        )
+
+    store = SQLiteIdentityStore(path, dim=4)
+    try:
+        assert [r.name for r in store.list()] == ["old"] and store.change_cursor() == 0
+        assert len(store.store_id()) == 32 and store.names_by_key() == {1: "old"}
+        new, _ = store.add("new", unit(1), image_count=1, model_id="m:1")
+        assert store.changes_since(0).upserts[0].key == new.key and store.change_cursor() == 1
+    finally:
+        store.close()
+    assert SQLiteIdentityStore(path, dim=4).store_id() == store.store_id()  # stable across opens

@@ -1,4 +1,5 @@
-"""POST /v1/admin/reload: hot-swap the served bundle (authenticated); a bad bundle is refused."""
+"""Admin endpoints (authenticated): /v1/admin/reload hot-swaps the served bundle (a bad one is refused);
+/v1/admin/snapshot saves the gallery index so that the next start loads it instead of rebuilding it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from service.api.bodies import json_body_doc, read_optional_json
 from service.api.deps import RuntimeDep, require_write_key
 from service.api.errors import error_responses
-from service.api.schemas import ReloadRequest, ReloadResponse
+from service.api.schemas import ErrorResponse, ReloadRequest, ReloadResponse, SnapshotResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write_key)])
 
@@ -30,4 +31,38 @@ async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse
         previous_model_id=previous,
         loaded_at=new.loaded_at,
         warmup_ms=new.model.warmup_ms,
+    )
+
+
+@router.post(
+    "/snapshot",
+    response_model=SnapshotResponse,
+    summary="Save the gallery index snapshot now",
+    description="Writes the hnsw/auto gallery index and its manifest into IDEMBED_GALLERY_SNAPSHOT_PATH "
+    "(atomically; the previous snapshot stays valid until the new one is complete), as graceful shutdown "
+    "does. Enrollments wait while the index is written; at start-up the service loads the snapshot and "
+    "replays the store's changes since it instead of re-inserting every identity.",
+    responses={
+        **error_responses(401, 503),
+        409: {"model": ErrorResponse, "description": "no snapshot folder configured, or an exact index"},
+        500: {"model": ErrorResponse, "description": "the snapshot could not be written (disk, permissions)"},
+    },
+)
+async def write_snapshot(runtime: RuntimeDep) -> SnapshotResponse:
+    manifest = await runtime.write_snapshot()
+    assert runtime.settings.gallery_snapshot_path is not None  # write_snapshot refuses otherwise
+    return SnapshotResponse(
+        path=str(runtime.settings.gallery_snapshot_path),
+        **manifest.model_dump(
+            include={
+                "index_kind",
+                "identities",
+                "cursor",
+                "index_file",
+                "index_bytes",
+                "index_sha256",
+                "created_at",
+                "write_seconds",
+            }
+        ),
     )
