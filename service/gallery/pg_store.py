@@ -26,6 +26,7 @@ from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 from service.gallery.store import (
+    KEYSET_START,
     ChangeBatch,
     EnrolledIdentity,
     IdentityExistsError,
@@ -219,7 +220,7 @@ class PostgresIdentityStore:
     def iter_all(self, batch_size: int = 10_000) -> Iterator[list[EnrolledIdentity]]:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        last = 0  # keyset pagination: O(batch) per page at any table size, unlike OFFSET
+        last = KEYSET_START  # keyset pagination: O(batch) per page at any table size, unlike OFFSET
         while True:
             with self._lock:
                 rows = self._db.execute(

@@ -159,6 +159,9 @@ CREATE TABLE IF NOT EXISTS identity_changes (
 # identities predate every change (cursor 0), which is exactly what an index built from them reflects.
 
 _COLUMNS = "key, name, embedding, dim, image_count, model_id, metadata, created_at"
+# Where keyset pagination starts: below every int64 key. Not 0: a row keyed 0 (written by hand or by a tool
+# that chose its own keys) would be skipped by `key > 0` and silently missing from the index.
+KEYSET_START = -(2**63)
 
 
 def check_embedding(embedding: np.ndarray, dim: int) -> np.ndarray:
@@ -335,7 +338,7 @@ class SQLiteIdentityStore:
 
     def iter_all(self, batch_size: int = 10_000) -> Iterator[list[EnrolledIdentity]]:
         # Keyset pagination: stable and O(batch) per page, unlike OFFSET on a large table.
-        last = 0
+        last = KEYSET_START
         while True:
             with self._lock:
                 query = f"SELECT {_COLUMNS} FROM identities WHERE key > ? ORDER BY key LIMIT ?"

@@ -179,3 +179,15 @@ def test_old_file_without_change_feed_is_migrated_on_open(tmp_path: Path) -> Non
     finally:
         store.close()
     assert SQLiteIdentityStore(path, dim=4).store_id() == store.store_id()  # stable across opens
+
+
+def test_iter_all_includes_a_row_keyed_zero(store: SQLiteIdentityStore) -> None:
+    # Keys the store assigns start at 1, but a row written with key 0 must not vanish from the index.
+    with sqlite3.connect(store.path) as db:
+        db.execute(
+            "INSERT INTO identities (key, name, embedding, dim, image_count, model_id, metadata, created_at) "
+            "VALUES (0, 'zero', ?, 4, 1, 'm:0', '{}', '2024-01-01T00:00:00+00:00')",
+            (unit(0).tobytes(),),
+        )
+    store.add("one", unit(1), image_count=1, model_id="m:1")
+    assert [r.name for batch in store.iter_all(batch_size=1) for r in batch] == ["zero", "one"]
