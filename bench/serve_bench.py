@@ -348,7 +348,8 @@ def run(args: argparse.Namespace) -> ServeReport:
         proc, port, _ = start_service(args, Path(tmp) / "bench.sqlite3")
         try:
             requests = [embed_request([b]) for b in pngs]
-            asyncio.run(closed_loop(port, requests, 8, 2.0))  # warm-up
+            # Warm-up at the highest load level, so the reading below already includes full-size batches.
+            asyncio.run(closed_loop(port, requests, max(args.concurrency), 2.0))
             report.rss_mib_after_warmup = rss_mib(proc.pid)
             report.load += http_rows("idembed /v1/embed", port, requests, args.concurrency, args.seconds)
             if args.profile_seconds > 0:

@@ -102,9 +102,13 @@ class ServiceRuntime:
 
     def _load_model(self, path: Path) -> LoadedModel:
         s = self.settings
-        model = EmbeddingModel.load(
-            path, RuntimeOptions(s.intra_op_threads(), s.ort_inter_op_threads, s.ort_allow_spinning)
+        options = RuntimeOptions(
+            s.intra_op_threads(),
+            s.ort_inter_op_threads,
+            s.ort_allow_spinning,
+            warmup_batch_size=s.max_batch_size,
         )
+        model = EmbeddingModel.load(path, options)
         engine = BatchingEngine(
             model.run,
             max_batch_size=s.max_batch_size,

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tiny_bundle
 from onnx import TensorProto, helper, numpy_helper
@@ -15,7 +16,7 @@ from bundle import write_bundle
 from bundle.errors import BundleError
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
-from service.model import EmbeddingModel
+from service.model import EmbeddingModel, RuntimeOptions
 
 
 def write_with_model(directory: Path, model_bytes: bytes, **manifest_overrides: object) -> Path:
@@ -93,3 +94,21 @@ def test_tampered_model_file_fails_the_checksum(tiny: TinyBundle, tmp_path: Path
     (copy / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"model\.onnx: sha256 mismatch"):
         EmbeddingModel.load(copy)
+
+
+def test_warm_up_runs_the_largest_batch_so_memory_is_sized_before_requests(
+    tiny: TinyBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_run = ort.InferenceSession.run
+
+    def recording_run(self: ort.InferenceSession, outputs: object, feeds: dict, *a: object) -> object:
+        seen.extend(len(v) for v in feeds.values())
+        return real_run(self, outputs, feeds, *a)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", recording_run)
+    EmbeddingModel.load(tiny.path, RuntimeOptions(warmup_batch_size=48))
+    assert seen == [1, 48]
+    seen.clear()
+    EmbeddingModel.load(tiny.path)  # default: still two batch sizes, proving the batch axis is dynamic
+    assert seen == [1, 2]
