@@ -231,3 +231,31 @@ def test_concurrent_writers_from_two_replicas_lose_no_change(pg_url: str) -> Non
     assert len(seen) == 40
     for s in stores:
         s.close()
+
+
+def test_gallery_snapshot_catches_up_through_the_change_feed(
+    store: PostgresIdentityStore, pg_url: str, tmp_path: Path
+) -> None:
+    from functools import partial
+
+    from service.gallery.ann import make_index
+    from service.gallery.gallery import Gallery
+    from service.gallery.snapshot import open_gallery, save_snapshot
+
+    factory = partial(make_index, "hnsw")
+    centers = np.eye(1, DIM, dtype=np.float32)
+    gallery = Gallery(centers, ["c"], store, index_factory=factory)
+    for i in range(10):
+        gallery.enroll(f"p{i}", unit(i)[None], model_id="m:1")
+    save_snapshot(tmp_path / "snap", gallery, store.change_cursor)
+    gallery.enroll("late", unit(50)[None], model_id="m:1")
+    gallery.delete("p3")
+
+    start = open_gallery(tmp_path / "snap", centers, ["c"], store, index_factory=factory)
+
+    assert start.source == "snapshot" and start.replayed == 2 and start.cursor == store.change_cursor()
+    found = {m.name for m in start.gallery.search(np.stack([unit(50), unit(3)]), 20)[0]}
+    assert "late" in found and "p3" not in found and start.gallery.num_enrolled == 10
+    other = PostgresIdentityStore(pg_url, DIM)
+    assert other.store_id() == store.store_id() and len(store.store_id()) == 32
+    other.close()
