@@ -68,23 +68,30 @@ def sample_pngs(model: EmbeddingModel, count: int, seed: int) -> list[bytes]:
 
 
 def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int = 1) -> float:
-    """Images/s of back-to-back session.run calls on one ready batch, from `callers` threads at once."""
+    """Images/s of back-to-back session.run calls on `batch`, split among `callers` threads: the same number
+    of images in flight as one call on the whole batch, as the service has at that concurrency."""
+    parts = split_batch(batch, callers)
     for _ in range(5):
-        model.run_raw(batch)
-    counts = [0] * callers
+        model.run_raw(parts[0])
+    counts = [0] * len(parts)
     start = time.perf_counter()
 
     def loop(i: int) -> None:
         while time.perf_counter() - start < seconds:
-            model.run_raw(batch)
-            counts[i] += len(batch)
+            model.run_raw(parts[i])
+            counts[i] += len(parts[i])
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(parts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return sum(counts) / (time.perf_counter() - start)
+
+
+def split_batch(batch: np.ndarray, callers: int) -> list[np.ndarray]:
+    """`batch` in at most `callers` nearly equal contiguous parts (never an empty one)."""
+    return [np.ascontiguousarray(p) for p in np.array_split(batch, min(callers, len(batch)))]
 
 
 def ort_latency(model: EmbeddingModel, one: np.ndarray, n: int) -> list[float]:

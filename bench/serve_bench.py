@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from embed_bench import RAW_CONFIGS, Connection, embed_request, free_port, sample_pngs
+from embed_bench import RAW_CONFIGS, Connection, embed_request, free_port, sample_pngs, split_batch
 from identify_bench import int_list
 from PIL import Image
 
@@ -239,11 +239,11 @@ def raw_ort_rows(bundle: Path, tensors: np.ndarray, levels: list[int], seconds: 
         batch = tensors[:c]
         best: LoadRow | None = None
         for name, (model, callers) in models.items():
-            lat, elapsed = ort_call_times(model, batch, seconds / len(models), callers)
+            lat, images, elapsed = ort_call_times(model, batch, seconds / len(models), callers)
             row = LoadRow(
                 "onnxruntime in-process",
                 c,
-                len(lat) * c / elapsed,
+                images / elapsed,
                 pct_ms(lat, 50),
                 pct_ms(lat, 99),
                 0,
@@ -258,25 +258,28 @@ def raw_ort_rows(bundle: Path, tensors: np.ndarray, levels: list[int], seconds: 
 
 def ort_call_times(
     model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int
-) -> tuple[list[float], float]:
-    """Seconds of every `model.run(batch)` made back to back by `callers` threads, and the time it took."""
+) -> tuple[list[float], int, float]:
+    """Seconds of every `model.run` made back to back by up to `callers` threads, each on its share of
+    `batch` (so as many images are in flight as the service has at this concurrency); images; time taken."""
+    parts = split_batch(batch, callers)
     for _ in range(5):
-        model.run(batch)
-    times: list[list[float]] = [[] for _ in range(callers)]
+        model.run(parts[0])
+    times: list[list[float]] = [[] for _ in parts]
     start = time.perf_counter()
 
-    def loop(mine: list[float]) -> None:
+    def loop(part: np.ndarray, mine: list[float]) -> None:
         while time.perf_counter() - start < seconds:
             t = time.perf_counter()
-            model.run(batch)
+            model.run(part)
             mine.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=loop, args=(t,)) for t in times]
+    threads = [threading.Thread(target=loop, args=pt) for pt in zip(parts, times, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return [x for t in times for x in t], time.perf_counter() - start
+    images = sum(len(t) * len(part) for t, part in zip(times, parts, strict=True))
+    return [x for t in times for x in t], images, time.perf_counter() - start
 
 
 def http_rows(
