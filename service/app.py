@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from bundle.errors import BundleError
 from service.api.errors import install_error_handlers
+from service.api.hot_routes import HotRoutes
 from service.api.metrics import ServiceMetrics
 from service.api.middleware import RequestContextMiddleware
 from service.api.routes import ROUTERS
@@ -73,5 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
+    # Added first, so it runs inside RequestContextMiddleware (the last added is the outermost).
+    app.add_middleware(HotRoutes, fastapi=app, routers=ROUTERS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_payload_bytes)
     return app
