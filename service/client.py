@@ -26,6 +26,7 @@ from service.api.schemas import (
     IdentityPage,
     ModelInfo,
     ReloadResponse,
+    SnapshotResponse,
     VerifyResponse,
 )
 
@@ -192,6 +193,10 @@ class IdembedClient:
     def reload(self, bundle: str | None = None) -> ReloadResponse:
         return self._call(ReloadResponse, "POST", "/v1/admin/reload", _drop_none({"bundle": bundle}))
 
+    def snapshot(self) -> SnapshotResponse:
+        """Save the gallery index snapshot now (needs IDEMBED_GALLERY_SNAPSHOT_PATH, an hnsw/auto index)."""
+        return self._call(SnapshotResponse, "POST", "/v1/admin/snapshot")
+
     def healthz(self) -> Health:
         return self._call(Health, "GET", "/healthz")
 
@@ -281,6 +286,9 @@ class AsyncIdembedClient:
 
     async def reload(self, bundle: str | None = None) -> ReloadResponse:
         return await self._call(ReloadResponse, "POST", "/v1/admin/reload", _drop_none({"bundle": bundle}))
+
+    async def snapshot(self) -> SnapshotResponse:
+        return await self._call(SnapshotResponse, "POST", "/v1/admin/snapshot")
 
     async def readyz(self) -> Health:
         return await self._call(Health, "GET", "/readyz")

@@ -213,6 +213,11 @@ class ServiceRuntime:
                 manifest = await to_thread.run_sync(save_snapshot, directory, gallery, self._snapshot_cursor)
             except SnapshotError as exc:
                 raise SnapshotFailedError(str(exc)) from exc
+            # The feed only has to reach back to the newest snapshot (and, with a shared store, to replicas
+            # that lag); without pruning it grows by one row per write forever.
+            pruned = 0
+            if isinstance(self._store, ChangeFeedStore):
+                pruned = await to_thread.run_sync(self._store.prune_changes, self.settings.change_feed_keep)
         logger.info(
             "gallery snapshot written",
             extra={
@@ -220,6 +225,7 @@ class ServiceRuntime:
                 "identities": manifest.identities,
                 "cursor": manifest.cursor,
                 "write_s": manifest.write_seconds,
+                "changes_pruned": pruned,
             },
         )
         return manifest

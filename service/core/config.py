@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         "by POST /v1/admin/snapshot, loaded at start-up instead of re-inserting every identity (seconds "
         "instead of minutes at 1M); one that does not fit the store is ignored with a warning (default: off)",
     )
+    change_feed_keep: int = Field(
+        100_000,
+        ge=0,
+        description="change-feed rows kept after each gallery snapshot (older ones are pruned): a replica or "
+        "snapshot further behind than this rebuilds from the store instead of catching up",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line")

@@ -9,6 +9,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -282,6 +283,33 @@ async def test_admin_snapshot_needs_the_api_key_and_writes_the_manifest(
 
 
 @pytest.mark.asyncio
+async def test_a_snapshot_prunes_the_change_feed_to_the_configured_length(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(
+        gallery_index="hnsw", gallery_snapshot_path=tmp_path / "snap", change_feed_keep=2
+    )
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        for i in range(5):
+            body = {"name": f"person-{i}", "embeddings": [[1.0, float(i)] + [0.0] * 14]}
+            r = await c.post("/v1/identities", json=body, headers={"X-API-Key": API_KEY})
+            assert r.status_code == 201, r.text
+        assert (await c.post("/v1/admin/snapshot", headers={"X-API-Key": API_KEY})).status_code == 200
+    with closing(sqlite3.connect(tmp_path / "identities.sqlite3")) as db:
+        assert db.execute("SELECT count(*) FROM identity_changes").fetchone()[0] == 2
+    # The snapshot written on shutdown is still usable: its cursor is the newest change, kept by the prune.
+    reopened = SQLiteIdentityStore(tmp_path / "identities.sqlite3", 16)
+    try:
+        assert open_from(tmp_path / "snap", reopened).replayed == 0
+    finally:
+        reopened.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("overrides", [{}, {"gallery_snapshot_path": "SNAP"}], ids=["unset", "exact-index"])
 async def test_admin_snapshot_without_a_snapshot_to_take_is_409(
     make_settings: Callable[..., Settings], tmp_path: Path, overrides: dict[str, str]
@@ -308,6 +336,8 @@ def test_graceful_shutdown_writes_the_snapshot_and_the_next_start_loads_it(
         with IdembedClient(server.url, api_key=API_KEY) as c:
             for i in range(4):
                 c.enroll(f"person-{i}", images=[tiny.png(i)])
+            written = c.snapshot()  # on demand, through the typed client
+            assert written.identities == 4 and written.index_kind == "hnsw"
     finally:
         server.stop()
     assert json.loads((folder / MANIFEST_NAME).read_text())["identities"] == 4
