@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,9 @@ class RuntimeOptions:
     # The last warm-up call runs a batch this large, so onnxruntime's memory arena is sized for the largest
     # batch before the first request: memory is flat from start-up, and no early request pays the growth.
     warmup_batch_size: int = 2
+    # Calls that will run at once (inference workers): each holds its own activations, so the largest batch
+    # is also run this many times concurrently during warm-up.
+    warmup_concurrency: int = 1
 
 
 def _dim_ok(declared: object, expected: int | None) -> bool:
@@ -61,7 +65,9 @@ class EmbeddingModel:
         self.output_name = self.manifest.embedding.output_name
         self.dim = self.manifest.embedding.dim
         self.input_shape = self.manifest.input.shape(None)[1:]
-        self.warmup_ms = self._warm_up(model_path, max(2, options.warmup_batch_size))
+        self.warmup_ms = self._warm_up(
+            model_path, max(2, options.warmup_batch_size), options.warmup_concurrency
+        )
 
     @classmethod
     def load(cls, path: Path | str, options: RuntimeOptions | None = None) -> EmbeddingModel:
@@ -106,21 +112,29 @@ class EmbeddingModel:
                 model_path, f"output {out_name!r} has shape {out_shape}; manifest says [N, {dim}]"
             )
 
-    def _warm_up(self, model_path: Path, largest: int) -> float:
+    def _warm_up(self, model_path: Path, largest: int, concurrency: int = 1) -> float:
         # Two different batch sizes at least: the first call allocates, the others prove the batch axis is
-        # dynamic; the largest sizes the memory arena.
+        # dynamic; the largest sizes the memory arena, once per call that can run at the same time.
         start = time.perf_counter()
-        for n in (1, largest):
-            probe = np.zeros((n, *self.input_shape), dtype=np.float32)
-            try:
-                out = self.session.run([self.output_name], {self.input_name: probe})[0]
-            except Exception as exc:
-                raise BundleError(model_path, f"warm-up inference with batch {n} failed: {exc}") from exc
-            if out.shape != (n, self.dim):
-                raise BundleError(
-                    model_path, f"warm-up with batch {n} gave shape {out.shape}, expected ({n}, {self.dim})"
-                )
+        self._probe(model_path, 1)
+        if concurrency <= 1:
+            self._probe(model_path, largest)
+        else:
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                for done in [pool.submit(self._probe, model_path, largest) for _ in range(concurrency)]:
+                    done.result()
         return (time.perf_counter() - start) * 1000.0
+
+    def _probe(self, model_path: Path, n: int) -> None:
+        probe = np.zeros((n, *self.input_shape), dtype=np.float32)
+        try:
+            out = self.session.run([self.output_name], {self.input_name: probe})[0]
+        except Exception as exc:
+            raise BundleError(model_path, f"warm-up inference with batch {n} failed: {exc}") from exc
+        if out.shape != (n, self.dim):
+            raise BundleError(
+                model_path, f"warm-up with batch {n} gave shape {out.shape}, expected ({n}, {self.dim})"
+            )
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """One onnxruntime call on a float32 batch: the raw (unnormalised) features."""

@@ -107,6 +107,7 @@ class ServiceRuntime:
             s.ort_inter_op_threads,
             s.ort_allow_spinning,
             warmup_batch_size=s.max_batch_size,
+            warmup_concurrency=s.inference_workers,
         )
         model = EmbeddingModel.load(path, options)
         engine = BatchingEngine(

@@ -112,3 +112,7 @@ def test_warm_up_runs_the_largest_batch_so_memory_is_sized_before_requests(
     seen.clear()
     EmbeddingModel.load(tiny.path)  # default: still two batch sizes, proving the batch axis is dynamic
     assert seen == [1, 2]
+    seen.clear()
+    # Several inference workers each hold their own activations: the full batch runs once per worker.
+    EmbeddingModel.load(tiny.path, RuntimeOptions(warmup_batch_size=8, warmup_concurrency=3))
+    assert seen == [1, 8, 8, 8]
