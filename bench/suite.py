@@ -3,6 +3,7 @@
     python bench/suite.py                                   # everything (1M graph build takes minutes once)
     python bench/suite.py --quick                           # 10k/100k, short load phases (~3 min)
     python bench/suite.py --triton-python .venv-triton/bin/python --memory-requests 100000
+    python bench/suite.py --face-bundle bench/results/bundles/facecnn-112-l   # also serve a face-sized model
 
 Prints one table per part and writes bench/results/suite.json (plus the parts' own JSON files). Every figure
 is measured in this run on this machine; the targets are checked as ratios of numbers from the same run.
@@ -61,8 +62,8 @@ def check_targets(result: dict[str, object]) -> list[str]:
                 f"identify {largest:,}: best recall@1 {top['recall_at_1']:.3f} ({top['params']}) "
                 "-> MISSED (>= 0.99)"
             )
-    serve = result.get("serve")
-    if isinstance(serve, dict):
+    for serve in result.get("serve", []):  # type: ignore[union-attr]
+        name = Path(serve["bundle"]).name
         by = {(r["target"], r["concurrency"]): r["images_per_s"] for r in serve["load"]}
         c = max(r["concurrency"] for r in serve["load"])
         svc, ort, tri = (
@@ -70,21 +71,23 @@ def check_targets(result: dict[str, object]) -> list[str]:
         )
         if svc and ort:
             lines.append(
-                f"embed c={c}: service/raw ORT {svc / ort:.2f}x -> "
+                f"[{name}] embed c={c}: service/raw ORT {svc / ort:.2f}x -> "
                 f"{'met' if svc / ort >= 0.85 else 'MISSED'} (>= 0.85)"
             )
         if svc and tri:
             lines.append(
-                f"embed c={c}: service/Triton {svc / tri:.2f}x -> "
+                f"[{name}] embed c={c}: service/Triton {svc / tri:.2f}x -> "
                 f"{'met' if svc / tri >= 1.0 else 'MISSED'} (>= 1.0)"
             )
         growth = serve["rss_growth_pct"]
         lines.append(
-            f"memory: {growth:+.1f} % after {serve['requests_for_memory']:,} requests -> "
+            f"[{name}] memory: {growth:+.1f} % after {serve['requests_for_memory']:,} requests -> "
             f"{'met' if growth <= 5 else 'MISSED'} (<= 5 %)"
         )
         cold = sorted(serve["cold_start_s"])[len(serve["cold_start_s"]) // 2]
-        lines.append(f"cold start: median {cold:.2f} s -> {'met' if cold <= 2.0 else 'MISSED'} (<= 2 s)")
+        lines.append(
+            f"[{name}] cold start: median {cold:.2f} s -> {'met' if cold <= 2.0 else 'MISSED'} (<= 2 s)"
+        )
     return lines
 
 
@@ -102,6 +105,12 @@ def main() -> None:
         help="cosine below which a weak HNSW match is searched again with a wide beam ('' skips those rows)",
     )
     p.add_argument("--pg-size", type=int, default=100_000, help="gallery size for the PostgreSQL comparison")
+    p.add_argument(
+        "--face-bundle",
+        type=Path,
+        help="also serve this (face-sized) bundle, with one inference worker per core "
+        "(e.g. bench/results/bundles/facecnn-112-l, made by bench/face_bundle.py)",
+    )
     p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve")
     p.add_argument("--json", type=Path, default=RESULTS / "suite.json")
     args = p.parse_args()
@@ -113,6 +122,8 @@ def main() -> None:
         args.seconds, args.memory_requests, args.profile_seconds = 3.0, 2_000, 5.0
     if "serve" not in skip:
         serve_bench.check_args(p, args)
+        if args.face_bundle is not None and not (args.face_bundle / "manifest.json").is_file():
+            p.error(f"--face-bundle {args.face_bundle}: no manifest.json (make it with bench/face_bundle.py)")
 
     result: dict[str, object] = {
         "machine": machine(),
@@ -140,9 +151,18 @@ def main() -> None:
         result["pg"] = [asdict(r) for r in pg_rows]
     if "serve" not in skip:
         print("\n== serving: /v1/embed vs raw onnxruntime vs Triton ==", flush=True)
-        report = serve_bench.run(args)
-        serve_bench.print_report(report)
-        result["serve"] = asdict(report)
+        runs = [(args.bundle, list(args.server_env))]
+        if args.face_bundle is not None:
+            workers = f"IDEMBED_INFERENCE_WORKERS={len(os.sched_getaffinity(0))}"
+            runs.append((args.face_bundle, [*args.server_env, workers]))
+        result["serve"] = []
+        for bundle, server_env in runs:
+            print(f"-- {bundle} {' '.join(server_env)}", flush=True)
+            report = serve_bench.run(
+                argparse.Namespace(**{**vars(args), "bundle": bundle, "server_env": server_env})
+            )
+            serve_bench.print_report(report)
+            result["serve"].append({"bundle": str(bundle), "server_env": server_env, **asdict(report)})
     result["machine"]["load_average_at_end"] = os.getloadavg()  # type: ignore[index]
     result["targets"] = check_targets(result)
     print("\n== targets ==")
