@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,23 +71,34 @@ def sample_pngs(model: EmbeddingModel, count: int, seed: int) -> list[bytes]:
 def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int = 1) -> float:
     """Images/s of back-to-back session.run calls on `batch`, split among `callers` threads: the same number
     of images in flight as one call on the whole batch, as the service has at that concurrency."""
+    _, images, elapsed = ort_call_times(model.run_raw, batch, seconds, callers)
+    return images / elapsed
+
+
+def ort_call_times(
+    run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, seconds: float, callers: int
+) -> tuple[list[float], int, float]:
+    """Seconds of every `run` made back to back for `seconds` by up to `callers` threads, each on its share
+    of `batch` (so as many images are in flight as in one call on all of it); images done; time taken."""
     parts = split_batch(batch, callers)
     for _ in range(5):
-        model.run_raw(parts[0])
-    counts = [0] * len(parts)
+        run(parts[0])
+    times: list[list[float]] = [[] for _ in parts]
     start = time.perf_counter()
 
-    def loop(i: int) -> None:
+    def loop(part: np.ndarray, mine: list[float]) -> None:
         while time.perf_counter() - start < seconds:
-            model.run_raw(parts[i])
-            counts[i] += len(parts[i])
+            t = time.perf_counter()
+            run(part)
+            mine.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(parts))]
+    threads = [threading.Thread(target=loop, args=pt) for pt in zip(parts, times, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    images = sum(len(t) * len(part) for t, part in zip(times, parts, strict=True))
+    return [x for t in times for x in t], images, time.perf_counter() - start
 
 
 def split_batch(batch: np.ndarray, callers: int) -> list[np.ndarray]:
@@ -104,6 +116,25 @@ def ort_latency(model: EmbeddingModel, one: np.ndarray, n: int) -> list[float]:
         model.run_raw(one)
         times.append(time.perf_counter() - t)
     return times
+
+
+def server_setting(item: str) -> tuple[str, str]:
+    """argparse type of `--server-env`: `IDEMBED_NAME=VALUE` -> (name, value)."""
+    name, sep, value = item.partition("=")
+    if not sep or not name.startswith("IDEMBED_"):
+        raise argparse.ArgumentTypeError(f"{item!r}: expected IDEMBED_NAME=VALUE")
+    return name, value
+
+
+def add_server_env_argument(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--server-env",
+        type=server_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"extra service setting, e.g. {example} (repeatable)",
+    )
 
 
 def free_port() -> int:
@@ -130,7 +161,7 @@ def start_server(
         }
     )
     env.update(settings or {})
-    env.update(dict(item.split("=", 1) for item in args.server_env))
+    env.update(args.server_env)
     # Logs go to a file: a pipe nobody reads would fill up and block the server mid-benchmark.
     log = tmp / "server.log"
     with log.open("wb") as out:
@@ -570,13 +601,7 @@ def main() -> None:
         default=[1, CORES],
         help="IDEMBED_INFERENCE_WORKERS of each server configuration to bench (default: 1 and one per core)",
     )
-    p.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra server setting, e.g. IDEMBED_ORT_ALLOW_SPINNING=true (repeatable)",
-    )
+    add_server_env_argument(p, "IDEMBED_ORT_ALLOW_SPINNING=true")
     p.add_argument(
         "--wrk", action="store_true", help="also drive 1 image/request with wrk (must be on PATH) as a check"
     )

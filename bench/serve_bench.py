@@ -25,13 +25,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from embed_bench import RAW_CONFIGS, Connection, embed_request, free_port, sample_pngs, split_batch
+from embed_bench import (
+    RAW_CONFIGS,
+    Connection,
+    add_server_env_argument,
+    embed_request,
+    free_port,
+    ort_call_times,
+    sample_pngs,
+)
 from identify_bench import int_list
 from PIL import Image
 
@@ -86,7 +93,7 @@ def server_env(args: argparse.Namespace, port: int, store: Path) -> dict[str, st
             "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
         }
     )
-    env.update(dict(item.split("=", 1) for item in args.server_env))
+    env.update(args.server_env)
     return env
 
 
@@ -239,7 +246,7 @@ def raw_ort_rows(bundle: Path, tensors: np.ndarray, levels: list[int], seconds: 
         batch = tensors[:c]
         best: LoadRow | None = None
         for name, (model, callers) in models.items():
-            lat, images, elapsed = ort_call_times(model, batch, seconds / len(models), callers)
+            lat, images, elapsed = ort_call_times(model.run, batch, seconds / len(models), callers)
             row = LoadRow(
                 "onnxruntime in-process",
                 c,
@@ -254,32 +261,6 @@ def raw_ort_rows(bundle: Path, tensors: np.ndarray, levels: list[int], seconds: 
         assert best is not None
         rows.append(best)
     return rows
-
-
-def ort_call_times(
-    model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int
-) -> tuple[list[float], int, float]:
-    """Seconds of every `model.run` made back to back by up to `callers` threads, each on its share of
-    `batch` (so as many images are in flight as the service has at this concurrency); images; time taken."""
-    parts = split_batch(batch, callers)
-    for _ in range(5):
-        model.run(parts[0])
-    times: list[list[float]] = [[] for _ in parts]
-    start = time.perf_counter()
-
-    def loop(part: np.ndarray, mine: list[float]) -> None:
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            model.run(part)
-            mine.append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=loop, args=pt) for pt in zip(parts, times, strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    images = sum(len(t) * len(part) for t, part in zip(times, parts, strict=True))
-    return [x for t in times for x in t], images, time.perf_counter() - start
 
 
 def http_rows(
@@ -435,13 +416,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch-size", type=int, default=32, help="batch limit of both servers (Triton: dynamic batcher)"
     )
-    p.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra service setting, e.g. IDEMBED_INFERENCE_WORKERS=2 (repeatable)",
-    )
+    add_server_env_argument(p, "IDEMBED_INFERENCE_WORKERS=2")
     p.add_argument("--profile-seconds", type=float, default=10.0, help="py-spy sampling time (0: no profile)")
     p.add_argument(
         "--triton-python",
@@ -458,10 +433,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--bundle {args.bundle}: no manifest.json (train and export a bundle first)")
     if args.seconds <= 0 or args.cold_starts < 1 or args.memory_requests < 1:
         p.error("--seconds must be > 0, --cold-starts and --memory-requests >= 1")
-    for item in args.server_env:
-        name, sep, _ = item.partition("=")
-        if not sep or not name.startswith("IDEMBED_"):
-            p.error(f"--server-env {item!r}: expected IDEMBED_NAME=VALUE")
 
 
 def main() -> None:

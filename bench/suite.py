@@ -153,16 +153,17 @@ def main() -> None:
         print("\n== serving: /v1/embed vs raw onnxruntime vs Triton ==", flush=True)
         runs = [(args.bundle, list(args.server_env))]
         if args.face_bundle is not None:
-            workers = f"IDEMBED_INFERENCE_WORKERS={len(os.sched_getaffinity(0))}"
+            workers = ("IDEMBED_INFERENCE_WORKERS", str(len(os.sched_getaffinity(0))))
             runs.append((args.face_bundle, [*args.server_env, workers]))
         result["serve"] = []
         for bundle, server_env in runs:
-            print(f"-- {bundle} {' '.join(server_env)}", flush=True)
+            print(f"-- {bundle} {' '.join(f'{k}={v}' for k, v in server_env)}", flush=True)
             report = serve_bench.run(
                 argparse.Namespace(**{**vars(args), "bundle": bundle, "server_env": server_env})
             )
             serve_bench.print_report(report)
-            result["serve"].append({"bundle": str(bundle), "server_env": server_env, **asdict(report)})
+            settings = dict(server_env)
+            result["serve"].append({"bundle": str(bundle), "server_env": settings, **asdict(report)})
     result["machine"]["load_average_at_end"] = os.getloadavg()  # type: ignore[index]
     result["targets"] = check_targets(result)
     print("\n== targets ==")
