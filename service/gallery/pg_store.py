@@ -272,11 +272,7 @@ class PostgresIdentityStore:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM identities WHERE key = ANY(%s)", (touched,)
             ).fetchall()
-        # The current row decides, whatever the op sequence was: present -> upsert, absent -> delete.
-        upserts = [self._record(r) for r in rows]
-        present = {r.key for r in upserts}
-        deleted = [k for k in touched if k not in present]
-        return ChangeBatch(int(changes[-1][0]), upserts, deleted)
+        return ChangeBatch.net(cursor, changes, [self._record(r) for r in rows])
 
     def prune_changes(self, keep_last: int = 100_000) -> int:
         """Drop all but the newest `keep_last` change rows; returns how many were dropped.

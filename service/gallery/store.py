@@ -112,6 +112,16 @@ class ChangeBatch:
     upserts: list[EnrolledIdentity]
     deleted: list[int]
 
+    @classmethod
+    def net(cls, cursor: int, changes: list[tuple[int, int]], current: list[EnrolledIdentity]) -> ChangeBatch:
+        """From change rows `(seq, key)` after `cursor` and the current records of their keys: the current row
+        decides, whatever the op sequence was (present -> upsert, absent -> delete)."""
+        if not changes:
+            return cls(cursor, [], [])
+        present = {r.key for r in current}
+        touched = sorted({int(key) for _, key in changes})
+        return cls(int(changes[-1][0]), current, [k for k in touched if k not in present])
+
 
 @runtime_checkable
 class ChangeFeedStore(Protocol):
@@ -387,12 +397,7 @@ class SQLiteIdentityStore:
                 ).fetchall()
             finally:
                 self._db.execute("COMMIT")
-        if not changes:
-            return ChangeBatch(cursor, [], [])
-        # The current row decides, whatever the op sequence was: present -> upsert, absent -> delete.
-        upserts = [self._row(r) for r in rows]
-        present = {r.key for r in upserts}
-        return ChangeBatch(int(changes[-1][0]), upserts, [k for k in touched if k not in present])
+        return ChangeBatch.net(cursor, changes, [self._row(r) for r in rows])
 
     def prune_changes(self, keep_last: int = 100_000) -> int:
         """Drop all but the newest `keep_last` change rows; returns how many were dropped.
