@@ -135,24 +135,31 @@ def _draw_unique(
     rng: np.random.Generator,
     draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    # Keys encode an unordered pair (lo, hi) as one int64, so repeats across draws are found with np.isin.
-    seen_a: list[np.ndarray] = []
-    seen_b: list[np.ndarray] = []
+    """The first `count` distinct unordered pairs, in the order `draw` produced them.
+
+    `draw` yields i.i.d. pairs uniform over the pairs of one kind, so its first `count` distinct pairs are a
+    uniform random sample without replacement. Order matters: an earlier version kept the `count` smallest
+    keys after `np.unique` (which sorts), i.e. the lowest-index pairs, so a few identities filled the sample.
+    """
+    kept_a: list[np.ndarray] = []
+    kept_b: list[np.ndarray] = []
     have = 0
+    # Keys encode an unordered pair (lo, hi) as one int64, so repeats across draws are found with np.isin.
     key_set: np.ndarray = np.empty(0, dtype=np.int64)
     while have < count:
         a, b = draw(max(1024, 2 * (count - have)))
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         keys = lo.astype(np.int64) * (1 << 31) + hi
-        keys, first = np.unique(keys, return_index=True)
-        fresh = ~np.isin(keys, key_set)
-        keys, first = keys[fresh], first[fresh]
-        key_set = np.concatenate([key_set, keys])
-        seen_a.append(lo[first])
-        seen_b.append(hi[first])
-        have += len(first)
-    a = np.concatenate(seen_a)[:count]
-    b = np.concatenate(seen_b)[:count]
+        _, first = np.unique(keys, return_index=True)
+        first = np.sort(first)  # back to draw order: the first occurrence of each key, as drawn
+        fresh = first[~np.isin(keys[first], key_set)]
+        fresh = fresh[: count - have]
+        key_set = np.concatenate([key_set, keys[fresh]])
+        kept_a.append(lo[fresh])
+        kept_b.append(hi[fresh])
+        have += len(fresh)
+    a = np.concatenate(kept_a)
+    b = np.concatenate(kept_b)
     order = rng.permutation(len(a))
     return a[order], b[order]
 

@@ -180,6 +180,52 @@ def test_sampled_pairs_are_distinct_seeded_and_of_the_requested_kind():
     assert np.all(p1.idx_a != p1.idx_b)
 
 
+def _lower_side_counts(labels: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+    return np.bincount(labels[np.minimum(idx_a, idx_b)], minlength=labels.max() + 1)
+
+
+def test_sampled_impostor_pairs_are_uniform_over_all_impostor_pairs():
+    # 50 identities x 40 images (1.96M impostor pairs), 20k sampled. Under a uniform sample the identity of a
+    # pair's lower index follows the share of impostor pairs whose lower index lies in that identity:
+    # for sample i, the later samples of other identities. The earlier sampler kept the lowest keys
+    # (np.unique sorts), so almost every lower index was a low one and most identities never appeared there.
+    from scipy.stats import chisquare
+
+    labels = np.repeat(np.arange(50), 40)
+    pairs = make_pairs(labels, max_genuine=10, max_impostor=20_000, seed=1)
+    imp = ~pairs.same
+    observed = _lower_side_counts(labels, pairs.idx_a[imp], pairs.idx_b[imp])
+    n = len(labels)
+    later_other = np.array([np.sum(labels[i + 1 :] != labels[i]) for i in range(n)], dtype=np.float64)
+    expected_share = np.bincount(labels, weights=later_other) / later_other.sum()
+    # The last identity can never be the lower side (all its impostor partners come before it).
+    assert np.all(observed[:-1] > 0), "every other identity appears on the lower-index side"
+    assert chisquare(observed[:-1], expected_share[:-1] * observed.sum()).pvalue > 1e-3
+    # Both sides together: each identity's share of impostor pairs is equal here (same size), 2 x 1/50.
+    both = np.bincount(labels[pairs.idx_a[imp]], minlength=50) + np.bincount(
+        labels[pairs.idx_b[imp]], minlength=50
+    )
+    assert chisquare(both).pvalue > 1e-3
+
+
+def test_sampled_genuine_pairs_represent_every_identity_in_proportion_to_its_pairs():
+    # 3 identities x 700 images (733k genuine pairs), 30k sampled: ~10k each. The earlier sampler gave
+    # roughly [20k, 10k, 0] (lowest keys first).
+    from scipy.stats import chisquare
+
+    labels = np.repeat(np.arange(3), 700)
+    pairs = make_pairs(labels, max_genuine=30_000, max_impostor=10, seed=2)
+    per_class = np.bincount(labels[pairs.idx_a[pairs.same]], minlength=3)
+    assert per_class.sum() == 30_000
+    assert chisquare(per_class).pvalue > 1e-3
+    # Unequal identities: pairs in proportion to n_c (n_c - 1) / 2, not to n_c.
+    labels = np.repeat(np.arange(3), [100, 200, 400])
+    pairs = make_pairs(labels, max_genuine=20_000, max_impostor=10, seed=3)
+    per_class = np.bincount(labels[pairs.idx_a[pairs.same]], minlength=3)
+    weights = np.array([100 * 99, 200 * 199, 400 * 399]) / 2
+    assert chisquare(per_class, weights / weights.sum() * per_class.sum()).pvalue > 1e-3
+
+
 def test_make_pairs_rejects_a_split_without_impostors():
     with pytest.raises(ValueError, match="no impostor pairs"):
         make_pairs([1, 1, 1])
