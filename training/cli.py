@@ -227,7 +227,37 @@ _TargetFar = Annotated[
 ]
 
 
-def _settings(max_genuine: int, max_impostor: int, folds: int, min_errors: int, trials: int, seed: int):
+_CalibrationFraction = Annotated[
+    float,
+    typer.Option(
+        help="share of the held-out identities that choose the thresholds; the rest measure them "
+        "(0 = no out-of-sample calibration; export then refuses)"
+    ),
+]
+_Ways = Annotated[int, typer.Option(help="N of the N-way K-shot episodes among held-out identities")]
+_Shots = Annotated[int, typer.Option(help="K of the N-way K-shot episodes (support samples per identity)")]
+_Episodes = Annotated[int, typer.Option(help="number of seeded episodes (0 = skip them)")]
+_WithinGroup = Annotated[
+    bool,
+    typer.Option(
+        help="draw each episode's identities from one group (e.g. one alphabet) when the data has them"
+    ),
+]
+
+
+def _settings(
+    max_genuine: int,
+    max_impostor: int,
+    folds: int,
+    min_errors: int,
+    trials: int,
+    seed: int,
+    calibration_fraction: float,
+    ways: int,
+    shots: int,
+    episodes: int,
+    within_group: bool,
+):
     from training.evaluate import EvaluationSettings
 
     return EvaluationSettings(
@@ -236,6 +266,11 @@ def _settings(max_genuine: int, max_impostor: int, folds: int, min_errors: int, 
         folds=folds,
         min_errors=min_errors,
         ident_trials=trials,
+        calibration_fraction=calibration_fraction,
+        episode_ways=ways,
+        episode_shots=shots,
+        episodes=episodes,
+        episode_within_group=within_group,
         seed=seed,
     )
 
@@ -264,6 +299,11 @@ def evaluate(
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """Open-set metrics of a run on its held-out identities, beside softmax-only and PCA baselines."""
     from training.pipeline import compare, ensure_run, markdown_table, roc_title, softmax_twin, twin_dir
@@ -271,7 +311,19 @@ def evaluate(
     from training.run import load_run
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         trained = load_run(run)
         baseline = None
         if softmax and trained.config.center_lambda > 0:
@@ -310,13 +362,30 @@ def export(
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
     from training.pipeline import compare, export_run, twin_dir
     from training.run import load_run
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         trained = load_run(run)
         twin = softmax_run or twin_dir(run)
         has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
@@ -365,13 +434,30 @@ def build_bundle(
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """ONE seeded command: train softmax + center and its softmax twin, compare with PCA, calibrate, export"""
     from training.pipeline import build_bundle as run_build
     from training.pipeline import markdown_table
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         config = RunConfig.from_options(
             dataset=dataset,
             image_size=image_size,

@@ -26,7 +26,7 @@ from training.evaluate import (
     DEFAULT_TARGET_FAR,
     EvaluationSettings,
     OpenSetEvaluation,
-    calibrate_threshold,
+    calibrate_out_of_sample,
     evaluate_embeddings,
     measure_at,
 )
@@ -97,6 +97,21 @@ class Comparison:
     def main(self) -> OpenSetEvaluation:
         return next(iter(self.evaluations.values()))
 
+    def protocol(self) -> str:
+        """One sentence saying which identities every number is measured on."""
+        shown = ", ".join(self.heldout_classes[:12]) + (" ..." if len(self.heldout_classes) > 12 else "")
+        text = (
+            f"pairs on {len(self.heldout_classes)} identities unseen in training ({shown}), "
+            f"seed {self.settings.seed}"
+        )
+        split = self.main.split
+        if split.has_calibration:
+            text += (
+                f"; thresholds chosen on {len(split.calibration_classes)} of them (calibration identities) "
+                f"and measured on the other {len(split.test_classes)} (test identities)"
+            )
+        return text
+
     def eer_ratio(self) -> float | None:
         """EER of softmax + center divided by EER of softmax-only (goal: <= 0.7)."""
         if CENTER not in self.evaluations or SOFTMAX not in self.evaluations:
@@ -122,10 +137,7 @@ class Comparison:
     def manifest_evaluation(self) -> dict[str, Any]:
         """The manifest's `evaluation`: the bundled model's numbers at top level, baselines nested."""
         out: dict[str, Any] = {
-            "protocol": (
-                f"pairs on {len(self.heldout_classes)} identities unseen in training "
-                f"({', '.join(self.heldout_classes)}), seed {self.settings.seed}"
-            ),
+            "protocol": self.protocol(),
             # The knobs that reproduce these numbers (`check_bundle` re-measures with them).
             "protocol_settings": {
                 k: v for k, v in self.settings.as_dict().items() if isinstance(v, int | float | str)
@@ -200,10 +212,8 @@ def compare(
 
 
 def calibrate(evaluation: OpenSetEvaluation, target_far: float, min_errors: int) -> Thresholds:
-    """Thresholds of the manifest from the model's own held-out pairs."""
-    return calibrate_threshold(
-        evaluation.scores, evaluation.pairs.same, target_far=target_far, min_errors=min_errors
-    )
+    """The manifest thresholds: chosen on held-out calibration identities, measured on the test ones."""
+    return calibrate_out_of_sample(evaluation, target_far=target_far, min_errors=min_errors)
 
 
 # RunConfig fields the TrainingRecipe already carries (under these or its own names).
@@ -460,10 +470,19 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
         for key in ("eer", "roc_auc", "kfold_accuracy_mean", "tar_at_far_1e-02")
         if isinstance(m.evaluation.get(key), int | float) and isinstance(measured.get(key), int | float)
     ]
+    if ev.calibration_scores is not None and ev.calibration_pairs is not None:
+        cal_scores, cal_same = ev.calibration_scores, ev.calibration_pairs.same
+    else:  # a bundle calibrated before out-of-sample calibration existed: on all held-out pairs
+        cal_scores, cal_same = ev.scores, ev.pairs.same
     for name, point in (
         ("threshold_default", m.thresholds.at_target_far),
         ("threshold_eer", m.thresholds.eer),
     ):
-        got = measure_at(ev.scores, ev.pairs.same, point.threshold)
+        got = measure_at(cal_scores, cal_same, point.threshold)
         rows += [(f"{name}.far", point.far, got.far), (f"{name}.tar", point.tar, got.tar)]
+    oos = m.thresholds.out_of_sample
+    if oos is not None and ev.test_scores is not None and ev.test_pairs is not None:
+        for name, checked in (("test_default", oos.at_default), ("test_eer", oos.at_eer)):
+            got = measure_at(ev.test_scores, ev.test_pairs.same, checked.threshold)
+            rows += [(f"{name}.far", checked.far, got.far), (f"{name}.tar", checked.tar, got.tar)]
     return BundleCheck(rows, tolerance)
