@@ -62,12 +62,12 @@ def train(
         float, typer.Option("--lambda", help="center-loss weight; 0 = softmax only (centers still tracked)")
     ] = 0.01,
     alpha: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa "
-            "(centers move by 1 - alfa)"
+            help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa (centers move by "
+            "1 - alfa per example) \\[default: the rule's own: paper 0.5, facenet 0.95]"
         ),
-    ] = 0.5,
+    ] = None,
     rule: Annotated[
         str,
         typer.Option(
@@ -416,7 +416,10 @@ def build_bundle(
     heldout_classes: Annotated[str, typer.Option(help="identities never trained on")] = "7,8,9",
     epochs: Annotated[int, typer.Option(help="epochs of each of the two runs")] = 20,
     center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight (> 0)")] = 0.1,
-    alpha: Annotated[float, typer.Option(help="center update rate")] = 0.5,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="center update rate \\[default: the rule's own: paper 0.5, facenet 0.95]"),
+    ] = None,
     rule: Annotated[str, typer.Option(help="center update rule: paper | facenet | gradient")] = "paper",
     feature_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
     width: Annotated[int, typer.Option(help="filters of the first LeNet++ stage")] = 8,
