@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from training.baselines import DEFAULT_PCA_COMPONENTS
 from training.config import ConfigError, RunConfig
 from training.data import DataError
 from training.run import RunError, RunPaths
@@ -290,7 +292,7 @@ def evaluate(
         typer.Option(help="softmax-only baseline run [default: <RUN>-softmax, trained if absent]"),
     ] = None,
     softmax: Annotated[bool, typer.Option(help="include the softmax-only baseline")] = True,
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     json_out: Annotated[Path | None, typer.Option("--json", help="[default: <RUN>/evaluation.json]")] = None,
     roc: Annotated[Path | None, typer.Option(help="ROC curve PNG [default: <RUN>/roc.png]")] = None,
     max_genuine: _MaxGenuine = 50_000,
@@ -328,8 +330,19 @@ def evaluate(
         baseline = None
         if softmax and trained.config.center_lambda > 0:
             twin = softmax_run or twin_dir(run)
-            if softmax_run is None:
+            if softmax_run is None and not RunPaths(twin).embedding.is_file():
+                took = json.loads(RunPaths(run).summary.read_text()).get("seconds", "?")
+                typer.echo(
+                    f"training the lambda-0 twin of {run} in {twin} (same options, center loss off): the "
+                    f"baseline of the EER ratio; about as long as the run took ({took} s). "
+                    "--no-softmax skips it, --softmax-run DIR reuses one.",
+                    err=True,
+                )
+                started = time.perf_counter()
                 ensure_run(softmax_twin(trained.config), twin)
+                typer.echo(f"twin trained in {time.perf_counter() - started:.0f} s", err=True)
+            elif softmax_run is None:
+                typer.echo(f"reusing the finished lambda-0 twin in {twin}", err=True)
             baseline = load_run(twin)
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
     except _pipeline_errors() as exc:
@@ -355,7 +368,7 @@ def export(
     name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed",
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
     tolerance: Annotated[float, typer.Option(help="max |Keras - ONNX| allowed by the parity check")] = 1e-4,
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     max_genuine: _MaxGenuine = 50_000,
     max_impostor: _MaxImpostor = 200_000,
     folds: _Folds = 10,
@@ -430,7 +443,7 @@ def build_bundle(
     target_far: _TargetFar = 1e-3,
     name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed-digits",
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     max_genuine: _MaxGenuine = 50_000,
     max_impostor: _MaxImpostor = 200_000,
     folds: _Folds = 10,

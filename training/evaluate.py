@@ -775,7 +775,8 @@ def episode_report(
     else:
         if len(eligible) < ways:
             raise ValueError(
-                f"{len(eligible)} identities have {shots + queries} samples; {ways}-way episodes need {ways}"
+                f"{ways}-way episodes need {ways} identities with >= {shots + queries} samples; "
+                f"there are {len(eligible)}"
             )
         pools = {"": eligible}
     names = sorted(pools)

@@ -19,7 +19,7 @@ import numpy as np
 
 from bundle.files import load_bundle
 from bundle.manifest import BundleManifest, Thresholds, TrainingRecipe
-from training.baselines import PixelPCAEmbedder
+from training.baselines import DEFAULT_PCA_COMPONENTS, PixelPCAEmbedder
 from training.config import RunConfig
 from training.data import Splits, build_splits
 from training.evaluate import (
@@ -37,6 +37,13 @@ from training.trainer import train
 
 CENTER = "softmax+center"
 SOFTMAX = "softmax"
+
+
+def run_label(config: RunConfig) -> str:
+    """How reports name a run: its head, and `+center` when the center loss is on (`arcface+center`)."""
+    return f"{config.head}+center" if config.center_lambda > 0 else config.head
+
+
 PCA = "pca-pixels"
 EMBED_BATCH = 512
 # The parity check runs on this many real held-out images (the whole held-out set when smaller).
@@ -87,7 +94,11 @@ class Comparison:
     train_classes: list[str]
     heldout_classes: list[str]
     settings: EvaluationSettings
-    evaluations: dict[str, OpenSetEvaluation]  # CENTER first, then the baselines that were run
+    evaluations: dict[str, OpenSetEvaluation]  # the run first, then the baselines that were run
+    # name of the lambda-0 twin among `evaluations` (its head alone, e.g. "softmax" or "arcface"), if run
+    twin: str | None = None
+    # every network's head and center-loss weight, by name, so a report says exactly what each row is
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     # The same protocol on validation images of the TRAINING identities: shows what the loss does where it
     # was trained, next to how much of it carries over to unseen identities.
@@ -114,13 +125,13 @@ class Comparison:
 
     def eer_ratio(self) -> float | None:
         """EER of softmax + center divided by EER of softmax-only (goal: <= 0.7)."""
-        if CENTER not in self.evaluations or SOFTMAX not in self.evaluations:
+        if self.twin is None or self.twin not in self.evaluations:
             return None
-        soft = self.evaluations[SOFTMAX].verification.eer
-        return self.evaluations[CENTER].verification.eer / soft if soft > 0 else None
+        soft = self.evaluations[self.twin].verification.eer
+        return self.main.verification.eer / soft if soft > 0 else None
 
     def rows(self) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in self.evaluations.values()]
+        return [{**e.as_dict(), **self.recipes.get(name, {})} for name, e in self.evaluations.items()]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,7 +178,7 @@ def compare(
     *,
     softmax: TrainedRun | None,
     settings: EvaluationSettings,
-    pca_components: int | None = 32,
+    pca_components: int | None = DEFAULT_PCA_COMPONENTS,
     splits: Splits | None = None,
 ) -> Comparison:
     """Score the run, its softmax-only twin (if given) and PCA on pixels (if `pca_components`) on the held-out
@@ -183,9 +194,13 @@ def compare(
     labels = splits.y_heldout
     evaluations: dict[str, OpenSetEvaluation] = {}
     seconds: dict[str, float] = {}
-    embedders: list[tuple[str, Any]] = [(CENTER if run.config.center_lambda > 0 else SOFTMAX, run.embedding)]
+    embedders: list[tuple[str, Any]] = [(run_label(run.config), run.embedding)]
+    recipes = {run_label(run.config): {"head": run.config.head, "lambda": run.config.center_lambda}}
+    twin = None
     if softmax is not None:
-        embedders.append((SOFTMAX, softmax.embedding))
+        twin = run_label(softmax.config)
+        embedders.append((twin, softmax.embedding))
+        recipes[twin] = {"head": softmax.config.head, "lambda": softmax.config.center_lambda}
     seen: dict[str, OpenSetEvaluation] = {}
     val_ok = len(np.unique(splits.y_val)) >= 2 and np.bincount(splits.y_val).max() >= 2
     for name, model in embedders:
@@ -208,6 +223,8 @@ def compare(
         evaluations=evaluations,
         seconds=seconds,
         seen=seen,
+        twin=twin,
+        recipes=recipes,
     )
 
 
@@ -302,7 +319,7 @@ def build_bundle(
     work_dir: Path,
     settings: EvaluationSettings,
     target_far: float = DEFAULT_TARGET_FAR,
-    pca_components: int | None = 32,
+    pca_components: int | None = DEFAULT_PCA_COMPONENTS,
     name: str = "idembed",
     version: str = "1",
     verbose: int | str = 2,
@@ -355,6 +372,9 @@ _TABLE_COLUMNS = (
     ("10-fold acc", "kfold_accuracy_mean"),
     ("rank-1", "rank1"),
     ("DIR@FAR=1e-1", "dir_at_far_1e-01"),
+    ("episodes acc", "episodes"),
+    ("test FAR @ thr(1e-3)", "test_far_at_calibrated_1e-03"),
+    ("test TAR @ thr(1e-3)", "test_tar_at_calibrated_1e-03"),
 )
 
 
@@ -362,6 +382,8 @@ def markdown_table(comparison: Comparison) -> str:
     """The comparison as a Markdown table (printed by the CLI, pasted into the docs)."""
 
     def cell(row: dict[str, Any], key: str) -> str:
+        if key == "episodes":  # its key names the protocol, e.g. episodes_20way_1shot_within_group_accuracy
+            key = next((k for k in row if k.startswith("episodes_") and k.endswith("_accuracy")), key)
         value = row.get(key, "n/a")
         if key == "kfold_accuracy_mean" and isinstance(value, float):
             return f"{value:.3f} ± {row['kfold_accuracy_std']:.3f}"
@@ -377,10 +399,22 @@ def markdown_table(comparison: Comparison) -> str:
         "|" + "---|" * (len(_TABLE_COLUMNS) + 1),
     ]
     for row in comparison.rows():
-        lines.append(f"| {row['name']} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
+        label = row["name"] + (f" (λ={row['lambda']:g})" if "lambda" in row else "")
+        lines.append(f"| {label} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
+    episode_keys = {k for row in comparison.rows() for k in row if k.endswith("_accuracy") and "way_" in k}
+    if episode_keys:
+        lines.append(
+            f"\nepisodes: {', '.join(sorted(k.removeprefix('episodes_')[:-9] for k in episode_keys))}"
+        )
+    split = comparison.main.split
+    if split.has_calibration:
+        lines.append(
+            f"thresholds chosen on {len(split.calibration_classes)} calibration identities, "
+            f"FAR/TAR measured on the {len(split.test_classes)} test identities"
+        )
     ratio = comparison.eer_ratio()
     if ratio is not None:
-        lines.append(f"\nEER softmax+center / softmax = {ratio:.2f} (goal <= 0.70)")
+        lines.append(f"\nEER {comparison.main.name} / {comparison.twin} = {ratio:.2f} (goal <= 0.70)")
     if comparison.seen:
         seen = ", ".join(f"{n} {e.verification.eer:.3f}" for n, e in comparison.seen.items())
         lines.append(f"EER on validation images of the training identities (seen): {seen}")

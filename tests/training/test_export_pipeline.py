@@ -64,7 +64,7 @@ def test_build_writes_a_bundle_the_loader_accepts_with_baselines_and_thresholds(
     report = json.loads(result.report_path.read_text())
     assert [r["name"] for r in report["results"]] == ["softmax+center", SOFTMAX, PCA]
     assert result.roc_path.stat().st_size > 0
-    assert "| softmax+center |" in markdown_table(result.comparison)
+    assert "| softmax+center (λ=0.1) |" in markdown_table(result.comparison)
 
 
 @pytest.mark.slow
