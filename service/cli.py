@@ -104,30 +104,31 @@ def serve(
 
 @app.command()
 def samples(
-    out: Annotated[Path, typer.Option(help="folder to write PNGs into")] = Path("samples"),
-    per_class: Annotated[int, typer.Option(min=1, max=100, help="images per digit")] = 3,
-    seed: Annotated[int, typer.Option(help="which images are picked")] = 0,
+    out: Annotated[Path, typer.Option(help="folder to copy the sample PNGs into")] = Path("samples"),
+    bundle: Annotated[
+        Path | None, typer.Option(help="bundle whose samples/ to copy (default: the served bundle)")
+    ] = None,
 ) -> None:
-    """Write PNGs of sklearn's bundled 8x8 digits as <digit>_<k>.png, for curl examples."""
-    import numpy as np
-    from PIL import Image
+    """Copy the bundle's sample images (identities the model never saw) into OUT, for the curl examples."""
+    import json
+    import shutil
 
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        typer.echo("error: samples needs scikit-learn (pip install scikit-learn)", err=True)
-        raise typer.Exit(2) from None
-    data = load_digits()
-    images = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
-    rng = np.random.default_rng(seed)
+    source = (bundle or _settings({}).bundle_path) / "samples"
+    index = source / "samples.json"
+    if not index.is_file():
+        typer.echo(
+            f"error: {source.resolve()} has no samples.json: this bundle ships no sample images "
+            "(`idembed-train build-bundle` writes them)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    identities = json.loads(index.read_text(encoding="utf-8"))["identities"]
     out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for digit in range(10):
-        picks = rng.choice(np.flatnonzero(data.target == digit), size=per_class, replace=False)
-        for k, i in enumerate(picks):
-            Image.fromarray(images[i]).save(out / f"{digit}_{k}.png")
-            written += 1
-    typer.echo(f"wrote {written} images to {out}/ (<digit>_<k>.png)")
+    for files in identities.values():
+        for file in files:
+            shutil.copyfile(source / file, out / file)
+    listing = "; ".join(f"{name}: {', '.join(files)}" for name, files in identities.items())
+    typer.echo(f"copied {sum(map(len, identities.values()))} images to {out}/ ({listing})")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ class RunConfig(BaseModel):
     # data
     dataset: str = Field(
         default="digits",
-        description="'digits' (bundled sklearn digits), an IDX folder/prefix (MNIST format), or an image "
-        "folder with one sub-folder per identity",
+        description="'digits' (bundled sklearn digits), 'digit-pairs' (100 identities built from them), an "
+        "IDX folder/prefix (MNIST format), or an image folder with one sub-folder per identity",
     )
     image_size: int | None = Field(
         default=None,
@@ -119,7 +119,7 @@ class RunConfig(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_exists(cls, v: str) -> str:
-        if v == "digits":
+        if v in ("digits", "digit-pairs"):
             return v
         path = Path(v)
         # An IDX prefix such as `.../train` names files that start with it rather than a path that exists.

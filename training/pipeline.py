@@ -299,7 +299,7 @@ def export_run(
 
 
 def roc_title(dataset: str) -> str:
-    label = dataset if dataset == "digits" else Path(dataset).name
+    label = dataset if dataset in ("digits", "digit-pairs") else Path(dataset).name
     return f"ROC on unseen {label} identities"
 
 

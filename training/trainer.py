@@ -131,7 +131,7 @@ def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
 
 
 def default_run_dir(config: RunConfig) -> Path:
-    dataset = "digits" if config.dataset == "digits" else Path(config.dataset).name
+    dataset = config.dataset if config.dataset in ("digits", "digit-pairs") else Path(config.dataset).name
     return (
         Path("runs")
         / f"{dataset}-{config.backbone}-{config.rule}-lambda{config.center_lambda:g}-s{config.seed}"

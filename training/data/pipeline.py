@@ -22,6 +22,8 @@ from training.data.splits import SplitIndices, choose_heldout, split_identities
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
 DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96}
 DIGITS_IMAGE_SIZE = 8
+# 8x16 composites, resized (upsampled: nothing lost) to a square 16x16 input by the shared preprocessing.
+DIGIT_PAIRS_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ def resolve_image_size(config: RunConfig) -> int:
         return config.image_size
     if config.dataset == "digits":
         return DIGITS_IMAGE_SIZE
+    if config.dataset == "digit-pairs":
+        return DIGIT_PAIRS_IMAGE_SIZE
     if is_idx_source(Path(config.dataset)):
         return idx_image_size(config.dataset)
     return DEFAULT_IMAGE_SIZE[config.backbone]
@@ -79,9 +83,12 @@ def preprocess_images(
 
 def split_indices(config: RunConfig, image_set: ImageSet) -> SplitIndices:
     """The identity-disjoint split a config defines on a dataset (seeded: the same config, the same split)."""
+    names = config.heldout_classes
+    if names is None and config.heldout_count is None and image_set.suggested_heldout is not None:
+        names = image_set.suggested_heldout  # a built-in benchmark's own split (digit-pairs: balanced 30)
     heldout = choose_heldout(
         image_set.class_names,
-        names=config.heldout_classes,
+        names=names,
         count=config.heldout_count,
         fraction=config.heldout_fraction,
         seed=config.seed,

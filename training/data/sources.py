@@ -28,6 +28,8 @@ class ImageSet:
     labels: np.ndarray  # int64 [N], index into class_names
     class_names: list[str]
     source: str
+    # Identities a built-in benchmark holds out unless told otherwise (digit-pairs: its balanced 30).
+    suggested_heldout: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
@@ -158,10 +160,18 @@ def load_folder_set(path: Path | str, color_mode: str = "L") -> ImageSet:
     return ImageSet(images, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], str(root))
 
 
+# Data sets a fresh install has (built from scikit-learn's bundled digits), by name.
+BUILTIN_DATASETS = ("digits", "digit-pairs")
+
+
 def load_dataset(dataset: str, color_mode: str = "L") -> ImageSet:
-    """`digits`, an IDX folder/prefix, or an identity-folder tree (see `RunConfig.dataset`)."""
+    """`digits`, `digit-pairs`, an IDX folder/prefix, or an identity-folder tree (see `RunConfig.dataset`)."""
     if dataset == "digits":
         return load_digits_set()
+    if dataset == "digit-pairs":
+        from training.data.composite import digit_pairs  # composite builds on this module
+
+        return digit_pairs()
     path = Path(dataset)
     if is_idx_source(path):
         return load_idx_set(path)
