@@ -284,3 +284,20 @@ def test_cli_refuses_heldout_groups_with_heldout_classes(zip_folder, tmp_path):
     )
     assert unknown.exit_code == 2 and "unknown group(s) Gamma" in unknown.output and "Alpha" in unknown.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "build-bundle"])
+def test_group_and_augment_options_reach_the_config_of_both_commands(command, zip_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    base = [command, "--dataset", str(zip_folder), "--heldout-groups", "Beta"]
+    out = ["--out", str(tmp_path / "out")] + (
+        ["--work", str(tmp_path / "work")] if command != "train" else []
+    )
+    bad = CliRunner().invoke(app, [*base, *out, "--augment-rotation", "500"])
+    assert bad.exit_code == 2 and "--augment-rotation" in bad.output
+    both = CliRunner().invoke(app, [*base, *out, "--heldout-group-count", "1"])
+    assert both.exit_code == 2 and "--heldout-groups or --heldout-group-count" in both.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
