@@ -35,13 +35,49 @@ def _split_names(value: str | None) -> list[str] | None:
     return None if value is None else [s.strip() for s in value.split(",")]
 
 
+# Training-only augmentation (training/data/augment.py), shared by `train` and `build-bundle`.
+_AugRotation = Annotated[
+    float, typer.Option(help="augmentation: max random rotation, degrees (0..180; 0 = off)")
+]
+_AugShear = Annotated[float, typer.Option(help="augmentation: max horizontal shear, degrees (0..60)")]
+_AugScale = Annotated[
+    float, typer.Option(help="augmentation: random zoom in [1-s, 1+s], e.g. 0.1 (0 <= s < 1)")
+]
+_AugTranslate = Annotated[
+    float, typer.Option(help="augmentation: max shift per axis, fraction of the image size (0..0.5)")
+]
+_AugFlip = Annotated[
+    bool, typer.Option(help="augmentation: random horizontal flips (off: mirroring can change identity)")
+]
+_AugFill = Annotated[
+    str,
+    typer.Option(
+        help="augmentation: pixels warped in from outside: nearest | reflect | wrap | a pixel value 0..255"
+    ),
+]
+
+
+def _augment_options(
+    rotation: float, shear: float, scale: float, translate: float, flip: bool, fill: str
+) -> dict[str, object]:
+    return {
+        "augment_rotation": rotation,
+        "augment_shear": shear,
+        "augment_scale": scale,
+        "augment_translate": translate,
+        "augment_flip": flip,
+        "augment_fill": fill,
+    }
+
+
 @app.command()
 def train(
     dataset: Annotated[
         str,
         typer.Option(
             help="'digits' (bundled), an IDX folder or prefix (MNIST format, .gz or raw), "
-            "or an image folder with one sub-folder per identity"
+            "an image folder with one sub-folder per identity (or <group>/<identity>/), "
+            "a .zip of such a tree, or a folder of .zip files (pooled, duplicates read once)"
         ),
     ] = "digits",
     out: Annotated[
@@ -116,9 +152,25 @@ def train(
     heldout_fraction: Annotated[
         float, typer.Option(help="fraction of identities held out when no names/count are given")
     ] = 0.3,
+    heldout_groups: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated groups whose identities are all held out, e.g. Omniglot alphabets "
+            "Korean,Tagalog (dataset needs <group>/<identity>/ folders); not with --heldout-classes/-count"
+        ),
+    ] = None,
+    heldout_group_count: Annotated[
+        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="fraction of each training identity's images used for validation")
     ] = 0.15,
+    augment_rotation: _AugRotation = 0.0,
+    augment_shear: _AugShear = 0.0,
+    augment_scale: _AugScale = 0.0,
+    augment_translate: _AugTranslate = 0.0,
+    augment_flip: _AugFlip = False,
+    augment_fill: _AugFill = "nearest",
     quiet: Annotated[bool, typer.Option(help="one line per epoch instead of a progress bar")] = False,
     strategy: Annotated[
         str,
@@ -167,7 +219,17 @@ def train(
                 heldout_classes=_split_names(heldout_classes),
                 heldout_count=heldout_count,
                 heldout_fraction=heldout_fraction,
+                heldout_groups=_split_names(heldout_groups),
+                heldout_group_count=heldout_group_count,
                 val_fraction=val_fraction,
+                **_augment_options(
+                    augment_rotation,
+                    augment_shear,
+                    augment_scale,
+                    augment_translate,
+                    augment_flip,
+                    augment_fill,
+                ),
                 backbone=backbone,
                 feature_dim=feature_dim,
                 width=width,
@@ -424,9 +486,26 @@ def build_bundle(
         "runs/default"
     ),
     dataset: Annotated[
-        str, typer.Option(help="'digits' (bundled) or an IDX folder/prefix, e.g. Fashion-MNIST")
+        str,
+        typer.Option(help="'digits' (bundled), an IDX folder/prefix (e.g. Fashion-MNIST), a folder or zips"),
     ] = "digits",
-    heldout_classes: Annotated[str, typer.Option(help="identities never trained on")] = "7,8,9",
+    heldout_classes: Annotated[
+        str | None,
+        typer.Option(help="identities never trained on \\[default: 7,8,9 unless --heldout-groups]"),
+    ] = None,
+    heldout_groups: Annotated[
+        str | None,
+        typer.Option(help="comma-separated groups held out whole (a dataset with <group>/<identity>/)"),
+    ] = None,
+    heldout_group_count: Annotated[
+        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
+    ] = None,
+    augment_rotation: _AugRotation = 0.0,
+    augment_shear: _AugShear = 0.0,
+    augment_scale: _AugScale = 0.0,
+    augment_translate: _AugTranslate = 0.0,
+    augment_flip: _AugFlip = False,
+    augment_fill: _AugFill = "nearest",
     epochs: Annotated[int, typer.Option(help="epochs of each of the two runs")] = 20,
     center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight (> 0)")] = 0.1,
     alpha: Annotated[
@@ -474,10 +553,16 @@ def build_bundle(
             episodes,
             within_group,
         )
+        by_group = heldout_groups is not None or heldout_group_count is not None
         config = RunConfig.from_options(
             dataset=dataset,
             image_size=image_size,
-            heldout_classes=_split_names(heldout_classes),
+            heldout_classes=_split_names(heldout_classes or (None if by_group else "7,8,9")),
+            heldout_groups=_split_names(heldout_groups),
+            heldout_group_count=heldout_group_count,
+            **_augment_options(
+                augment_rotation, augment_shear, augment_scale, augment_translate, augment_flip, augment_fill
+            ),
             backbone="lenetpp",
             feature_dim=feature_dim,
             width=width,
@@ -561,3 +646,7 @@ def check_bundle(
     if not result.ok:
         raise _fail(f"{bundle}: manifest numbers differ from its model by more than {tolerance:g}")
     typer.echo(f"{bundle}: every number reproduced within {tolerance:g}")
+
+
+if __name__ == "__main__":  # `python -m training.cli ...` runs this checkout (the console script may not)
+    app()

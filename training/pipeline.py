@@ -261,7 +261,9 @@ def recipe_of(run: TrainedRun) -> TrainingRecipe:
             k: v
             for k, v in c.model_dump().items()
             if k not in _RECIPE_FIELDS and isinstance(v, float | int | str | bool | None)
-        },
+        }
+        # Options are scalars: the held-out groups travel comma-joined (RunConfig forbids commas in them).
+        | ({} if c.heldout_groups is None else {"heldout_groups": ",".join(c.heldout_groups)}),
     )
 
 
@@ -458,10 +460,17 @@ def config_from_recipe(recipe: TrainingRecipe) -> RunConfig:
     """The RunConfig a bundle was trained with, rebuilt from its manifest (to re-run or re-split it)."""
     known = set(RunConfig.model_fields)
     options = {k: v for k, v in recipe.options.items() if k in known}
+    if isinstance(options.get("heldout_groups"), str):
+        options["heldout_groups"] = options["heldout_groups"].split(",")
+    # A split drawn by a rule (groups, or a seeded count) is re-drawn by that rule, which gives the same
+    # identities; the names alone would contradict the rule's options ("not both").
+    by_rule = any(
+        options.get(k) is not None for k in ("heldout_groups", "heldout_group_count", "heldout_count")
+    )
     return RunConfig.from_options(
         **options,
         dataset=recipe.dataset,
-        heldout_classes=recipe.heldout_classes,
+        heldout_classes=None if by_rule else recipe.heldout_classes,
         val_fraction=recipe.val_fraction,
         backbone=recipe.backbone,
         head=recipe.head,

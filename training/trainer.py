@@ -21,6 +21,7 @@ from training.backbones import build_backbone
 from training.center_rules import check_update_rule, step_factor
 from training.config import ConfigError, RunConfig
 from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
+from training.data.augment import augmentation_from_config
 from training.distributed import is_chief
 from training.heads import make_head
 from training.model import CenterLossModel
@@ -221,6 +222,7 @@ def train(
                 seed=config.seed,
                 epochs=config.epochs,
                 initial_epoch=initial_epoch,
+                augment=augmentation_from_config(config, splits.preprocessing),
             ),
             epochs=config.epochs,
             initial_epoch=initial_epoch,

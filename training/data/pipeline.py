@@ -16,8 +16,9 @@ import tensorflow as tf
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
 from training.config import RunConfig
+from training.data.augment import Augmentation, augment_batch, batch_key
 from training.data.sources import ImageSet, idx_image_size, is_idx_source, load_dataset
-from training.data.splits import SplitIndices, choose_heldout, split_identities
+from training.data.splits import SplitIndices, choose_heldout, choose_heldout_groups, split_identities
 
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
 DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96}
@@ -83,16 +84,26 @@ def preprocess_images(
 
 def split_indices(config: RunConfig, image_set: ImageSet) -> SplitIndices:
     """The identity-disjoint split a config defines on a dataset (seeded: the same config, the same split)."""
-    names = config.heldout_classes
-    if names is None and config.heldout_count is None and image_set.suggested_heldout is not None:
-        names = image_set.suggested_heldout  # a built-in benchmark's own split (digit-pairs: balanced 30)
-    heldout = choose_heldout(
-        image_set.class_names,
-        names=names,
-        count=config.heldout_count,
-        fraction=config.heldout_fraction,
-        seed=config.seed,
-    )
+    if config.heldout_groups is not None or config.heldout_group_count is not None:
+        heldout = choose_heldout_groups(
+            image_set.class_names,
+            image_set.groups,
+            names=config.heldout_groups,
+            count=config.heldout_group_count,
+            seed=config.seed,
+            source=image_set.source,
+        )
+    else:
+        names = config.heldout_classes
+        if names is None and config.heldout_count is None and image_set.suggested_heldout is not None:
+            names = image_set.suggested_heldout  # a built-in benchmark's own split (digit-pairs: balanced 30)
+        heldout = choose_heldout(
+            image_set.class_names,
+            names=names,
+            count=config.heldout_count,
+            fraction=config.heldout_fraction,
+            seed=config.seed,
+        )
     return split_identities(
         image_set.labels, image_set.class_names, heldout, val_fraction=config.val_fraction, seed=config.seed
     )
@@ -137,13 +148,22 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_dataset(
-    x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    initial_epoch: int = 0,
+    augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
     """Shuffled batches for epochs `initial_epoch .. epochs-1`, in one stream for `fit(steps_per_epoch=...)`.
 
     Epoch e's order is a stateless function of (seed, e), not of an iterator's history, so a run resumed
     at epoch e sees exactly the batches the uninterrupted run saw (tf.data's own reshuffling restarts
-    from its first permutation whenever the dataset is rebuilt, which would break resume).
+    from its first permutation whenever the dataset is rebuilt, which would break resume). `augment` warps
+    each training image at random (training/data/augment.py) with draws keyed by (seed, epoch, batch index),
+    so augmented batches keep that property.
     """
     n = len(x)
     features = tf.constant(x)
@@ -152,10 +172,19 @@ def train_dataset(
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        if augment is None or augment.is_identity:
+            return batches
+        return batches.enumerate().map(lambda b, i: (i, batch_key(seed, epoch, b)))
 
     ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
-    ds = ds.map(lambda i: (tf.gather(features, i), tf.gather(labels, i)), num_parallel_calls=1)
+    if augment is None or augment.is_identity:
+        ds = ds.map(lambda i: (tf.gather(features, i), tf.gather(labels, i)), num_parallel_calls=1)
+    else:
+        ds = ds.map(
+            lambda i, key: (augment_batch(tf.gather(features, i), key, augment), tf.gather(labels, i)),
+            num_parallel_calls=1,
+        )
     return ds.prefetch(2)
 
 
