@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
 
-BACKBONES = ("lenetpp", "facecnn")
+BACKBONES = ("lenetpp", "facecnn", "conv4")
 RULES = UPDATE_RULES
 OPTIMIZERS = ("adam", "sgd")
 
@@ -100,7 +100,7 @@ class RunConfig(BaseModel):
         "pixel value 0..255 (255 = white paper)",
     )
     # model
-    backbone: Literal["lenetpp", "facecnn"] = "lenetpp"
+    backbone: Literal["lenetpp", "facecnn", "conv4"] = "lenetpp"
     feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
     width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
     head: str = Field(default="softmax", min_length=1)

@@ -119,6 +119,29 @@ class CenterDivergenceGuard(keras.callbacks.Callback):
             )
 
 
+class MarginWarmup(keras.callbacks.Callback):
+    """Phases a margin head's margin in: r = min(1, (epoch + step / steps) / warmup_epochs) before each step.
+
+    A function of the position in training only, so a resumed run sets the same r as an uninterrupted one.
+    From scratch with ~100+ classes, ArcFace's full margin can keep every target logit below the others, so
+    softmax never starts to separate the classes (training accuracy stays at 0); a warm-up lets the classes
+    separate first (measured in docs/heads.md).
+    """
+
+    def __init__(self, head: keras.layers.Layer) -> None:
+        super().__init__()
+        self.head = head
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        steps = max(1, int(self.params.get("steps") or 1))
+        progress = (self.epoch + batch / steps) / self.head.warmup_epochs
+        self.head.margin_ramp.assign(min(1.0, progress))
+
+
 def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
     expected = config.batch_size * max(frequencies)
     f = step_factor(
@@ -197,6 +220,7 @@ def train(
 
     callbacks = [
         CenterDivergenceGuard(_divergence_cause(config, frequencies)),
+        *([MarginWarmup(model.head)] if getattr(model.head, "warmup_epochs", 0) > 0 else []),
         keras.callbacks.ModelCheckpoint(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
         ),

@@ -21,7 +21,7 @@ from training.data.sources import ImageSet, idx_image_size, is_idx_source, load_
 from training.data.splits import SplitIndices, choose_heldout, choose_heldout_groups, split_identities
 
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
-DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96}
+DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96, "conv4": 28}
 DIGITS_IMAGE_SIZE = 8
 # 8x16 composites, resized (upsampled: nothing lost) to a square 16x16 input by the shared preprocessing.
 DIGIT_PAIRS_IMAGE_SIZE = 16
