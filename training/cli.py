@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -479,119 +480,118 @@ def export(
     )
 
 
+def _given(**options: object) -> dict[str, object]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @app.command("build-bundle")
 def build_bundle(
-    out: Annotated[Path, typer.Option(help="bundle folder to write")] = Path("models/default"),
-    work: Annotated[Path, typer.Option(help="folder for the two runs, evaluation.json and roc.png")] = Path(
-        "runs/default"
-    ),
-    dataset: Annotated[
+    recipe: Annotated[
         str,
-        typer.Option(help="'digits' (bundled), an IDX folder/prefix (e.g. Fashion-MNIST), a folder or zips"),
-    ] = "digits",
+        typer.Option(
+            help="a built-in recipe (training/recipes/: default, omniglot) or a recipe JSON file; "
+            "the options below override its fields"
+        ),
+    ] = "default",
+    out: Annotated[
+        Path | None, typer.Option(help="bundle folder to write \\[default: models/<recipe>]")
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="folder for the runs, evaluation.json and roc.png \\[default: runs/<recipe>]"),
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="override the recipe's dataset")] = None,
     heldout_classes: Annotated[
-        str | None,
-        typer.Option(help="identities never trained on \\[default: 7,8,9 unless --heldout-groups]"),
+        str | None, typer.Option(help="comma-separated identities never trained on")
     ] = None,
     heldout_groups: Annotated[
         str | None,
         typer.Option(help="comma-separated groups held out whole (a dataset with <group>/<identity>/)"),
     ] = None,
-    heldout_group_count: Annotated[
-        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
+    epochs: Annotated[int | None, typer.Option(help="epochs of each of the two runs")] = None,
+    center_lambda: Annotated[float | None, typer.Option("--lambda", help="center-loss weight (> 0)")] = None,
+    head: Annotated[str | None, typer.Option(help="classification head of both runs")] = None,
+    backbone: Annotated[str | None, typer.Option(help="backbone of both runs")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of weights, split and batch order")] = None,
+    target_far: Annotated[
+        float | None, typer.Option(help="FAR the default threshold is calibrated for \\[recipe: 1e-3]")
     ] = None,
-    augment_rotation: _AugRotation = 0.0,
-    augment_shear: _AugShear = 0.0,
-    augment_scale: _AugScale = 0.0,
-    augment_translate: _AugTranslate = 0.0,
-    augment_flip: _AugFlip = False,
-    augment_fill: _AugFill = "nearest",
-    epochs: Annotated[int, typer.Option(help="epochs of each of the two runs")] = 20,
-    center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight (> 0)")] = 0.1,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="center update rate \\[default: the rule's own: paper 0.5, facenet 0.95]"),
+    name: Annotated[str | None, typer.Option(help="model name in the manifest")] = None,
+    version: Annotated[str | None, typer.Option(help="model version in the manifest")] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="test identities whose images go to <out>/samples (0 = none)")
     ] = None,
-    rule: Annotated[str, typer.Option(help="center update rule: paper | facenet | gradient")] = "paper",
-    feature_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
-    width: Annotated[int, typer.Option(help="filters of the first LeNet++ stage")] = 8,
-    image_size: Annotated[int | None, typer.Option(help="model input size [default: the dataset's]")] = None,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="seed of weights, split and batch order")] = 0,
-    target_far: _TargetFar = 1e-3,
-    name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed-digits",
-    version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
-    max_genuine: _MaxGenuine = 50_000,
-    max_impostor: _MaxImpostor = 200_000,
-    folds: _Folds = 10,
-    min_errors: _MinErrors = 1,
-    trials: _Trials = 10,
-    eval_seed: _EvalSeed = 0,
-    calibration_fraction: _CalibrationFraction = 0.5,
-    ways: _Ways = 20,
-    shots: _Shots = 1,
-    episodes: _Episodes = 400,
-    within_group: _WithinGroup = True,
+    eval_seed: Annotated[
+        int | None, typer.Option("--eval-seed", help="seed of pairs, splits, trials")
+    ] = None,
+    calibration_fraction: Annotated[
+        float | None, typer.Option(help="share of held-out identities that choose the thresholds")
+    ] = None,
 ) -> None:
-    """ONE seeded command: train softmax + center and its softmax twin, compare with PCA, calibrate, export"""
+    """ONE seeded command: train a recipe and its lambda-0 twin, compare with PCA, calibrate, export."""
+    from training.evaluate import EvaluationSettings
     from training.pipeline import build_bundle as run_build
     from training.pipeline import markdown_table
+    from training.recipes import RecipeError, load_recipe
 
     try:
-        settings = _settings(
-            max_genuine,
-            max_impostor,
-            folds,
-            min_errors,
-            trials,
-            eval_seed,
-            calibration_fraction,
-            ways,
-            shots,
-            episodes,
-            within_group,
-        )
-        by_group = heldout_groups is not None or heldout_group_count is not None
-        config = RunConfig.from_options(
-            dataset=dataset,
-            image_size=image_size,
-            heldout_classes=_split_names(heldout_classes or (None if by_group else "7,8,9")),
-            heldout_groups=_split_names(heldout_groups),
-            heldout_group_count=heldout_group_count,
-            **_augment_options(
-                augment_rotation, augment_shear, augment_scale, augment_translate, augment_flip, augment_fill
+        chosen = load_recipe(recipe)
+        train_options = {
+            **chosen.train,
+            **_given(
+                dataset=dataset,
+                heldout_classes=_split_names(heldout_classes),
+                heldout_groups=_split_names(heldout_groups),
+                epochs=epochs,
+                center_lambda=center_lambda,
+                head=head,
+                backbone=backbone,
+                seed=seed,
             ),
-            backbone="lenetpp",
-            feature_dim=feature_dim,
-            width=width,
-            center_lambda=center_lambda,
-            alpha=alpha,
-            rule=rule,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
+        }
+        config = RunConfig.from_options(**train_options)
+        known = {f.name for f in dataclasses.fields(EvaluationSettings)}
+        unknown = sorted(set(chosen.evaluation) - known)
+        if unknown:
+            raise RecipeError(f"{chosen.path}: unknown evaluation setting(s) {', '.join(unknown)}")
+        evaluation = {k: tuple(v) if isinstance(v, list) else v for k, v in chosen.evaluation.items()}
+        settings = EvaluationSettings(
+            **{**evaluation, **_given(seed=eval_seed, calibration_fraction=calibration_fraction)}
         )
+        bundle = {
+            **chosen.bundle,
+            **_given(name=name, version=version, target_far=target_far, samples=samples),
+        }
+        stem = chosen.path.stem
+        out = out or Path("models") / stem
         result = run_build(
             config,
             out,
-            work_dir=work,
+            work_dir=work or Path("runs") / stem,
             settings=settings,
-            target_far=target_far,
+            target_far=float(bundle.get("target_far", 1e-3)),
             pca_components=pca_components,
-            name=name,
-            version=version,
+            name=str(bundle.get("name", f"idembed-{stem}")),
+            version=str(bundle.get("version", "1")),
+            samples=int(bundle.get("samples", 0)),
         )
     except _pipeline_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(markdown_table(result.comparison))
     th = result.manifest.thresholds
+    oos = th.out_of_sample
+    measured = (
+        f"; on {oos.num_identities} test identities: FAR {oos.at_default.far:.2g} "
+        f"({oos.at_default.far_interval.low:.2g}..{oos.at_default.far_interval.high:.2g}), "
+        f"TAR {oos.at_default.tar:.3f}"
+        if oos is not None
+        else ""
+    )
     typer.echo(
-        f"bundle {out} ({result.manifest.model_id}); threshold {th.default:.4f} at FAR "
-        f"{th.at_target_far.far:.2g} (TAR {th.at_target_far.tar:.3f}); report {result.report_path}, "
-        f"ROC {result.roc_path}; wall time {result.wall_seconds:.0f} s"
+        f"bundle {out} ({result.manifest.model_id}); threshold {th.default:.4f} chosen at FAR "
+        f"{th.at_target_far.far:.2g} on {th.calibration_identities} calibration identities{measured}; "
+        f"report {result.report_path}, ROC {result.roc_path}; wall time {result.wall_seconds:.0f} s"
     )
 
 

@@ -33,6 +33,7 @@ from training.evaluate import (
 from training.export import PARITY_TOLERANCE, export_bundle, onnx_embed
 from training.plots import FeaturePanel, RocCurve, plot_feature_panels, plot_roc
 from training.run import RunError, RunPaths, TrainedRun, load_run
+from training.samples import write_samples
 from training.trainer import train
 
 CENTER = "softmax+center"
@@ -205,7 +206,9 @@ def compare(
     val_ok = len(np.unique(splits.y_val)) >= 2 and np.bincount(splits.y_val).max() >= 2
     for name, model in embedders:
         started = time.perf_counter()
-        evaluations[name] = evaluate_embeddings(name, embed(model, splits.x_heldout), labels, settings)
+        evaluations[name] = evaluate_embeddings(
+            name, embed(model, splits.x_heldout), labels, settings, groups=splits.heldout_groups
+        )
         if val_ok:
             seen[name] = evaluate_embeddings(name, embed(model, splits.x_val), splits.y_val, settings)
         seconds[f"evaluate_{name}"] = round(time.perf_counter() - started, 2)
@@ -213,7 +216,9 @@ def compare(
         started = time.perf_counter()
         # Fitted on training identities only: the held-out ones stay unseen, as for the networks.
         pca = PixelPCAEmbedder(pca_components, seed=settings.seed).fit(splits.x_train)
-        evaluations[PCA] = evaluate_embeddings(PCA, pca.embed(splits.x_heldout), labels, settings)
+        evaluations[PCA] = evaluate_embeddings(
+            PCA, pca.embed(splits.x_heldout), labels, settings, groups=splits.heldout_groups
+        )
         seconds[f"evaluate_{PCA}"] = round(time.perf_counter() - started, 2)
     return Comparison(
         dataset=run.config.dataset,
@@ -325,6 +330,7 @@ def build_bundle(
     name: str = "idembed",
     version: str = "1",
     verbose: int | str = 2,
+    samples: int = 0,
 ) -> BuildResult:
     """The one command: train softmax + center and its softmax twin, compare with PCA, calibrate, export.
 
@@ -356,6 +362,16 @@ def build_bundle(
     manifest = export_run(
         run, out, comparison, target_far=target_far, name=name, version=version, splits=splits
     )
+    if samples:
+        test_names = [run.heldout_class_names[int(k)] for k in comparison.main.split.test_classes]
+        write_samples(
+            out,
+            dataset=config.dataset,
+            color_mode=config.color_mode,
+            test_identities=test_names,
+            count=samples,
+            seed=config.seed,
+        )
     wall = round(time.perf_counter() - started, 1)
     comparison.seconds["wall"] = wall
     report = work_dir / "evaluation.json"
@@ -506,7 +522,7 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
     settings = EvaluationSettings(**recorded) if isinstance(recorded, dict) else EvaluationSettings()
     splits = build_splits(config_from_recipe(m.training))
     features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
-    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings)
+    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
     measured = ev.summary()
     rows = [
         (key, float(m.evaluation[key]), float(measured[key]))

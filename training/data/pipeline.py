@@ -45,6 +45,8 @@ class Splits:
     heldout_class_names: list[str]
     input_spec: InputSpec
     preprocessing: Preprocessing
+    # group of each held-out identity (heldout_groups[k] for heldout_class_names[k]), when the data has groups
+    heldout_groups: list[str] | None = None
 
 
 def resolve_image_size(config: RunConfig) -> int:
@@ -140,6 +142,9 @@ def build_splits(config: RunConfig, image_set: ImageSet | None = None) -> Splits
         heldout_class_names=idx.heldout_classes,
         input_spec=spec,
         preprocessing=prep,
+        heldout_groups=(
+            None if image_set.groups is None else [image_set.groups[pos[n]] for n in idx.heldout_classes]
+        ),
     )
 
 
