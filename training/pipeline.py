@@ -111,10 +111,9 @@ class Comparison:
 
     def protocol(self) -> str:
         """One sentence saying which identities every number is measured on."""
-        shown = ", ".join(self.heldout_classes[:12]) + (" ..." if len(self.heldout_classes) > 12 else "")
         text = (
-            f"pairs on {len(self.heldout_classes)} identities unseen in training ({shown}), "
-            f"seed {self.settings.seed}"
+            f"pairs on {len(self.heldout_classes)} identities unseen in training "
+            f"({_shown(self.heldout_classes)}), seed {self.settings.seed}"
         )
         split = self.main.split
         if split.has_calibration:
@@ -396,6 +395,10 @@ _TABLE_COLUMNS = (
 )
 
 
+def _shown(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def markdown_table(comparison: Comparison) -> str:
     """The comparison as a Markdown table (printed by the CLI, pasted into the docs)."""
 
@@ -411,7 +414,7 @@ def markdown_table(comparison: Comparison) -> str:
 
     header = "| embedder | " + " | ".join(title for title, _ in _TABLE_COLUMNS) + " |"
     lines = [
-        f"Unseen identities ({', '.join(comparison.heldout_classes)}):",
+        f"Unseen identities ({_shown(comparison.heldout_classes)}):",
         "",
         header,
         "|" + "---|" * (len(_TABLE_COLUMNS) + 1),
