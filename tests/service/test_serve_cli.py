@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -12,13 +13,28 @@ from service.cli import app
 runner = CliRunner()
 
 
-def test_samples_writes_digit_pngs(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["samples", "--out", str(tmp_path), "--per-class", "2"])
+DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"
+
+
+def test_samples_copies_the_default_bundles_images_of_identities_it_never_saw(tmp_path: Path) -> None:
+    # No scikit-learn needed: the images ship with the bundle (test identities of its split).
+    result = runner.invoke(app, ["samples", "--out", str(tmp_path), "--bundle", str(DEFAULT)])
     assert result.exit_code == 0, result.output
+    index = json.loads((DEFAULT / "samples" / "samples.json").read_text())
+    manifest = json.loads((DEFAULT / "manifest.json").read_text())
     files = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert len(files) == 20 and files[0] == "0_0.png" and files[-1] == "9_1.png"
-    with Image.open(tmp_path / "3_1.png") as img:
-        assert img.size == (8, 8) and img.mode == "L"
+    assert files == sorted(f for names in index["identities"].values() for f in names) and len(files) >= 6
+    for identity in index["identities"]:
+        assert identity in manifest["training"]["heldout_classes"]
+        assert identity not in manifest["training"]["train_classes"]
+    with Image.open(tmp_path / files[0]) as img:
+        assert img.mode == "L" and img.size == (16, 8)
+
+
+def test_samples_of_a_bundle_without_samples_is_refused_naming_the_folder(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["samples", "--out", str(tmp_path / "s"), "--bundle", str(tmp_path)])
+    assert result.exit_code == 2 and "no samples.json" in result.output and str(tmp_path) in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_serve_refuses_a_folder_without_a_bundle(tmp_path: Path) -> None:
