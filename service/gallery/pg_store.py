@@ -30,6 +30,8 @@ from service.gallery.store import (
     ChangeBatch,
     EnrolledIdentity,
     IdentityExistsError,
+    ModelHistory,
+    ServedModel,
     StoreError,
     check_embedding,
 )
@@ -233,10 +235,36 @@ class PostgresIdentityStore:
             last = batch[-1].key
             yield batch
 
-    def names_by_key(self) -> dict[int, str]:
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
         with self._lock:
-            rows = self._db.execute("SELECT key, name FROM identities").fetchall()
+            if model_id is None:
+                rows = self._db.execute("SELECT key, name FROM identities").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT key, name FROM identities WHERE model_id = %s", (model_id,)
+                ).fetchall()
         return {int(key): name for key, name in rows}
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT model_id, count(*) FROM identities GROUP BY model_id").fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def model_history(self) -> ModelHistory:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT k, v FROM idembed_store_info WHERE k = 'served_model_id' OR k LIKE 'fingerprint:%'"
+            ).fetchall()
+        return ModelHistory.from_rows(rows)
+
+    def record_served_model(self, model: ServedModel) -> None:
+        with self._lock, self._db.transaction():
+            for k, v in model.info_rows():
+                self._db.execute(
+                    "INSERT INTO idembed_store_info (k, v) VALUES (%s, %s) "
+                    "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    (k, v),
+                )
 
     def change_cursor(self) -> int:
         """The newest change sequence number; take it BEFORE `iter_all` when (re)building an index, then

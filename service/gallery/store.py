@@ -54,6 +54,35 @@ class EnrolledIdentity:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """Which model embeds against a store: its id (`name:version`, stored with every identity) and a
+    fingerprint of what makes its embeddings (model.onnx digest and preprocessing), which tells apart two
+    bundles given the same name:version (a retrain exported with the default version)."""
+
+    model_id: str
+    fingerprint: str
+
+    def info_rows(self) -> list[tuple[str, str]]:
+        """Store-info rows recording it (as served now, and as the model behind its id)."""
+        return [("served_model_id", self.model_id), (f"fingerprint:{self.model_id}", self.fingerprint)]
+
+
+@dataclass(frozen=True)
+class ModelHistory:
+    """What a store remembers of the models served from it (recorded by the service at start and reload)."""
+
+    served: str | None  # model id served last (None: a store from before this was recorded)
+    fingerprints: dict[str, str]  # model id -> fingerprint of the bundle that served under that id
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, Any]]) -> ModelHistory:
+        values = {str(k): str(v) for k, v in rows}
+        prefix = "fingerprint:"
+        prints = {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+        return cls(values.get("served_model_id"), prints)
+
+
 @runtime_checkable
 class IdentityStore(Protocol):
     """What the gallery needs from durable storage. Implementations must be safe to call from several threads.
@@ -94,8 +123,18 @@ class IdentityStore(Protocol):
     def iter_all(self, batch_size: int = 10_000) -> Iterator[list[EnrolledIdentity]]:
         """Every identity, in batches, to (re)build the in-memory index."""
 
-    def names_by_key(self) -> dict[int, str]:
-        """Key -> name of every identity, without embeddings (names for an index loaded from disk)."""
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
+        """Key -> name of every identity (of those `model_id` enrolled, if given), without embeddings (names
+        for an index loaded from disk)."""
+
+    def count_by_model(self) -> dict[str, int]:
+        """How many identities each model enrolled (model id -> count; models with none are absent)."""
+
+    def model_history(self) -> ModelHistory:
+        """The model the service last served from this store and the fingerprint of every model served."""
+
+    def record_served_model(self, model: ServedModel) -> None:
+        """Remember the model now served, so that a start with another one knows what it would orphan."""
 
     def store_id(self) -> str:
         """A random id made when the store was created: tells a gallery snapshot which store it belongs to."""
@@ -359,9 +398,38 @@ class SQLiteIdentityStore:
             last = batch[-1].key
             yield batch
 
-    def names_by_key(self) -> dict[int, str]:
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
         with self._lock:
-            return dict(self._db.execute("SELECT key, name FROM identities"))
+            if model_id is None:
+                return dict(self._db.execute("SELECT key, name FROM identities"))
+            return dict(self._db.execute("SELECT key, name FROM identities WHERE model_id = ?", (model_id,)))
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT model_id, COUNT(*) FROM identities GROUP BY model_id").fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def model_history(self) -> ModelHistory:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT k, v FROM store_info WHERE k = 'served_model_id' OR k LIKE 'fingerprint:%'"
+            ).fetchall()
+        return ModelHistory.from_rows(rows)
+
+    def record_served_model(self, model: ServedModel) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for k, v in model.info_rows():
+                    self._db.execute(
+                        "INSERT INTO store_info (k, v) VALUES (?, ?) "
+                        "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                        (k, v),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def change_cursor(self) -> int:
         """The newest change sequence number (0 before the first write); see `PostgresIdentityStore`."""

@@ -119,7 +119,8 @@ def test_auto_index_under_its_threshold_restores_exact_search(
     start = open_from(directory, store, auto)
 
     assert start.source == "snapshot"
-    assert isinstance(start.gallery._enrolled, AutoIndex) and start.gallery._enrolled.active == "exact"
+    index = start.gallery.enrolled_index
+    assert isinstance(index, AutoIndex) and index.active == "exact"
     top = start.gallery.search(VECTORS[:5], 1)
     assert [m[0].similarity for m in top] == pytest.approx([1.0] * 5, abs=1e-6)  # f32, not the f16 graph
     assert results(start.gallery) == results(rebuilt(store, auto))
@@ -221,7 +222,8 @@ def test_search_options_may_change_without_a_rebuild(tmp_path: Path, store: SQLi
     directory = snapshot(tmp_path, enrolled(store, n=20))
     start = open_from(directory, store, partial(make_index, "hnsw", expansion_search=32, retry_below=0.4))
     assert start.source == "snapshot"
-    assert start.gallery._enrolled.expansion_search == 32 and start.gallery._enrolled.retry_below == 0.4
+    index = start.gallery.enrolled_index
+    assert index.expansion_search == 32 and index.retry_below == 0.4
 
 
 def test_snapshot_older_than_the_pruned_change_feed_is_refused(

@@ -19,18 +19,24 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
     summary="Hot-reload the model bundle",
     description="Loads and verifies the bundle (checksums, shapes, warm-up) before swapping it in. Requests "
     "in flight finish on the old model. A bundle that fails any check is refused with 422 and the current "
-    "model keeps serving.",
+    "model keeps serving. Another model (another name:version) would orphan the identities the served "
+    "one enrolled: refused with 409 naming how many, unless `force` is set.",
     openapi_extra=json_body_doc(ReloadRequest, required=False),
-    responses=error_responses(401, 415, 422, 503),
+    responses={
+        **error_responses(401, 415, 422, 503),
+        409: {"model": ErrorResponse, "description": "would orphan enrolled identities (send force=true)"},
+    },
 )
 async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse:
     body = await read_optional_json(request, ReloadRequest)
-    new, previous = await runtime.reload(body.bundle)
+    result = await runtime.reload(body.bundle, force=body.force)
+    new = result.model
     return ReloadResponse(
         model_id=new.model_id,
-        previous_model_id=previous,
+        previous_model_id=result.previous_model_id,
         loaded_at=new.loaded_at,
         warmup_ms=new.model.warmup_ms,
+        orphaned=result.orphaned,
     )
 
 
