@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from anyio import to_thread
@@ -30,10 +30,18 @@ from service.errors import (
     InvalidInputError,
     ModelChangeRefusedError,
     NotReadyError,
+    ServiceError,
     SnapshotFailedError,
     SnapshotUnavailableError,
 )
-from service.gallery.gallery import Gallery, Identification, IndexFactory, ModelChangedError, Sources
+from service.gallery.gallery import (
+    Gallery,
+    Identification,
+    IndexFactory,
+    ModelChangedError,
+    Sources,
+    mean_embedding,
+)
 from service.gallery.index import ExactIndex
 from service.gallery.snapshot import SnapshotError, SnapshotManifest, open_gallery, save_snapshot
 from service.gallery.store import (
@@ -124,6 +132,52 @@ class ReloadResult:
     model: LoadedModel
     previous_model_id: str
     orphaned: int  # identities of the previous model left unmatched by this reload (forced)
+    job: ReembedJob | None = None  # set: the swap waits for this background re-embedding
+
+
+@dataclass
+class ReembedJob:
+    """A background re-embedding of the served model's identities (from their kept images) by a new model;
+    the old model serves until it is done, then both swap at once. Progress is read while it runs."""
+
+    model_id: str
+    previous_model_id: str
+    total: int  # identities with kept images to re-embed
+    without_images: int  # identities of the previous model that will be orphaned (forced reload)
+    done: int = 0
+    skipped: int = 0  # kept images the new model could not read: those identities are orphaned
+    state: Literal["running", "done", "failed"] = "running"
+    error: str | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+    cancelled: bool = False
+
+
+def embed_templates(
+    loaded: LoadedModel, groups: list[list[bytes]], batch_size: int
+) -> list[np.ndarray | None]:
+    """Templates (normalised mean embedding) of identities from their kept images with `loaded`'s model,
+    called off the event loop (onnxruntime directly, not the batching engine); None for an identity whose
+    images the model cannot read (decode or preprocessing errors)."""
+    flat = [(gi, image) for gi, group in enumerate(groups) for image in group]
+    vectors: list[list[np.ndarray]] = [[] for _ in groups]
+    failed: set[int] = set()
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        try:
+            batch = loaded.preprocess([image for _, image in chunk], field="kept image")
+        except ServiceError:
+            batch = None
+        if batch is None:  # one unreadable image: find which, one at a time
+            for gi, image in chunk:
+                try:
+                    vectors[gi].append(loaded.model.run(loaded.preprocess([image], field="kept image"))[0])
+                except ServiceError:
+                    failed.add(gi)
+            continue
+        for (gi, _), vector in zip(chunk, loaded.model.run(batch), strict=True):
+            vectors[gi].append(vector)
+    return [None if gi in failed or not v else mean_embedding(np.stack(v)) for gi, v in enumerate(vectors)]
 
 
 @dataclass(frozen=True)
@@ -154,6 +208,10 @@ class ServiceRuntime:
         self.startup_error: str | None = None
         self._follower: Follower | None = None
         self._snapshot_lock = asyncio.Lock()
+        # While a re-embedding job commits, the gallery may already serve the new model: `current` follows it.
+        self._next: LoadedModel | None = None
+        self.job: ReembedJob | None = None
+        self._job_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -161,6 +219,10 @@ class ServiceRuntime:
 
     @property
     def current(self) -> LoadedModel:
+        """The model serving requests: the one whose identities the gallery searches."""
+        upcoming = self._next
+        if upcoming is not None and self._gallery is not None and self._gallery.model_id == upcoming.model_id:
+            return upcoming  # a background re-embedding just swapped the gallery in its worker thread
         if self._current is None:
             raise NotReadyError("the model is not loaded yet; retry when /readyz returns 200")
         return self._current
@@ -222,12 +284,24 @@ class ServiceRuntime:
         # recall@1 at 1M from ~0.95 to 0.999 at the small beam's p50 (docs/performance.md).
         return partial(make_index, self.settings.gallery_index)
 
-    def _check_start_model(self, store: IdentityStore, served: ServedModel) -> int:
+    def _check_start_model(self, store: IdentityStore, loaded: LoadedModel) -> int:
         """Refuse (IDEMBED_ON_MODEL_CHANGE=refuse) or accept a start with another model than the one whose
-        identities the store holds; returns how many identities this model does not match."""
+        identities the store holds; returns how many identities this model does not match. With kept
+        enrollment images, the previous model's identities that have them are re-embedded first."""
+        served = loaded.served
+        history = store.model_history()
         counts = store.count_by_model()
         try:
-            at_risk = identities_at_risk(counts, store.model_history(), None, served)
+            identities_at_risk(counts, history, None, served)  # refuses a reused id with other weights
+        except ModelChangeRefusedError as exc:
+            where = self.settings.store_url.split("@")[-1]
+            raise StoreError(f"identity store {where}: {exc.message}") from exc
+        previous = history.served
+        if self.settings.keep_enrollment_images and previous is not None and previous != served.model_id:
+            self._reembed_store(store, previous, loaded)
+            counts = store.count_by_model()
+        try:
+            at_risk = identities_at_risk(counts, history, None, served)
         except ModelChangeRefusedError as exc:
             where = self.settings.store_url.split("@")[-1]
             raise StoreError(f"identity store {where}: {exc.message}") from exc
@@ -242,6 +316,33 @@ class ServiceRuntime:
         store.record_served_model(served)
         return sum(n for m, n in counts.items() if m != served.model_id)
 
+    def _reembed_store(self, store: IdentityStore, previous: str, loaded: LoadedModel) -> None:
+        """At start-up, before anything is served: the previous model's identities with kept images get the
+        new model's templates, in batches (each batch one store transaction)."""
+        started = time.perf_counter()
+        done = skipped = 0
+        for records in store.iter_all(self.settings.max_batch_size):
+            mine = [r for r in records if r.model_id == previous]
+            images = store.images_of([r.key for r in mine])
+            with_images = [r for r in mine if r.key in images]
+            if not with_images:
+                continue
+            groups = [images[r.key] for r in with_images]
+            templates = embed_templates(loaded, groups, self.settings.max_batch_size)
+            made = {r.key: t for r, t in zip(with_images, templates, strict=True) if t is not None}
+            done += len(store.reembed(previous, loaded.model_id, made))
+            skipped += len(with_images) - len(made)
+        logger.info(
+            "gallery re-embedded at start-up",
+            extra={
+                "model_id": loaded.model_id,
+                "previous_model_id": previous,
+                "reembedded": done,
+                "skipped": skipped,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+
     async def start(self) -> None:
         """Load, verify and warm the bundle, open the store, build the gallery; raise on any fault."""
         start = time.perf_counter()
@@ -249,7 +350,7 @@ class ServiceRuntime:
         store = await to_thread.run_sync(open_store, self.settings.store_url, loaded.model.dim)
         self._store = store
         try:
-            orphaned = await to_thread.run_sync(self._check_start_model, store, loaded.served)
+            orphaned = await to_thread.run_sync(self._check_start_model, store, loaded)
         except StoreError:
             self._store = None
             store.close()
@@ -345,6 +446,9 @@ class ServiceRuntime:
 
     async def stop(self) -> None:
         """Finish queued batches, stop following changes, snapshot the gallery (if set), close the store."""
+        if self.job is not None and self._job_task is not None and not self._job_task.done():
+            self.job.cancelled = True  # the old model keeps the gallery; the job ends at its next batch
+            await self._job_task
         if self._current is not None:
             await self._current.engine.stop(self.settings.shutdown_timeout_s)
         if self._follower is not None:
@@ -377,6 +481,7 @@ class ServiceRuntime:
         together, so no request scores one model's embedding against another's."""
         path = self.resolve_bundle(name)
         async with self._reload_lock:
+            self._refuse_while_reembedding()
             old = self.current
             gallery = self.gallery
             try:
@@ -396,21 +501,42 @@ class ServiceRuntime:
             counts = await to_thread.run_sync(store.count_by_model)
             history = await to_thread.run_sync(store.model_history)
             at_risk = identities_at_risk(counts, history, old.model_id, new.served)
-            if at_risk and not force:
+            switching = new.model_id != gallery.model_id
+            with_images = 0
+            if switching and at_risk and self.settings.keep_enrollment_images:
+                kept = await to_thread.run_sync(store.count_with_images_by_model)
+                with_images = kept.get(old.model_id, 0)
+            orphaned = at_risk - with_images
+            if orphaned and not force:
+                kept_note = (
+                    f" ({with_images} with kept images would be re-embedded; the others were enrolled from "
+                    "embeddings or before images were kept)"
+                    if self.settings.keep_enrollment_images
+                    else ""
+                )
                 raise ModelChangeRefusedError(
-                    f"reload refused, still serving {old.model_id}: {new.model_id} would orphan {at_risk} "
+                    f"reload refused, still serving {old.model_id}: {new.model_id} would orphan {orphaned} "
                     f"identities enrolled by {old.model_id} (their embeddings are not comparable with the "
-                    "new model's, so they would never match until re-enrolled); send force=true to reload "
-                    "anyway",
+                    f"new model's, so they would never match until re-enrolled){kept_note}; send force=true "
+                    "to reload anyway",
                     detail={
-                        "orphaned": at_risk,
+                        "orphaned": orphaned,
+                        "reembeddable": with_images,
                         "model_id": new.model_id,
                         "serving_model_id": old.model_id,
                         "enrolled_by_model": counts,
                     },
                 )
+            if with_images:
+                job = ReembedJob(new.model_id, old.model_id, total=with_images, without_images=orphaned)
+                self.job = job
+                self._job_task = asyncio.create_task(self._run_reembedding(new, old, path, job))
+                logger.info(
+                    "re-embedding the gallery before the reload",
+                    extra={"model_id": new.model_id, "identities": with_images, "orphaned": orphaned},
+                )
+                return ReloadResult(new, old.model_id, orphaned, job)
             bundle = new.model.bundle
-            switching = new.model_id != gallery.model_id
             if switching:
                 index = self._index_factory()(gallery.dim)
                 prepare = partial(gallery.prepare_model, new.model_id, bundle.centers, bundle.labels, index)
@@ -437,6 +563,89 @@ class ServiceRuntime:
         # Requests that took the old engine before the swap are still queued on it: let it drain.
         await old.engine.stop(self.settings.shutdown_timeout_s)
         return ReloadResult(new, old.model_id, at_risk)
+
+    def _refuse_while_reembedding(self) -> None:
+        job = self.job
+        if job is not None and job.state == "running":
+            raise ModelChangeRefusedError(
+                f"reload refused: the gallery is being re-embedded for {job.model_id} ({job.done} of "
+                f"{job.total} identities); retry once GET /v1/admin/reembed says it is done",
+                detail={"model_id": job.model_id, "done": job.done, "total": job.total},
+            )
+
+    async def _run_reembedding(self, new: LoadedModel, old: LoadedModel, path: Path, job: ReembedJob) -> None:
+        """The background half of a reload with kept images: build the new model's gallery view from them
+        while the old model serves, then store the new templates and swap model and gallery together."""
+        batch_size = self.settings.max_batch_size
+        started = time.perf_counter()
+        async with self._reload_lock:
+            gallery = self.gallery
+            bundle = new.model.bundle
+            engine_started = False
+            try:
+                index = self._index_factory()(gallery.dim)
+                prepare = partial(gallery.prepare_model, new.model_id, bundle.centers, bundle.labels, index)
+                await to_thread.run_sync(prepare)
+                await to_thread.run_sync(self._reembed_gallery, gallery, new, job)
+                if job.cancelled:
+                    raise RuntimeError("cancelled: the service is shutting down")
+                new.engine.start()
+                engine_started = True
+                self._next = new  # `current` follows the gallery from the moment the commit swaps it
+                commit = partial(
+                    gallery.commit_reembedded,
+                    old.model_id,
+                    lambda groups: embed_templates(new, groups, batch_size),
+                )
+                replaced, settled = await to_thread.run_sync(commit)
+            except Exception as exc:
+                gallery.abort_model()
+                self._next = None
+                if engine_started:
+                    await new.engine.stop(self.settings.shutdown_timeout_s)
+                job.state, job.error, job.finished_at = "failed", str(exc), datetime.now(UTC)
+                logger.error(
+                    "re-embedding for %s failed, still serving %s: %s", new.model_id, old.model_id, exc
+                )
+                return
+            self._current, self._next = new, None
+            self.bundle_path = path
+            if self._on_model_change is not None:
+                self._on_model_change(new.model_id)
+            await to_thread.run_sync(gallery.store.record_served_model, new.served)
+            job.state, job.finished_at = "done", datetime.now(UTC)
+        logger.info(
+            "model reloaded after re-embedding the gallery",
+            extra={
+                "model_id": new.model_id,
+                "previous_model_id": old.model_id,
+                "reembedded": replaced,
+                "settled_during_commit": settled,
+                "skipped": job.skipped,
+                "orphaned": job.without_images,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+        )
+        await old.engine.stop(self.settings.shutdown_timeout_s)
+
+    def _reembed_gallery(self, gallery: Gallery, new: LoadedModel, job: ReembedJob) -> None:
+        """Worker thread: the served model's identities with kept images, embedded by `new` batch by batch
+        into the gallery's prepared view. Competes with serving for CPU (one batch at a time)."""
+        store = gallery.store
+        batch_size = self.settings.max_batch_size
+        for records in store.iter_all(batch_size):
+            if job.cancelled:
+                return
+            mine = [r for r in records if r.model_id == job.previous_model_id]
+            images = store.images_of([r.key for r in mine])
+            with_images = [r for r in mine if r.key in images]
+            if not with_images:
+                continue
+            templates = embed_templates(new, [images[r.key] for r in with_images], batch_size)
+            made = [(r, t) for r, t in zip(with_images, templates, strict=True) if t is not None]
+            gallery.add_reembedded([r for r, _ in made], [t for _, t in made])
+            job.done += len(with_images)
+            job.skipped += len(with_images) - len(made)
 
     @property
     def default_threshold(self) -> float:
@@ -501,6 +710,7 @@ class ServiceRuntime:
                 model_id=loaded.model_id,
                 metadata=metadata,
                 replace=replace,
+                images=images if self.settings.keep_enrollment_images else None,
             )
             try:
                 # The store commits with fsync: keep that wait off the event loop.

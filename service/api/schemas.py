@@ -255,6 +255,24 @@ class ReloadResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+class ReembedStatus(BaseModel):
+    """A re-embedding of the gallery by a new model (a reload with IDEMBED_KEEP_ENROLLMENT_IMAGES): the old
+    model serves until it is done, then both swap at once."""
+
+    state: Literal["idle", "running", "done", "failed"] = Field(description="idle: none has run")
+    model_id: str | None = Field(None, description="the model re-embedding (served once done)")
+    previous_model_id: str | None = None
+    total: int = Field(0, description="identities with kept images to re-embed")
+    done: int = 0
+    skipped: int = Field(0, description="identities whose kept images the new model could not read")
+    orphaned: int = Field(0, description="identities without kept images, orphaned by the (forced) reload")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+    model_config = ConfigDict(protected_namespaces=())
+
+
 class GalleryInfo(BaseModel):
     centers: int
     enrolled: int = Field(description="identities enrolled by the served model (the ones identify matches)")

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         "and are listed as stale, until re-enrolled). POST /v1/admin/reload refuses with 409 unless forced",
     )
 
+    keep_enrollment_images: bool = Field(
+        False,
+        description="store enrollment images with each identity, so that another model can re-embed the "
+        "gallery (in the background on a reload, before serving at start-up) instead of orphaning it; "
+        "the images are biometric data kept in the store until the identity is deleted (docs/service.md)",
+    )
+
     gallery_index: Literal["exact", "hnsw", "auto"] = Field(
         "exact",
         description="search index for enrolled identities: exact (numpy), hnsw (usearch graph) or auto "

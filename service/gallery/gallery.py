@@ -155,8 +155,11 @@ class Gallery:
         self._lock = threading.Lock()
         center_index = centers_index(centers, labels, self.dim)
         self._view = GalleryView(model_id, center_index, list(labels), index, names)
-        # A view being prepared for another model (`prepare_model`): writes are mirrored into it too.
+        # A view being prepared for another model (`prepare_model`): writes are mirrored into it too, and
+        # the keys they touch are noted, so a re-embedding can redo those at `commit_reembedded`.
         self._pending: GalleryView | None = None
+        self._touched: set[int] = set()
+        self._reembedded: dict[int, np.ndarray] = {}  # key -> new model's template, not yet stored
 
     def _load(self, view: GalleryView, batch_size: int) -> int:
         loaded = 0
@@ -195,6 +198,7 @@ class Gallery:
         with self._lock:
             loaded = self._load(view, load_batch_size)
             self._pending = view
+            self._touched, self._reembedded = set(), {}
         return loaded
 
     def commit_model(self) -> None:
@@ -207,6 +211,66 @@ class Gallery:
     def abort_model(self) -> None:
         with self._lock:
             self._pending = None
+            self._touched, self._reembedded = set(), {}
+
+    def add_reembedded(self, records: list[EnrolledIdentity], templates: list[np.ndarray]) -> int:
+        """Index in the prepared view the new model's templates of identities the served model enrolled
+        (re-embedded from their kept images; the store still holds the old templates until
+        `commit_reembedded`). Identities written since the view was prepared are left to the commit.
+        Returns how many were added."""
+        with self._lock:
+            view = self._pending
+            if view is None:
+                raise RuntimeError("no model view was prepared")
+            fresh = [(r, t) for r, t in zip(records, templates, strict=True) if r.key not in self._touched]
+            if fresh:
+                keys = np.array([r.key for r, _ in fresh], dtype=np.int64)
+                view.enrolled.add(keys, np.stack([t for _, t in fresh]))
+                for r, t in fresh:
+                    view.names[r.key] = r.name
+                    self._reembedded[r.key] = t
+        return len(fresh)
+
+    def commit_reembedded(
+        self, from_model: str, embed: Callable[[list[list[bytes]]], list[np.ndarray | None]]
+    ) -> tuple[int, int]:
+        """Store the re-embedded templates and serve the prepared view, with writes held off meanwhile.
+
+        Identities written while the view was prepared are settled first: deleted ones dropped, ones the
+        new model enrolled kept, ones the old model (re-)enrolled re-embedded now with `embed` (their kept
+        images -> templates, None where that failed) or, without images, left orphaned. Returns (identities
+        whose templates were replaced, identities written meanwhile that were settled)."""
+        with self._lock:
+            view = self._pending
+            if view is None or view.model_id is None:
+                raise RuntimeError("no model view was prepared")
+            touched = sorted(self._touched)
+            current = self.store.get_by_keys(touched)
+            redo = [current[k] for k in touched if k in current and current[k].model_id == from_model]
+            images = self.store.images_of([r.key for r in redo])
+            with_images = [r for r in redo if r.key in images]
+            templates = embed([images[r.key] for r in with_images]) if with_images else []
+            made = {r.key: t for r, t in zip(with_images, templates, strict=True) if t is not None}
+            for key in touched:
+                self._reembedded.pop(key, None)
+                record = current.get(key)
+                if record is not None and record.model_id == view.model_id:
+                    self._index_into(view, [record])
+                elif key in made:
+                    assert record is not None
+                    view.enrolled.add(np.array([key], dtype=np.int64), made[key][None])
+                    view.names[key] = record.name
+                    self._reembedded[key] = made[key]
+                elif key in view.names:
+                    self._drop(view, [key])
+            updated = set(self.store.reembed(from_model, view.model_id, self._reembedded))
+            # Not updated: deleted or re-enrolled by another replica since; never serve a stale template.
+            lost = [k for k in self._reembedded if k not in updated]
+            if lost:
+                self._drop(view, lost)
+            self._view, self._pending = view, None
+            self._touched, self._reembedded = set(), {}
+        return len(updated), len(touched)
 
     def _views(self) -> list[GalleryView]:
         return [self._view] if self._pending is None else [self._view, self._pending]
@@ -260,8 +324,10 @@ class Gallery:
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
-        """Store (durably, first) and index one identity from the embeddings of one or more of its images.
+        """Store (durably, first) and index one identity from the embeddings of one or more of its images
+        (kept with it when `images` are given, so that another model can re-embed it).
 
         Raises `ModelChangedError`, storing nothing, if `model_id` (the model that made the embeddings) is
         not the one the gallery serves: the caller embeds again with the served model."""
@@ -277,9 +343,12 @@ class Gallery:
                 model_id=model_id,
                 metadata=metadata,
                 replace=replace,
+                images=images,
             )
             for view in self._views():
                 self._index_into(view, [record])
+            if self._pending is not None:
+                self._touched.add(record.key)
         return record, replaced
 
     def apply_changes(self, upserts: list[EnrolledIdentity], deleted: list[int]) -> None:
@@ -290,6 +359,9 @@ class Gallery:
                 self._index_into(view, upserts)
                 if deleted:
                     self._drop(view, deleted)
+            if self._pending is not None:
+                self._touched.update(r.key for r in upserts)
+                self._touched.update(int(k) for k in deleted)
 
     @staticmethod
     def _drop(view: GalleryView, keys: list[int]) -> None:
@@ -303,6 +375,8 @@ class Gallery:
             if record is not None:
                 for view in self._views():
                     self._drop(view, [record.key])
+                if self._pending is not None:
+                    self._touched.add(record.key)
         return record
 
     def search(

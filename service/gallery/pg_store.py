@@ -61,6 +61,12 @@ def _schema(dim: int) -> list[str]:
             key bigint NOT NULL,
             op  char(1) NOT NULL CHECK (op IN ('u', 'd'))
         )""",
+        """CREATE TABLE IF NOT EXISTS identity_images (
+            key   bigint NOT NULL REFERENCES identities (key) ON DELETE CASCADE,
+            idx   integer NOT NULL,
+            image bytea NOT NULL,
+            PRIMARY KEY (key, idx)
+        )""",
     ]
 
 
@@ -150,6 +156,7 @@ class PostgresIdentityStore:
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
         vec = check_embedding(embedding, self.dim)
         meta = dict(metadata or {})
@@ -175,6 +182,14 @@ class PostgresIdentityStore:
                 ).fetchone()
             assert row is not None
             record = self._record(row)
+            # Images kept from an earlier enrollment belong to the template being replaced: never keep those.
+            self._db.execute("DELETE FROM identity_images WHERE key = %s", (record.key,))
+            if images:
+                with self._db.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO identity_images (key, idx, image) VALUES (%s, %s, %s)",
+                        [(record.key, i, bytes(image)) for i, image in enumerate(images)],
+                    )
             self._log_change(record.key, "u")
         return record, existing is not None
 
@@ -265,6 +280,42 @@ class PostgresIdentityStore:
                     "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
                     (k, v),
                 )
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model_id, count(*) FROM identities i "
+                "WHERE EXISTS (SELECT 1 FROM identity_images m WHERE m.key = i.key) GROUP BY model_id"
+            ).fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        if not keys:
+            return {}
+        wanted = sorted({int(k) for k in keys})
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, image FROM identity_images WHERE key = ANY(%s) ORDER BY key, idx", (wanted,)
+            ).fetchall()
+        out: dict[int, list[bytes]] = {}
+        for key, image in rows:
+            out.setdefault(int(key), []).append(bytes(image))
+        return out
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        rows = [(int(k), check_embedding(v, self.dim)) for k, v in templates.items()]
+        updated: list[int] = []
+        with self._lock, self._db.transaction():
+            self._db.execute("LOCK TABLE identity_changes IN EXCLUSIVE MODE")
+            for key, vec in rows:
+                cur = self._db.execute(
+                    "UPDATE identities SET embedding = %s, model_id = %s WHERE key = %s AND model_id = %s",
+                    (vec, to_model, key, from_model),
+                )
+                if cur.rowcount:
+                    self._log_change(key, "u")
+                    updated.append(key)
+        return updated
 
     def change_cursor(self) -> int:
         """The newest change sequence number; take it BEFORE `iter_all` when (re)building an index, then

@@ -102,8 +102,11 @@ class IdentityStore(Protocol):
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
-        """Durably store one identity; returns (the stored record, True if an existing one was replaced)."""
+        """Durably store one identity; returns (the stored record, True if an existing one was replaced).
+        `images` (the enrollment images, kept only when the service is told to) are stored with it in the
+        same transaction and replace any kept before; deleting the identity deletes them."""
 
     def get(self, name: str) -> EnrolledIdentity | None:
         """The identity enrolled under `name`, or None."""
@@ -135,6 +138,17 @@ class IdentityStore(Protocol):
 
     def record_served_model(self, model: ServedModel) -> None:
         """Remember the model now served, so that a start with another one knows what it would orphan."""
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        """Like `count_by_model`, counting only identities whose enrollment images are kept."""
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        """The kept enrollment images of these identities (keys without any are absent)."""
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        """Replace the templates of identities `from_model` enrolled with `to_model`'s (re-embedded from
+        their kept images), in one transaction; a key no longer of `from_model` (deleted, or re-enrolled
+        meanwhile) is left alone. Returns the keys updated."""
 
     def store_id(self) -> str:
         """A random id made when the store was created: tells a gallery snapshot which store it belongs to."""
@@ -202,6 +216,12 @@ CREATE TABLE IF NOT EXISTS identity_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     key INTEGER NOT NULL,
     op  TEXT    NOT NULL CHECK (op IN ('u', 'd'))
+);
+CREATE TABLE IF NOT EXISTS identity_images (
+    key   INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    image BLOB    NOT NULL,
+    PRIMARY KEY (key, idx)
 );
 """
 # `CREATE TABLE IF NOT EXISTS` is also the migration of files written before the change feed existed: their
@@ -278,6 +298,60 @@ class SQLiteIdentityStore:
     def _log_change(self, key: int, op: str) -> None:
         self._db.execute("INSERT INTO identity_changes (key, op) VALUES (?, ?)", (key, op))
 
+    def _keep_images(self, key: int, images: list[bytes] | None) -> None:
+        # Images kept from an earlier enrollment belong to the template being replaced: never keep those.
+        self._db.execute("DELETE FROM identity_images WHERE key = ?", (key,))
+        if images:
+            self._db.executemany(
+                "INSERT INTO identity_images (key, idx, image) VALUES (?, ?, ?)",
+                [(key, i, bytes(image)) for i, image in enumerate(images)],
+            )
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model_id, COUNT(*) FROM identities WHERE key IN (SELECT key FROM identity_images) "
+                "GROUP BY model_id"
+            ).fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        if not keys:
+            return {}
+        wanted = sorted({int(k) for k in keys})
+        marks = ",".join("?" * len(wanted))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT key, image FROM identity_images WHERE key IN ({marks}) ORDER BY key, idx", wanted
+            ).fetchall()
+        out: dict[int, list[bytes]] = {}
+        for key, image in rows:
+            out.setdefault(int(key), []).append(bytes(image))
+        return out
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        rows = [
+            (check_embedding(v, self.dim).tobytes(), to_model, int(k), from_model)
+            for k, v in templates.items()
+        ]
+        updated: list[int] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for blob, model, key, old in rows:
+                    cur = self._db.execute(
+                        "UPDATE identities SET embedding = ?, model_id = ? WHERE key = ? AND model_id = ?",
+                        (blob, model, key, old),
+                    )
+                    if cur.rowcount:
+                        self._log_change(key, "u")
+                        updated.append(key)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return updated
+
     def _row(self, row: tuple[Any, ...]) -> EnrolledIdentity:
         key, name, blob, dim, image_count, model_id, metadata, created_at = row
         return EnrolledIdentity(
@@ -299,6 +373,7 @@ class SQLiteIdentityStore:
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
         vec = check_embedding(embedding, self.dim)
         meta = json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True)
@@ -326,6 +401,7 @@ class SQLiteIdentityStore:
                         "metadata = ?, created_at = ? WHERE key = ?",
                         (*values, key),
                     )
+                self._keep_images(key, images)
                 self._log_change(key, "u")
                 self._db.execute("COMMIT")
             except BaseException:
@@ -365,6 +441,7 @@ class SQLiteIdentityStore:
                 row = self._db.execute(query, (name,)).fetchone()
                 if row is not None:
                     self._db.execute("DELETE FROM identities WHERE key = ?", (row[0],))
+                    self._db.execute("DELETE FROM identity_images WHERE key = ?", (row[0],))
                     self._log_change(int(row[0]), "d")
                 self._db.execute("COMMIT")
             except BaseException:
