@@ -102,6 +102,32 @@ def test_store_counts_identities_by_model_and_remembers_the_served_model(pg_url:
         store.close()
 
 
+def test_store_keeps_images_with_their_identity_and_re_embeds_them(pg_url: str) -> None:
+    store = PostgresIdentityStore(pg_url, tiny_bundle.DIM)
+    try:
+        unit = [1.0] + [0.0] * (tiny_bundle.DIM - 1)
+        other = [0.0, 1.0] + [0.0] * (tiny_bundle.DIM - 2)
+        a, _ = store.add("a", unit, image_count=2, model_id=V1, images=[b"a1", b"a2"])
+        b, _ = store.add("b", unit, image_count=1, model_id=V1)
+        assert store.images_of([a.key, b.key]) == {a.key: [b"a1", b"a2"]}
+        assert store.count_with_images_by_model() == {V1: 1}
+        # Re-embedding touches only identities still of the old model; each update is a change-feed row.
+        cursor = store.change_cursor()
+        assert store.reembed(V1, V2, {a.key: other, 999_999: other}) == [a.key]
+        got = store.get("a")
+        assert got is not None and got.model_id == V2 and got.embedding[1] == 1.0
+        assert [r.key for r in store.changes_since(cursor).upserts] == [a.key]
+        assert store.reembed(V1, V2, {a.key: unit}) == []  # no longer V1's: left alone
+        # A replacement drops the images of the template it replaces; deleting drops the rest.
+        store.add("a", unit, image_count=1, model_id=V2, replace=True)
+        assert store.images_of([a.key]) == {}
+        store.add("c", unit, image_count=1, model_id=V2, images=[b"c1"])
+        c = store.get("c")
+        assert c is not None and store.delete("c") is not None and store.images_of([c.key]) == {}
+    finally:
+        store.close()
+
+
 @pytest.mark.asyncio
 async def test_reload_and_restart_policy_on_postgres(make_settings, pg_url, models, tiny) -> None:
     eight = tiny.png(tiny.of_digit(8, 1)[0])
@@ -161,3 +187,27 @@ async def test_replicas_serving_two_models_never_index_each_others_identities(
             await asyncio.sleep(0.05)
         assert await names_found(a, eight) == ["old-2"]
         assert sorted(await names_found(b, eight)) == ["new", "old"]
+
+
+@pytest.mark.asyncio
+async def test_reload_re_embeds_kept_images_on_postgres(make_settings, pg_url, models, tiny) -> None:
+    images = [tiny.png(i) for i in tiny.of_digit(9, 3)]
+    settings = make_settings(bundle_path=models / "v1", store_url=pg_url, keep_enrollment_images=True)
+    async with serving(settings) as c:
+        for i, image in enumerate(images):
+            await enroll(c, f"p{i}", image)
+        r = await c.post("/v1/admin/reload", json={"bundle": "v2"}, headers=AUTH)
+        assert r.status_code == 202 and r.json()["total"] == 3, r.text
+        for _ in range(400):
+            status = (await c.get("/v1/admin/reembed", headers=AUTH)).json()
+            if status["state"] != "running":
+                break
+            await asyncio.sleep(0.02)
+        assert status["state"] == "done" and status["done"] == 3, status
+        for i, image in enumerate(images):
+            body = {"images": [base64.b64encode(image).decode()], "top_k": 1}
+            r = await c.post("/v1/identify", json=body)
+            match = r.json()["results"][0]["matches"][0]
+            assert r.json()["model_id"] == V2 and match["identity"] == f"p{i}"
+            assert match["similarity"] == pytest.approx(1.0, abs=1e-5)
+        assert (await c.get("/v1/model")).json()["gallery"]["orphaned"] == 0
