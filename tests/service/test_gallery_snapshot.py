@@ -28,6 +28,7 @@ from service.gallery.snapshot import (
     GalleryStart,
     SnapshotError,
     open_gallery,
+    read_manifest,
     save_snapshot,
 )
 from service.gallery.store import SQLiteIdentityStore
@@ -366,3 +367,18 @@ def test_index_keys_that_disagree_with_the_store_are_refused(
 
     assert start.source == "store" and "keys the store does not" in (start.refused or "")
     assert start.gallery.num_enrolled == 19
+
+
+def test_a_snapshot_of_another_models_identities_is_refused(
+    tmp_path: Path, store: SQLiteIdentityStore
+) -> None:
+    gallery = Gallery(CENTERS, LABELS, store, model_id="m:1", index_factory=HNSW)
+    for i in range(5):
+        gallery.enroll(f"id-{i}", VECTORS[i][None], model_id="m:1")
+    directory = snapshot(tmp_path, gallery)
+    assert read_manifest(directory).model_id == "m:1"
+    same = open_gallery(directory, CENTERS, LABELS, store, index_factory=HNSW, model_id="m:1")
+    assert same.source == "snapshot" and same.gallery.num_enrolled == 5
+    other = open_gallery(directory, CENTERS, LABELS, store, index_factory=HNSW, model_id="m:2")
+    assert other.source == "store" and other.refused is not None and "model" in other.refused
+    assert other.gallery.num_enrolled == 0  # m:2 enrolled none of them

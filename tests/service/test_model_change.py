@@ -21,6 +21,7 @@ import tiny_bundle
 from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
+from service.client import AsyncIdembedClient, IdembedError
 from service.core.config import Settings
 from service.gallery.store import StoreError
 
@@ -233,3 +234,26 @@ async def test_enrollment_racing_a_reload_is_stored_with_the_model_that_embedded
                 assert matches[name] == pytest.approx(1.0, abs=1e-5) and page[name]["stale"] is False
             else:
                 assert by_model[name] == V1 and name not in matches and page[name]["stale"] is True
+
+
+@pytest.mark.parametrize("body", [{"bundle": "v2", "force": [1]}, {"bundle": "v2", "force": "maybe"}])
+async def test_a_malformed_force_is_a_422(make_settings, models, body) -> None:
+    async with serving(make_settings(bundle_path=models / "v1")) as c:
+        r = await c.post("/v1/admin/reload", json=body, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+
+
+async def test_typed_client_reloads_with_force(make_settings, models, tiny) -> None:
+    app = create_app(make_settings(bundle_path=models / "v1"))
+    async with (
+        app.router.lifespan_context(app),
+        AsyncIdembedClient("http://t", api_key=API_KEY, transport=httpx.ASGITransport(app=app)) as c,
+    ):
+        await c.enroll("alice", images=[tiny.png(tiny.of_digit(8, 1)[0])])
+        with pytest.raises(IdembedError) as refused:
+            await c.reload("v2")
+        assert refused.value.status == 409 and refused.value.code == "model_change_refused"
+        assert refused.value.detail["orphaned"] == 1
+        reloaded = await c.reload("v2", force=True)
+        assert reloaded.model_id == V2 and reloaded.orphaned == 1
+        assert (await c.get_identity("alice")).stale is True
