@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         centers=lambda: runtime.gallery.num_centers if runtime.ready else 0,
         enrolled=lambda: runtime.gallery.num_enrolled if runtime.ready else 0,
     )
+    metrics.bind_reembedding(lambda: runtime.job)
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app)

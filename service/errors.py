@@ -76,6 +76,13 @@ class InvalidBundleError(ServiceError):
     code = "invalid_bundle"
 
 
+class ModelChangeRefusedError(ServiceError):
+    """Serving another model would leave enrolled identities unmatched (their embeddings belong to the old
+    model) and the change was not forced; or a bundle reuses the id of the model that enrolled them."""
+
+    code = "model_change_refused"
+
+
 class SnapshotUnavailableError(ServiceError):
     """A gallery snapshot was asked for but none can be taken: no snapshot folder set, or an exact index."""
 

@@ -21,6 +21,7 @@ STATUS: dict[type[e.ServiceError], int] = {
     e.IdentityNotFoundError: 404,
     e.IdentityConflictError: 409,
     e.SnapshotUnavailableError: 409,
+    e.ModelChangeRefusedError: 409,
     e.PayloadTooLargeError: 413,
     e.UnsupportedMediaTypeError: 415,
     e.InvalidInputError: 422,

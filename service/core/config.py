@@ -87,6 +87,26 @@ class Settings(BaseSettings):
         description="enrolled identities: sqlite:///path (WAL file) or postgresql://... (needs .[pg])",
     )
 
+    identify_sources: Literal["enrolled", "centers", "both"] = Field(
+        "enrolled",
+        description="what /v1/identify searches unless a request says otherwise: enrolled identities "
+        "(open-set deployments, where the bundle's training identities are not your users), centers "
+        "(the bundle's training identities only) or both (closed demos)",
+    )
+    on_model_change: Literal["refuse", "orphan"] = Field(
+        "refuse",
+        description="start-up with another model than the one that enrolled the store's identities: refuse "
+        "(exit naming how many would be orphaned) or orphan (start; those identities are never matched, "
+        "and are listed as stale, until re-enrolled). POST /v1/admin/reload refuses with 409 unless forced",
+    )
+
+    keep_enrollment_images: bool = Field(
+        False,
+        description="store enrollment images with each identity, so that another model can re-embed the "
+        "gallery (in the background on a reload, before serving at start-up) instead of orphaning it; "
+        "the images are biometric data kept in the store until the identity is deleted (docs/service.md)",
+    )
+
     gallery_index: Literal["exact", "hnsw", "auto"] = Field(
         "exact",
         description="search index for enrolled identities: exact (numpy), hnsw (usearch graph) or auto "
