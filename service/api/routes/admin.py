@@ -6,11 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.api.bodies import json_body_doc, read_optional_json
-from service.api.deps import RuntimeDep, require_write_key
+from service.api.deps import RuntimeDep, audited, require_admin_key
 from service.api.errors import error_responses
 from service.api.schemas import ErrorResponse, ReloadRequest, ReloadResponse, SnapshotResponse
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write_key)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
 
 @router.post(
@@ -25,7 +25,10 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
 )
 async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse:
     body = await read_optional_json(request, ReloadRequest)
-    new, previous = await runtime.reload(body.bundle)
+    async with audited(request, "reload", None, 200) as detail:
+        detail["bundle"] = body.bundle
+        new, previous = await runtime.reload(body.bundle)
+        detail.update(model_id=new.model_id, previous_model_id=previous)
     return ReloadResponse(
         model_id=new.model_id,
         previous_model_id=previous,
@@ -48,8 +51,9 @@ async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse
         500: {"model": ErrorResponse, "description": "the snapshot could not be written (disk, permissions)"},
     },
 )
-async def write_snapshot(runtime: RuntimeDep) -> SnapshotResponse:
-    manifest = await runtime.write_snapshot()
+async def write_snapshot(request: Request, runtime: RuntimeDep) -> SnapshotResponse:
+    async with audited(request, "snapshot", None, 200):
+        manifest = await runtime.write_snapshot()
     assert runtime.settings.gallery_snapshot_path is not None  # write_snapshot refuses otherwise
     return SnapshotResponse(
         path=str(runtime.settings.gallery_snapshot_path),
