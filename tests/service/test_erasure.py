@@ -2,13 +2,15 @@
 
 Each check first finds the vector's bytes in the files while the identity is enrolled (so the scan is shown
 to see them), then deletes it and scans again. The gallery snapshot stores vectors as float16 by default,
-so both encodings are searched for. PostgreSQL is in test_pg_store.py (it needs a server).
+so both encodings are searched for. PostgreSQL: the table's files after VACUUM FULL (skipped without a local
+server).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -84,3 +86,58 @@ async def test_deleted_identity_leaves_no_vector_bytes_in_sqlite_wal_or_snapshot
         # The change feed says a key was deleted, and nothing about its vector.
         with sqlite3.connect(db) as conn:
             assert {r[1] for r in conn.execute("PRAGMA table_info(identity_changes)")} == {"seq", "key", "op"}
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
+    pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from pg_local import LocalPostgresUnavailable, local_postgres
+
+    try:
+        with local_postgres() as url:
+            yield url
+    except LocalPostgresUnavailable as exc:
+        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
+
+
+def test_deleted_identity_leaves_no_vector_bytes_in_the_postgres_table(pg_url: str) -> None:
+    import psycopg
+
+    from service.gallery.pg_store import PostgresIdentityStore
+
+    store = PostgresIdentityStore(pg_url, DIM)
+    vectors = {f"p{i}": np.asarray(distinctive(100 + i), dtype=np.float32) for i in range(50)}
+    try:
+        for name, v in vectors.items():
+            store.add(name, v, image_count=1, model_id="m")
+        # The most recently written row: the one plain VACUUM would leave behind (nothing moves over it).
+        store.add(
+            "p49", np.asarray(distinctive(999), dtype=np.float32), image_count=1, model_id="m", replace=True
+        )
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            data_dir = Path(conn.execute("SHOW data_directory").fetchone()[0])  # type: ignore[index]
+
+            def table_files() -> list[Path]:
+                conn.execute("CHECKPOINT")  # shared buffers -> files, so the scan sees what is on disk
+                rels = ("identities", "identities_pkey", "identities_name_key")
+                paths = [conn.execute("SELECT pg_relation_filepath(%s)", (r,)).fetchone()[0] for r in rels]  # type: ignore[index]
+                toast = conn.execute(
+                    "SELECT pg_relation_filepath(reltoastrelid) FROM pg_class WHERE relname = 'identities'"
+                ).fetchone()[0]  # type: ignore[index]
+                base = [data_dir / p for p in paths + ([toast] if toast else [])]
+                return [f for p in base for f in [p, *p.parent.glob(p.name + ".*")] if f.is_file()]
+
+            victim = patterns(vectors["p20"])["f32"]
+            replaced = patterns(vectors["p49"])["f32"]
+            keeper = patterns(vectors["p10"])["f32"]
+            assert files_holding(table_files(), victim), "the scan should find the enrolled vector"
+            assert store.delete("p20") is not None
+            store.delete("p48")
+            files = table_files()
+            assert files_holding(files, victim) == [] and files_holding(files, replaced) == []
+            assert files_holding(files, patterns(vectors["p48"])["f32"]) == []
+            assert files_holding(files, keeper), "live rows must remain"
+    finally:
+        store.close()
