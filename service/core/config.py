@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -204,3 +206,32 @@ class Settings(BaseSettings):
         if url.startswith(("postgresql://", "postgres://")):
             return Path("data/audit.jsonl")
         return Path(url.removeprefix("sqlite:///")).parent / "audit.jsonl"
+
+
+# Variables with the IDEMBED_ prefix that are not settings of the service but are read by other tools of the
+# project (docker-compose.yml, the deploy scripts): no warning for them.
+DEPLOYMENT_VARIABLES = {
+    "IDEMBED_IMAGE",
+    "IDEMBED_BASE_IMAGE",
+    "IDEMBED_TRAIN_IMAGE",
+    "IDEMBED_PG_IMAGE",
+    "IDEMBED_PG_LISTEN",
+    "IDEMBED_PG_PORT",
+    "IDEMBED_PG_PASSWORD",
+}
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """IDEMBED_* variables that no setting reads (a typo is otherwise silently ignored), each with the
+    closest setting's variable name, if any is close: [("IDEMBED_BUNDLE", "IDEMBED_BUNDLE_PATH"), ...]."""
+    environ = os.environ if environ is None else environ
+    known = {f"IDEMBED_{name.upper()}" for name in Settings.model_fields}
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("IDEMBED_") or upper in known or upper in DEPLOYMENT_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        prefixed = [k for k in sorted(known) if k.startswith(upper + "_") or upper.startswith(k)]
+        out.append((name, (close or prefixed or [None])[0]))
+    return out
