@@ -95,6 +95,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if request.url.path.startswith("/v2/") or request.url.path == "/v2":
+        # The Open Inference Protocol's error shape (service/api/routes/v2.py).
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
     code = codes.get(exc.status_code, f"http_{exc.status_code}")
     return error_json(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}) or None)
