@@ -14,6 +14,7 @@ from service.api.errors import install_error_handlers
 from service.api.hot_routes import HotRoutes
 from service.api.metrics import ServiceMetrics
 from service.api.middleware import RequestContextMiddleware
+from service.api.pages import install_pages
 from service.api.routes import ROUTERS
 from service.core.audit import AuditLog
 from service.core.config import Settings
@@ -31,9 +32,10 @@ Identity embeddings learned with softmax + center loss, served with onnxruntime.
 * **verify** whether two faces are the same identity at the calibrated threshold;
 * **enroll** identities (durable in SQLite WAL).
 
-Every route except the probes and metrics needs an `X-API-Key` with the right scope: `read` (embed, identify,
-verify, list, model, /v2), `write` (enroll, delete) or `admin` (reload, snapshot); reads can be opened with
-`IDEMBED_REQUIRE_KEY_FOR_READS=false`. Writes are recorded in an append-only audit log.
+Every route except the probes and metrics needs an `X-API-Key` with the right scope: `read` (embed,
+identify, verify, list, model, /v2), `write` (enroll, delete) or `admin` (reload, snapshot); reads can be
+opened with `IDEMBED_REQUIRE_KEY_FOR_READS=false`. Writes are recorded in an append-only audit log. A web
+console is at `/console`; the Open Inference Protocol (KServe v2) is under `/v2`.
 
 Errors are `{"error": {"code", "message", "detail"}}`.
 """
@@ -78,6 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Served from local files by install_pages: FastAPI's defaults load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = runtime
@@ -91,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in ROUTERS:
         app.include_router(router)
+    install_pages(app)
     install_error_handlers(app)
     # Added first, so it runs inside RequestContextMiddleware (the last added is the outermost).
     app.add_middleware(HotRoutes, fastapi=app, routers=ROUTERS)
