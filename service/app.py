@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -56,6 +57,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level, settings.log_format)
+        # Relative defaults (models/default, data/) depend on the working folder: say which paths they became.
+        logger.info(
+            "starting",
+            extra={
+                "working_folder": str(Path.cwd()),
+                "bundle": str(settings.bundle_path.absolute()),
+                "store": settings.store_url.split("@")[-1],  # no credentials in logs
+            },
+        )
         log_access_policy(keyring, audit)
         try:
             audit.open()
@@ -66,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         except (BundleError, StoreError) as exc:
             runtime.startup_error = str(exc)
-            logger.error("start-up failed: %s", exc)
+            logger.error("start-up failed: %s (working folder %s)", exc, Path.cwd())
             raise
         try:
             yield
