@@ -210,3 +210,17 @@ def test_start_up_says_when_writes_are_disabled(
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "writes are disabled" in messages and "IDEMBED_WRITE_KEYS" in messages
     assert "no API key with the read scope" in messages
+
+
+@pytest.mark.asyncio
+async def test_an_unwritable_audit_log_stops_start_up_naming_the_file(
+    make_settings: Callable[..., Settings], tmp_path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the audit folder should be")
+    app = create_app(make_settings(audit_log_path=blocker / "audit.jsonl"))
+    with pytest.raises(OSError):
+        async with app.router.lifespan_context(app):
+            pass
+    assert "cannot open the audit log" in app.state.runtime.startup_error
+    assert str(blocker / "audit.jsonl") in app.state.runtime.startup_error
