@@ -221,13 +221,20 @@ DEPLOYMENT_VARIABLES = {
 }
 
 
-def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
-    """IDEMBED_* variables that no setting reads (a typo is otherwise silently ignored), each with the
-    closest setting's variable name, if any is close: [("IDEMBED_BUNDLE", "IDEMBED_BUNDLE_PATH"), ...]."""
-    environ = os.environ if environ is None else environ
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> list[tuple[str, str | None]]:
+    """IDEMBED_* variables (in the environment or the `.env` file Settings reads) that no setting reads (a
+    typo is otherwise silently ignored), each with the closest setting's variable name, if any is close:
+    [("IDEMBED_BUNDLE", "IDEMBED_BUNDLE_PATH"), ...]."""
+    names = set(os.environ if environ is None else environ)
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values  # pydantic-settings' own .env reader
+
+        names |= set(dotenv_values(env_file))
     known = {f"IDEMBED_{name.upper()}" for name in Settings.model_fields}
     out = []
-    for name in sorted(environ):
+    for name in sorted(names):
         upper = name.upper()
         if not upper.startswith("IDEMBED_") or upper in known or upper in DEPLOYMENT_VARIABLES:
             continue

@@ -103,3 +103,11 @@ def test_audit_command_prints_filtered_entries(tmp_path: Path) -> None:
     assert [(e["action"], e["identity"]) for e in lines] == [("enroll", "ada"), ("delete", "ada")]
     result = runner.invoke(app, ["audit", "--path", str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "no audit log at" in result.output
+
+
+def test_misnamed_variables_in_the_dotenv_file_are_named_too(tmp_path: Path, monkeypatch) -> None:
+    from service.core.config import unknown_variables
+
+    (tmp_path / ".env").write_text("IDEMBED_PORT=9000\nIDEMBED_MAX_BATCH=16\n")
+    assert unknown_variables({}, tmp_path / ".env") == [("IDEMBED_MAX_BATCH", "IDEMBED_MAX_BATCH_SIZE")]
+    assert unknown_variables({"IDEMBED_PORT": "1", "PATH": "/bin"}, None) == []
