@@ -43,7 +43,15 @@ class InvalidInputError(ServiceError):
 
 
 class AuthenticationError(ServiceError):
+    """No key, a wrong key, or no keys configured for what the request needs."""
+
     code = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    """A valid key without the scope the request needs (read, write or admin)."""
+
+    code = "forbidden"
 
 
 class IdentityNotFoundError(ServiceError):

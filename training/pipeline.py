@@ -9,6 +9,7 @@ compares like with like.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ def ensure_run(config: RunConfig, out: Path, *, verbose: int | str = 2, splits: 
             "folder or delete this one"
         )
     if paths.embedding.is_file():
+        if verbose:
+            print(
+                f"reusing the finished run in {out.resolve()} (same options, not retrained)", file=sys.stderr
+            )
         return out
     return train(config, out, resume=True, verbose=verbose, splits=splits)
 

@@ -136,9 +136,29 @@ class HnswIndex:
         return int(self._index.memory_usage)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write graph and vectors to one file: reloading is far faster than re-inserting (minutes at 1M)."""
+        """Write graph and vectors to one file: reloading is far faster than re-inserting (minutes at 1M).
+
+        Removed vectors are overwritten first, so the file holds no byte of a deleted identity's vector."""
         with self._lock:
+            self._scrub_removed()
             self._index.save(os.fspath(path))
+
+    def _scrub_removed(self) -> None:
+        # usearch's remove only marks a slot free: the vector's bytes stay in memory, and in every saved file,
+        # until an add reuses the slot. Adds fill free slots before growing, so adding one placeholder per
+        # free slot and removing them again overwrites every removed vector with the same constant vector
+        # (tested by scanning the file, tests/service/test_erasure.py). Cost: one insert per free slot.
+        free = int(self._index.stats.nodes) - len(self._index)
+        if free <= 0:
+            return
+        # Placeholder keys from the top of the int64 key space viewed as uint64 (negative int64 keys), which
+        # the stores never assign; any that happen to be present are skipped.
+        candidates = np.uint64(2**63) + np.arange(free * 2, dtype=np.uint64)
+        taken = np.asarray(self._index.contains(candidates), dtype=bool).reshape(-1)
+        keys = candidates[~taken][:free]
+        filler = np.full((len(keys), self.dim), 1.0 / np.sqrt(self.dim), dtype=np.float32)
+        self._index.add(keys, filler, threads=self.threads)
+        self._index.remove(keys)
 
     def graph_options(self) -> dict[str, object]:
         """The options the graph file depends on; search-time options (expansion_search, retry) do not."""

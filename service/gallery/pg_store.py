@@ -191,7 +191,21 @@ class PostgresIdentityStore:
                         [(record.key, i, bytes(image)) for i, image in enumerate(images)],
                     )
             self._log_change(record.key, "u")
+        if existing is not None:
+            self._erase_dead_rows()  # the replaced vector's old row version
         return record, existing is not None
+
+    def _erase_dead_rows(self) -> None:
+        """Rewrite the identities table so no dead row version (a deleted or replaced vector) stays in it.
+
+        A DELETE only marks the row dead; plain VACUUM frees the space but leaves the bytes where nothing
+        was moved over them (a page's most recently written row, measured), so only VACUUM FULL, which
+        writes a new table file and drops the old one, leaves no byte of the vector in the table. It holds an
+        exclusive lock while it copies the live rows (docs/service.md, Privacy: cost and what it cannot
+        reach: WAL segments, backups, freed filesystem blocks).
+        """
+        with self._lock:
+            self._db.execute("VACUUM FULL identities")
 
     def get(self, name: str) -> EnrolledIdentity | None:
         with self._lock:
@@ -218,6 +232,7 @@ class PostgresIdentityStore:
                 return None
             record = self._record(row)
             self._log_change(record.key, "d")
+        self._erase_dead_rows()
         return record
 
     def list(self, *, offset: int = 0, limit: int = 100) -> list[EnrolledIdentity]:

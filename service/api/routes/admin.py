@@ -6,12 +6,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.bodies import json_body_doc, read_optional_json
-from service.api.deps import RuntimeDep, require_write_key
+from service.api.deps import RuntimeDep, audited, require_admin_key
 from service.api.errors import error_responses
 from service.api.schemas import ErrorResponse, ReembedStatus, ReloadRequest, ReloadResponse, SnapshotResponse
 from service.runtime import ReembedJob
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_write_key)])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 
 
 @router.post(
@@ -33,11 +33,17 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(req
 )
 async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse | Response:
     body = await read_optional_json(request, ReloadRequest)
-    result = await runtime.reload(body.bundle, force=body.force)
-    if result.job is not None:
-        status = job_status(result.job).model_dump_json()
-        return Response(status, status_code=202, media_type="application/json")
-    new = result.model
+    async with audited(request, "reload", None, 200) as detail:
+        detail["bundle"] = body.bundle
+        result = await runtime.reload(body.bundle, force=body.force)
+        if result.job is not None:
+            detail.update(reembedding=True)
+            status = job_status(result.job).model_dump_json()
+            return Response(status, status_code=202, media_type="application/json")
+        new = result.model
+        detail.update(
+            model_id=new.model_id, previous_model_id=result.previous_model_id, orphaned=result.orphaned
+        )
     return ReloadResponse(
         model_id=new.model_id,
         previous_model_id=result.previous_model_id,
@@ -61,8 +67,9 @@ async def reload_bundle(request: Request, runtime: RuntimeDep) -> ReloadResponse
         500: {"model": ErrorResponse, "description": "the snapshot could not be written (disk, permissions)"},
     },
 )
-async def write_snapshot(runtime: RuntimeDep) -> SnapshotResponse:
-    manifest = await runtime.write_snapshot()
+async def write_snapshot(request: Request, runtime: RuntimeDep) -> SnapshotResponse:
+    async with audited(request, "snapshot", None, 200):
+        manifest = await runtime.write_snapshot()
     assert runtime.settings.gallery_snapshot_path is not None  # write_snapshot refuses otherwise
     return SnapshotResponse(
         path=str(runtime.settings.gallery_snapshot_path),

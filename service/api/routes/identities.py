@@ -8,7 +8,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from service.api.bodies import check_count, read_body, request_body_doc
-from service.api.deps import RuntimeDep, SettingsDep, require_read_key, require_write_key
+from service.api.deps import RuntimeDep, SettingsDep, audited, require_read_key, require_write_key
 from service.api.errors import error_responses
 from service.api.schemas import EnrollRequest, EnrollResponse, Identity, IdentityPage
 from service.errors import IdentityConflictError, IdentityNotFoundError
@@ -49,19 +49,21 @@ async def enroll(request: Request, runtime: RuntimeDep, settings: SettingsDep) -
     )
     if body.embeddings is not None:
         check_count(len(body.embeddings), settings, "embeddings")
-    try:
-        record, replaced = await runtime.enroll(
-            body.name,
-            files.get("images"),
-            body.embeddings,
-            metadata=dict(body.metadata),
-            replace=body.replace,
-        )
-    except IdentityExistsError as exc:
-        raise IdentityConflictError(
-            f"identity {body.name!r} is already enrolled; send replace=true to overwrite it",
-            detail={"name": body.name},
-        ) from exc
+    async with audited(request, "enroll", body.name, 201) as audit_detail:
+        try:
+            record, replaced = await runtime.enroll(
+                body.name,
+                files.get("images"),
+                body.embeddings,
+                metadata=dict(body.metadata),
+                replace=body.replace,
+            )
+        except IdentityExistsError as exc:
+            raise IdentityConflictError(
+                f"identity {body.name!r} is already enrolled; send replace=true to overwrite it",
+                detail={"name": body.name},
+            ) from exc
+        audit_detail["replaced"] = replaced
     return EnrollResponse(**to_schema(record, record.model_id).model_dump(), replaced=replaced)
 
 
@@ -110,9 +112,10 @@ async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
     dependencies=[Depends(require_write_key)],
     responses=error_responses(401, 404, 422, 503),
 )
-async def delete_identity(name: NameParam, runtime: RuntimeDep) -> Response:
+async def delete_identity(name: NameParam, request: Request, runtime: RuntimeDep) -> Response:
     gallery = runtime.gallery
-    record = await to_thread.run_sync(gallery.delete, name)
-    if record is None:
-        raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
+    async with audited(request, "delete", name, 204):
+        record = await to_thread.run_sync(gallery.delete, name)
+        if record is None:
+            raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
     return Response(status_code=204)
