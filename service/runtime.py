@@ -480,6 +480,9 @@ class ServiceRuntime:
         centers and the identities it enrolled) is built while the old model serves, then both are swapped in
         together, so no request scores one model's embedding against another's."""
         path = self.resolve_bundle(name)
+        # Refuse before waiting: a background re-embedding holds the reload lock until it swaps, so a check
+        # made only under the lock would block this request until then (seen under load) instead of a 409.
+        self._refuse_while_reembedding()
         async with self._reload_lock:
             self._refuse_while_reembedding()
             old = self.current
