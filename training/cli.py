@@ -574,19 +574,7 @@ def build_bundle(
     from training.recipes import RecipeError, load_recipe
     from training.run import RunPaths
 
-    # The pipeline's run folders in --work (build_bundle: <work>/center and its softmax twin).
-    runs = [d for d in (work / "center", work / "center-softmax") if RunPaths(d).config.is_file()]
-    reused = [d for d in runs if RunPaths(d).embedding.is_file()]
-    if retrain:
-        for d in runs:
-            shutil.rmtree(d)
-        reused = []
-    elif reused:
-        typer.echo(
-            f"note: reusing {len(reused)} finished run(s) in {work.resolve()} instead of training (pass "
-            "--retrain to train again)",
-            err=True,
-        )
+    reused: list[Path] = []
     try:
         chosen = load_recipe(recipe)
         train_options = {
