@@ -56,22 +56,30 @@ def test_commands_that_load_tensorflow_print_none_of_its_start_up_lines(tmp_path
 
 @pytest.mark.slow
 def test_build_bundle_says_it_reuses_finished_runs_and_retrain_trains_again(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(
+        json.dumps(
+            {
+                "train": {
+                    "dataset": "digits",
+                    "heldout_classes": ["6", "7", "8", "9"],
+                    "width": 2,
+                    "feature_dim": 4,
+                    "center_lambda": 0.1,
+                    "epochs": 1,
+                },
+                "evaluation": {"max_genuine": 500, "max_impostor": 2000, "ident_trials": 2, "folds": 2},
+            }
+        )
+    )
     quick = [
         "build-bundle",
+        "--recipe",
+        str(recipe),
         "--work",
         str(tmp_path / "work"),
-        "--epochs",
-        "1",
         "--pca-components",
         "0",
-        "--max-genuine",
-        "500",
-        "--max-impostor",
-        "2000",
-        "--trials",
-        "2",
-        "--folds",
-        "2",
     ]
     runner = CliRunner()
     first = runner.invoke(app, [*quick, "--out", str(tmp_path / "b1")])
