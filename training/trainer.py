@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,21 @@ def train(
     validation = (
         eval_dataset(splits.x_val, splits.y_val, batch_size=EVAL_BATCH_SIZE) if len(splits.x_val) else None
     )
+    # --- streaming input and pair verification (training/data/streaming.py, training/verification_bin.py)
+    from training.verification_bin import verification_callbacks, verification_summary
+
+    stream = getattr(splits, "train_stream", None)
+    num_train = stream.num_examples if stream is not None else len(splits.x_train)
+    make_input = (
+        stream.dataset if stream is not None else partial(train_dataset, splits.x_train, splits.y_train)
+    )
+    callbacks += verification_callbacks(config, paths, model.backbone, splits, initial_epoch=initial_epoch)
+    # --- end streaming input and pair verification
     started = time.monotonic()
     history: dict[str, list[float]] = {}
     if initial_epoch < config.epochs:
         fit = model.fit(
-            train_dataset(
-                splits.x_train,
-                splits.y_train,
+            make_input(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 epochs=config.epochs,
@@ -154,7 +163,7 @@ def train(
             ),
             epochs=config.epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch(len(splits.x_train), config.batch_size),
+            steps_per_epoch=steps_per_epoch(num_train, config.batch_size),
             validation_data=validation,
             callbacks=callbacks,
             shuffle=False,
@@ -170,7 +179,7 @@ def train(
         "resumed_from_epoch": initial_epoch,
         "seconds": round(time.monotonic() - started, 2),
         "final": {k: float(v[-1]) for k, v in history.items()},
-        "num_train": len(splits.x_train),
+        "num_train": num_train,
         "num_val": len(splits.x_val),
         "num_heldout": len(splits.x_heldout),
         "versions": {
@@ -179,6 +188,7 @@ def train(
             "keras": keras.__version__,
         },
     }
+    summary.update(verification_summary(callbacks, stream))
     save_final(paths, model.backbone, model.centers.numpy(), splits, summary)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
