@@ -124,7 +124,9 @@ def train(
             "shard folders always stream)"
         ),
     ] = False,
-    shuffle_buffer: Annotated[int, typer.Option(help="shuffle buffer of streamed TFRecord shards")] = 10_000,
+    shuffle_buffer: Annotated[
+        int, typer.Option(help="streamed TFRecord records are shuffled in seeded blocks of this many")
+    ] = 10_000,
     deterministic: Annotated[
         bool, typer.Option(help="streamed input keeps its order through parallel decoding (reproducible)")
     ] = True,

@@ -68,7 +68,10 @@ class RunConfig(BaseModel):
         "it into memory; .rec files and TFRecord shard folders always stream",
     )
     shuffle_buffer: int = Field(
-        default=10_000, ge=1, le=10_000_000, description="shuffle buffer of streamed TFRecord shards"
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="streamed TFRecord records are shuffled in seeded blocks of this many",
     )
     deterministic: bool = Field(
         default=True, description="streamed input keeps its order through parallel decoding (reproducible)"

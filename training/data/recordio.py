@@ -221,6 +221,7 @@ class RecordIOReader:
     """
 
     def __init__(self, rec: Path | str, idx: Path | str | None = None) -> None:
+        self._fd = -1
         self.rec_path = Path(rec)
         if not self.rec_path.is_file():
             raise RecordIOError(f"{self.rec_path}: not a file")
@@ -297,11 +298,13 @@ class RecordIOReader:
             os.close(fd)
         return np.arange(len(offsets), dtype=np.int64), np.asarray(offsets, dtype=np.int64)
 
-    def check(self) -> int:
-        """Read every record once (file order) and validate its framing and IRHeader; returns the count."""
+    def check(self, *, image_records: bool = True) -> int:
+        """Read every record once (file order) and validate its framing (and IRHeader, for image records);
+        returns the count."""
         for offset in np.sort(self.offsets):
             payload, _ = self.read_at(int(offset))
-            unpack(payload, where=f"{self.rec_path}: offset {int(offset)}")
+            if image_records:
+                unpack(payload, where=f"{self.rec_path}: offset {int(offset)}")
         return len(self.offsets)
 
     def iter_records(self) -> Iterator[tuple[int, bytes]]:

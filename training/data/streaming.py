@@ -22,7 +22,8 @@ back to uint8 as Pillow does) differs from Pillow's fixed-point filter by at mos
 
 Order: for folders and .rec every epoch is a full permutation of the training images, a stateless function
 of (seed, epoch), so a resumed run sees the batches the uninterrupted run saw. TFRecord shards are read in a
-per-epoch (seeded) shard order, interleaved, through a seeded shuffle buffer. With `deterministic` (the
+per-epoch (seeded) shard order, interleaved, then permuted in seeded blocks of `shuffle_buffer` records
+(pack writes images in random order, so blocks are already mixed across identities). With `deterministic` (the
 default) parallel maps keep their order; turning it off lets tf.data hand out whichever image decodes first.
 """
 
@@ -101,7 +102,13 @@ def decode_and_preprocess(
     `(19595 R + 38470 G + 7471 B + 2^15) >> 16`, L -> RGB by repetition, alpha dropped), resize only when
     the size differs, `* scale`, `(x - mean) / std`.
     """
-    img = tf.io.decode_image(encoded, channels=0, expand_animations=False, dtype=tf.uint8)
+    img = tf.cond(
+        tf.io.is_jpeg(encoded),
+        # Pillow's libjpeg uses the accurate integer IDCT; TF's default is the fast one (differs by a few
+        # grey levels), so it is asked for explicitly.
+        lambda: tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False, dtype=tf.uint8),
+    )
     img = _convert(img, preprocessing.color_mode)
     height, width = input_spec.height, input_spec.width
     shape = tf.shape(img)
@@ -132,7 +139,9 @@ def _convert(img: tf.Tensor, mode: str) -> tf.Tensor:
 
     def gray_of_rgb() -> tf.Tensor:
         rgb = tf.cast(img[..., :3], tf.int32)
-        y = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+        y = tf.bitwise.right_shift(
+            rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000, 16
+        )
         return tf.cast(y, tf.uint8)[..., None]
 
     if mode == "L":
@@ -336,9 +345,13 @@ class TrainStream:
         def epoch(e: tf.Tensor) -> tf.data.Dataset:
             key = tf.stack([tf.constant(seed, tf.int64), e])
             order = tf.argsort(tf.random.stateless_uniform([len(shards.files)], seed=key))
-            shuffle_seed = tf.random.stateless_uniform(
-                [], seed=key, minval=0, maxval=2**31 - 1, dtype=tf.int64
-            )
+
+            def permute(block: tf.Tensor, items: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+                data, labels = items
+                block_key = tf.random.experimental.stateless_fold_in(key, block)
+                perm = tf.argsort(tf.random.stateless_uniform(tf.shape(labels), seed=block_key))
+                return tf.gather(data, perm), tf.gather(labels, perm)
+
             return (
                 tf.data.Dataset.from_tensor_slices(tf.gather(files, order))
                 .interleave(
@@ -349,7 +362,12 @@ class TrainStream:
                 )
                 .map(parse, num_parallel_calls=AUTOTUNE, deterministic=det)
                 .filter(lambda _, y: y >= 0)
-                .shuffle(buffer, seed=shuffle_seed)
+                # A seeded block shuffle, not Dataset.shuffle: its seed must be a Python int, but the order
+                # here must be a function of (seed, epoch tensor) for exact resume.
+                .batch(buffer)
+                .enumerate()
+                .map(permute)
+                .unbatch()
                 .map(lambda d, y: (self._decode(d), y), num_parallel_calls=AUTOTUNE, deterministic=det)
                 .batch(batch_size)
             )
