@@ -56,10 +56,10 @@ from training.data.tfrecord import (
 )
 
 AUTOTUNE = tf.data.AUTOTUNE
-MAX_HELDOUT_IMAGES = 4096
-MAX_VAL_IMAGES = 2048
+MAX_HELDOUT_IMAGES = 2000
+MAX_VAL_IMAGES = 1000
 # Training images decoded into memory for what needs pixels of seen identities (the PCA-on-pixels baseline).
-TRAIN_SAMPLE_IMAGES = 512
+TRAIN_SAMPLE_IMAGES = 256
 READ_CHUNK = 32  # .rec records read per Python call (amortises the call; preads release the GIL)
 TFRECORD_CYCLE = 8
 
