@@ -1,0 +1,254 @@
+"""Benchmark: streaming input images/s per format vs the raw JPEG decode ceiling, and RSS vs images listed.
+
+1. Throughput. Synthetic 112x112 RGB JPEG face-sized images (generated here, in a temp folder) are written
+   as an identity folder, TFRecord shards (`pack`) and an insightface .rec/.idx (`pack --format rec`). Each
+   is streamed by the trainer's own input (`TrainStream.dataset`: read, decode, Pillow-exact preprocessing,
+   batch 128) with no model attached, and compared with the ceiling: `tf.io.decode_jpeg` alone on the same
+   encoded bytes held in memory, through `tf.data` with the same parallelism (AUTOTUNE) on the same cores.
+   Target: every format >= 0.9x the ceiling.
+2. Memory. In a fresh process per size, a .rec (and TFRecord shards) with N records (one small JPEG
+   repeated, so the disk use stays bounded) is listed, split and streamed for a few batches; peak RSS
+   (VmHWM) is compared between N = 10k and N = 1M (--quick: 100k). Target: <= +10 %.
+
+Prints a table and writes bench/results/input_pipeline.json.
+
+    python bench/input_pipeline.py --quick          # ~1 min on 2 busy cores
+    python bench/input_pipeline.py                  # 1M records for the RSS figure (~1 GB of temp disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "input_pipeline.json"
+SIZE = 112
+
+
+def _jpeg(rng: np.random.Generator, k: int) -> bytes:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    base = np.stack(
+        [
+            128 + 90 * np.sin((xx + 7 * k) / 9.0),
+            128 + 90 * np.cos(yy / (4.0 + k % 5)),
+            np.full((SIZE, SIZE), 3.0 * k),
+        ],
+        -1,
+    )
+    pixels = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _config(dataset: str, streaming: bool = False):
+    from training.config import RunConfig
+
+    return RunConfig(
+        dataset=dataset,
+        streaming=streaming,
+        image_size=SIZE,
+        color_mode="RGB",
+        backbone="facecnn",
+        heldout_count=2,
+        val_fraction=0.0,
+        batch_size=128,
+    )
+
+
+def _rate(dataset, batches: int, repeats: int) -> float:
+    """Best-of-`repeats` images/s over `batches` batches of one long-lived iterator (after `batches` of
+    warm-up, so tf.data's AUTOTUNE has settled); every input is timed the same way."""
+    it = iter(dataset)
+    for _ in range(batches):
+        next(it)
+    best = 0.0
+    for _ in range(repeats):
+        start, n = time.perf_counter(), 0
+        for _ in range(batches):
+            batch = next(it)
+            n += int((batch[0] if isinstance(batch, tuple) else batch).shape[0])
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def throughput(args: argparse.Namespace, work: Path) -> dict:
+    import tensorflow as tf
+
+    from training.data.packing import pack_folder
+    from training.data.pipeline import build_splits
+
+    rng = np.random.default_rng(0)
+    folder = work / "faces"
+    encoded = []
+    for k in range(args.identities):
+        (folder / f"id{k:04d}").mkdir(parents=True)
+        for j in range(args.per_identity):
+            data = _jpeg(rng, k)
+            (folder / f"id{k:04d}" / f"{j:03d}.jpg").write_bytes(data)
+            encoded.append(data)
+    pack_folder(folder, work / "shards", fmt="tfrecord", shard_size=1000, progress=False)
+    pack_folder(folder, work / "rec", fmt="rec", progress=False)
+
+    batches = max(8, len(encoded) // 128)
+
+    # The ceiling: decode_jpeg alone, bytes already in memory, same tf.data parallelism and batch.
+    def ceiling(dct: str) -> float:
+        ds = (
+            tf.data.Dataset.from_tensor_slices(tf.constant(encoded))
+            .repeat()
+            .map(
+                lambda e: tf.io.decode_jpeg(e, channels=3, dct_method=dct),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            .batch(128)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        return _rate(ds, batches, args.repeats)
+
+    rows = {"ceiling decode_jpeg (INTEGER_ACCURATE)": ceiling("INTEGER_ACCURATE")}
+    rows["ceiling decode_jpeg (default, fast IDCT)"] = ceiling("")
+    for name, dataset, streaming in (
+        ("folder (--streaming)", str(folder), True),
+        ("TFRecord shards", str(work / "shards"), False),
+        (".rec/.idx", str(work / "rec" / "train.rec"), False),
+    ):
+        stream = build_splits(_config(dataset, streaming)).train_stream
+        ds = stream.dataset(batch_size=128, seed=0, epochs=10_000)
+        rows[name] = _rate(ds, batches, args.repeats)
+    ref = rows["ceiling decode_jpeg (INTEGER_ACCURATE)"]
+    return {
+        "images": len(encoded),
+        "image": f"{SIZE}x{SIZE} RGB JPEG q90, ~{int(np.mean([len(e) for e in encoded]))} bytes",
+        "images_per_s": {k: round(v, 1) for k, v in rows.items()},
+        "ratio_to_ceiling": {k: round(v / ref, 3) for k, v in rows.items()},
+    }
+
+
+def _rss_child(kind: str, n: int, work: str) -> None:
+    """Runs in a fresh process: build an N-record set, list + split + stream it, print peak RSS."""
+    import tensorflow as tf  # noqa: F401  (imported first so the baseline includes TensorFlow)
+
+    from training.data.pipeline import build_splits
+    from training.data.recordio import write_insightface_rec
+    from training.data.tfrecord import write_shards
+
+    rng = np.random.default_rng(0)
+    images = [_jpeg(rng, k) for k in range(8)]
+    per_identity = 100
+    identities = n // per_identity
+    labels = np.arange(n) // per_identity
+    root = Path(work) / f"{kind}-{n}"
+    root.mkdir(parents=True)
+    if kind == "rec":
+        path = root / "train.rec"
+        write_insightface_rec(
+            path, ([images[(k + j) % 8] for j in range(per_identity)] for k in range(identities))
+        )
+        dataset = str(path)
+    else:
+        write_shards(
+            root,
+            ((images[i % 8], int(labels[i])) for i in range(n)),
+            num_images=n,
+            class_names=[str(k) for k in range(identities)],
+            shard_size=50_000,
+        )
+        dataset = str(root)
+    before = _vm("VmRSS")
+    start = time.perf_counter()
+    # 20 held-out identities = 2000 images (the in-memory cap) at every N: what differs is the listing.
+    splits = build_splits(_config(dataset).model_copy(update={"heldout_count": 20}))
+    listed = time.perf_counter() - start
+    ds = splits.train_stream.dataset(batch_size=128, seed=0, epochs=1)
+    for _ in ds.take(40):
+        pass
+    print(
+        json.dumps({"rss_before_mb": before, "peak_rss_mb": _vm("VmHWM"), "list_split_s": round(listed, 2)})
+    )
+
+
+def _vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def memory(args: argparse.Namespace, work: Path) -> dict:
+    out = {}
+    for kind in ("rec", "tfrecord"):
+        for n in (10_000, args.big):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--rss-child", kind, str(n), str(work)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            )
+            out[f"{kind} {n}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        small, big = out[f"{kind} 10000"]["peak_rss_mb"], out[f"{kind} {args.big}"]["peak_rss_mb"]
+        out[f"{kind} growth"] = round(big / small - 1, 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sets (100k for RSS), fewer repeats")
+    parser.add_argument("--identities", type=int, default=None)
+    parser.add_argument("--per-identity", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rss-child", nargs=3, metavar=("KIND", "N", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        _rss_child(args.rss_child[0], int(args.rss_child[1]), args.rss_child[2])
+        return
+    args.identities = args.identities or (100 if args.quick else 400)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.big = 100_000 if args.quick else 1_000_000
+    with tempfile.TemporaryDirectory(prefix="idembed-input-bench-") as tmp:
+        work = Path(tmp)
+        result = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": sys.version.split()[0],
+            },
+            "quick": args.quick,
+            "throughput": throughput(args, work),
+            "memory": memory(args, work),
+        }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    t = result["throughput"]
+    print(f"\n{t['images']} images, {t['image']}\n")
+    print("| input | images/s | x ceiling |\n|---|---|---|")
+    for k, v in t["images_per_s"].items():
+        print(f"| {k} | {v:.0f} | {t['ratio_to_ceiling'][k]:.2f} |")
+    m = result["memory"]
+    print("\n| listed | peak RSS MB | list+split s |\n|---|---|---|")
+    for k, v in m.items():
+        if isinstance(v, dict):
+            print(f"| {k} | {v['peak_rss_mb']:.0f} | {v['list_split_s']:.1f} |")
+    print("\nRSS growth 10k -> big: " + ", ".join(f"{k} {v:+.1%}" for k, v in m.items() if "growth" in k))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
