@@ -52,6 +52,7 @@ from training.data.tfrecord import (
     is_shard_folder,
     list_folder,
     parse_example,
+    parse_examples,
     read_shard_set,
 )
 
@@ -60,8 +61,9 @@ MAX_HELDOUT_IMAGES = 2000
 MAX_VAL_IMAGES = 1000
 # Training images decoded into memory for what needs pixels of seen identities (the PCA-on-pixels baseline).
 TRAIN_SAMPLE_IMAGES = 256
-READ_CHUNK = 32  # .rec records read per Python call (amortises the call; preads release the GIL)
+READ_CHUNK = 64  # .rec records read per Python call (amortises the call; preads release the GIL)
 TFRECORD_CYCLE = 8
+PARSE_BATCH = 256  # records parsed per tf.io.parse_example call
 
 _TF_RESIZE = {
     "nearest": "nearest",
@@ -93,15 +95,8 @@ def is_streaming(config: RunConfig) -> bool:
 # --- preprocessing -----------------------------------------------------------------------------------------
 
 
-def decode_and_preprocess(
-    encoded: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec
-) -> tf.Tensor:
-    """Encoded image bytes -> model input `[H, W, C]` float32 (or `[C, H, W]`), with TF ops only.
-
-    Step for step what `bundle.preprocess.preprocess_pil` does: decode, Pillow's `convert` (RGB -> L as
-    `(19595 R + 38470 G + 7471 B + 2^15) >> 16`, L -> RGB by repetition, alpha dropped), resize only when
-    the size differs, `* scale`, `(x - mean) / std`.
-    """
+def decode_pixels(encoded: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec) -> tf.Tensor:
+    """Encoded bytes -> uint8 `[H, W, C]`: decode, Pillow's `convert`, resize when the size differs."""
     img = tf.cond(
         tf.io.is_jpeg(encoded),
         # Pillow's libjpeg uses the accurate integer IDCT; TF's default is the fast one (differs by a few
@@ -125,12 +120,30 @@ def decode_and_preprocess(
     same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
     img = tf.cond(same, lambda: img, resized)
     channels = 1 if preprocessing.color_mode == "L" else 3
-    img = tf.ensure_shape(img, [height, width, channels])
-    x = tf.cast(img, tf.float32) * np.float32(preprocessing.scale)
+    return tf.ensure_shape(img, [height, width, channels])
+
+
+def normalize(pixels: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec) -> tf.Tensor:
+    """uint8 `[..., H, W, C]` (one image or a batch) -> float32 `* scale`, `(x - mean) / std`, layout."""
+    x = tf.cast(pixels, tf.float32) * np.float32(preprocessing.scale)
     x = (x - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
     if input_spec.layout == "NCHW":
-        x = tf.transpose(x, [2, 0, 1])
+        rank = len(x.shape)
+        x = tf.transpose(x, [*range(rank - 3), rank - 1, rank - 3, rank - 2])
     return x
+
+
+def decode_and_preprocess(
+    encoded: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec
+) -> tf.Tensor:
+    """Encoded image bytes -> model input `[H, W, C]` float32 (or `[C, H, W]`), with TF ops only.
+
+    Step for step what `bundle.preprocess.preprocess_pil` does: decode, Pillow's `convert` (RGB -> L as
+    `(19595 R + 38470 G + 7471 B + 2^15) >> 16`, L -> RGB by repetition, alpha dropped), resize only when
+    the size differs, `* scale`, `(x - mean) / std`. The stream runs the two halves apart (`decode_pixels`
+    per image, `normalize` per batch, which is cheaper); the result is the same.
+    """
+    return normalize(decode_pixels(encoded, preprocessing, input_spec), preprocessing, input_spec)
 
 
 def _convert(img: tf.Tensor, mode: str) -> tf.Tensor:
@@ -257,7 +270,10 @@ class TrainStream:
         return ds.with_options(options).prefetch(AUTOTUNE)
 
     def _decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        return decode_and_preprocess(encoded, self.preprocessing, self.input_spec)
+        return decode_pixels(encoded, self.preprocessing, self.input_spec)
+
+    def _normalize(self, pixels: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return normalize(pixels, self.preprocessing, self.input_spec), labels
 
     def _indexed_epoch(self, batch_size: int, seed: int):
         n = self.num_examples
@@ -280,6 +296,7 @@ class TrainStream:
                     tf.data.Dataset.from_tensor_slices(order)
                     .map(load, num_parallel_calls=AUTOTUNE, deterministic=det)
                     .batch(batch_size)
+                    .map(self._normalize)
                 )
 
             return epoch
@@ -323,6 +340,7 @@ class TrainStream:
                 .unbatch()
                 .map(lambda d, y: (self._decode(d), y), num_parallel_calls=AUTOTUNE, deterministic=det)
                 .batch(batch_size)
+                .map(self._normalize)
             )
 
         return epoch
@@ -339,7 +357,7 @@ class TrainStream:
         det, buffer = self.deterministic, max(1, self.shuffle_buffer)
 
         def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            encoded, _, index = parse_example(serialized)
+            encoded, _, index = parse_examples(serialized)
             return encoded, tf.gather(table, index)
 
         def epoch(e: tf.Tensor) -> tf.data.Dataset:
@@ -360,7 +378,9 @@ class TrainStream:
                     num_parallel_calls=AUTOTUNE,
                     deterministic=det,
                 )
+                .batch(PARSE_BATCH)
                 .map(parse, num_parallel_calls=AUTOTUNE, deterministic=det)
+                .unbatch()
                 .filter(lambda _, y: y >= 0)
                 # A seeded block shuffle, not Dataset.shuffle: its seed must be a Python int, but the order
                 # here must be a function of (seed, epoch tensor) for exact resume.
@@ -370,6 +390,7 @@ class TrainStream:
                 .unbatch()
                 .map(lambda d, y: (self._decode(d), y), num_parallel_calls=AUTOTUNE, deterministic=det)
                 .batch(batch_size)
+                .map(self._normalize)
             )
 
         return epoch

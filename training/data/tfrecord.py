@@ -211,3 +211,16 @@ def parse_example(serialized):
     }
     parsed = tf.io.parse_single_example(serialized, spec)
     return parsed[FEATURE_IMAGE], parsed[FEATURE_CLASS], parsed[FEATURE_INDEX]
+
+
+def parse_examples(serialized):
+    """A batch of serialized records -> (encoded images, classes, indices), one vectorised parse."""
+    import tensorflow as tf
+
+    spec = {
+        FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+        FEATURE_CLASS: tf.io.FixedLenFeature([], tf.int64),
+        FEATURE_INDEX: tf.io.FixedLenFeature([], tf.int64),
+    }
+    parsed = tf.io.parse_example(serialized, spec)
+    return parsed[FEATURE_IMAGE], parsed[FEATURE_CLASS], parsed[FEATURE_INDEX]
