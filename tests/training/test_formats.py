@@ -34,8 +34,10 @@ from training.data.sources import DataError
 from training.data.streaming import (
     build_streaming_splits,
     decode_and_preprocess,
+    decode_pixels,
     list_source,
     preprocess_encoded,
+    probe_jpeg_at_size,
     val_split,
 )
 from training.data.tfrecord import list_folder, read_shard_set, write_shards
@@ -86,7 +88,7 @@ def face_folder(tmp_path, identity_images):
     return root
 
 
-# --- RecordIO ------------------------------------------------------------------------------------------------
+# --- RecordIO ---
 
 
 def test_record_framing_is_dmlc_recordio_byte_for_byte():
@@ -96,7 +98,12 @@ def test_record_framing_is_dmlc_recordio_byte_for_byte():
     # The magic word at a 4-aligned position splits the record: cflag 1 (start) then 3 (end), magic dropped.
     payload = b"1234" + magic + b"xy"
     assert encode_record(payload) == (
-        magic + struct.pack("<I", (1 << 29) | 4) + b"1234" + magic + struct.pack("<I", (3 << 29) | 2) + b"xy\0\0"
+        magic
+        + struct.pack("<I", (1 << 29) | 4)
+        + b"1234"
+        + magic
+        + struct.pack("<I", (3 << 29) | 2)
+        + b"xy\0\0"
     )
     # Unaligned magic bytes are just data.
     assert encode_record(b"12" + magic) == magic + struct.pack("<I", 6) + b"12" + magic + b"\0\0"
@@ -199,7 +206,7 @@ def test_bad_idx_line_is_named(tmp_path, identity_images):
         list_rec(rec)
 
 
-# --- TFRecord shards and folder listing ----------------------------------------------------------------------
+# --- TFRecord shards and folder listing ---
 
 
 def test_tfrecord_shards_round_trip(tmp_path, identity_images):
@@ -235,7 +242,7 @@ def test_streaming_refuses_formats_tensorflow_cannot_decode(face_folder):
         list_source(str(face_folder), streaming=True)
 
 
-# --- preprocessing: the TF path against the bundle's ----------------------------------------------------------
+# --- preprocessing: the TF path against the bundle's ---
 
 
 def _tf_pre(data: bytes, prep: Preprocessing, spec: InputSpec) -> np.ndarray:
@@ -257,7 +264,18 @@ def test_tf_preprocessing_equals_the_bundle_exactly_without_resize(mode, kind):
     prep = Preprocessing(color_mode=mode, mean=[0.5], std=[0.5])
     with Image.open(io.BytesIO(data)) as img:
         expected = preprocess_pil(img, prep, spec)
-    np.testing.assert_array_equal(_tf_pre(data, prep, spec), expected)
+        pixels = np.asarray(img.convert(mode))
+    # Pixels: bit for bit (general path, and the JPEG fast path where it applies) ...
+    got = decode_pixels(tf.constant(data), prep, spec).numpy()
+    np.testing.assert_array_equal(got, pixels.reshape(got.shape))
+    if kind.startswith("jpeg"):
+        assert probe_jpeg_at_size([data], spec)
+        fast = decode_pixels(tf.constant(data), prep, spec, jpeg_at_size=True).numpy()
+        np.testing.assert_array_equal(fast, got)
+    else:
+        assert not probe_jpeg_at_size([data], spec)
+    # ... and the model input within float32 rounding of the fused multiply-add.
+    np.testing.assert_allclose(_tf_pre(data, prep, spec), expected, rtol=0, atol=1e-6)
 
 
 def test_tf_resize_stays_within_two_grey_levels_of_pillow():
@@ -283,11 +301,11 @@ def test_in_memory_evaluation_images_use_the_bundle_preprocessing(identity_image
     got = preprocess_encoded(identity_images[0][:2], prep, spec)
     with Image.open(io.BytesIO(identity_images[0][1])) as img:
         np.testing.assert_array_equal(got[1], preprocess_pil(img, prep, spec))
-    with pytest.raises(DataError, match="broken.jpg: unreadable"):
+    with pytest.raises(DataError, match=r"broken\.jpg: unreadable"):
         preprocess_encoded([b"not an image"], prep, spec, names=["broken.jpg"])
 
 
-# --- splits and the training stream --------------------------------------------------------------------------
+# --- splits and the training stream ---
 
 
 def test_val_split_is_per_identity_and_keeps_one_training_image():
@@ -339,6 +357,7 @@ def test_streamed_splits_are_identity_disjoint_and_stream_every_training_image(
     splits = build_splits(config)
     stream = splits.train_stream
     assert stream is not None and stream.info["kind"] == kind
+    assert stream.jpeg_at_size  # 16x16 JPEGs at --image-size 16: the fast path
     assert set(splits.class_names).isdisjoint(splits.heldout_class_names)
     assert len(splits.class_names) == IDENTITIES - 2
     assert len(splits.x_heldout) == 2 * PER_IDENTITY and len(splits.x_val) == 2 * (IDENTITIES - 2)
@@ -362,7 +381,7 @@ def test_streamed_splits_are_identity_disjoint_and_stream_every_training_image(
         by_label[k] = preprocess_encoded(identity_images[original], splits.preprocessing, splits.input_spec)
     x0, y0 = ds[0]
     for x, y in zip(x0, y0, strict=True):
-        assert min(float(np.abs(x - ref).max()) for ref in by_label[int(y)]) == 0.0
+        assert min(float(np.abs(x - ref).max()) for ref in by_label[int(y)]) <= 1e-6
 
 
 def test_mislabelled_rec_image_is_caught_while_streaming(tmp_path, identity_images):
@@ -384,9 +403,20 @@ def test_streaming_option_needs_a_folder():
         RunConfig.from_options(dataset="digits", streaming=True)
 
 
-# --- the CLI: pack, then train one epoch on every format -----------------------------------------------------
+# --- the CLI: pack, then train one epoch on every format ---
 
-TINY = ["--epochs", "1", "--image-size", str(SIZE), "--color-mode", "RGB", "--width", "4", "--feature-dim", "4"]
+TINY = [
+    "--epochs",
+    "1",
+    "--image-size",
+    str(SIZE),
+    "--color-mode",
+    "RGB",
+    "--width",
+    "4",
+    "--feature-dim",
+    "4",
+]
 TINY += ["--heldout-count", "2", "--batch-size", "8", "--quiet"]
 
 
@@ -394,7 +424,8 @@ TINY += ["--heldout-count", "2", "--batch-size", "8", "--quiet"]
 def test_pack_command_writes_a_trainable_set(fmt, tmp_path, face_folder, identity_images):
     out = tmp_path / f"packed-{fmt}"
     result = runner.invoke(
-        app, ["pack", str(face_folder), "--out", str(out), "--format", fmt, "--shard-size", "20", "--no-progress"]
+        app,
+        ["pack", str(face_folder), "--out", str(out), "--format", fmt, "--shard-size", "20", "--no-progress"],
     )
     assert result.exit_code == 0, result.output
     assert f"{IDENTITIES * PER_IDENTITY} images of {IDENTITIES} identities" in result.output

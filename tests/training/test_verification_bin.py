@@ -44,7 +44,9 @@ def _insightface_calculate_roc(embeddings1, embeddings2, actual_issame, nrof_fol
     for fold_idx, (train_set, test_set) in enumerate(k_fold.split(indices)):
         acc_train = np.zeros(nrof_thresholds)
         for threshold_idx, threshold in enumerate(thresholds):
-            acc_train[threshold_idx] = calculate_accuracy(threshold, dist[train_set], actual_issame[train_set])
+            acc_train[threshold_idx] = calculate_accuracy(
+                threshold, dist[train_set], actual_issame[train_set]
+            )
         best_threshold_index = np.argmax(acc_train)
         accuracy[fold_idx] = calculate_accuracy(
             thresholds[best_threshold_index], dist[test_set], actual_issame[test_set]
@@ -113,7 +115,9 @@ def _pair_file_from_digits(path, pairs: int = 40, seed: int = 0):
     for i in range(pairs):
         same = i % 2 == 0
         a = int(rng.integers(len(digits.labels)))
-        pool = np.flatnonzero((digits.labels == digits.labels[a]) if same else (digits.labels != digits.labels[a]))
+        pool = np.flatnonzero(
+            (digits.labels == digits.labels[a]) if same else (digits.labels != digits.labels[a])
+        )
         b = int(rng.choice(pool[pool != a]))
         images += [_png(digits.images[a]), _png(digits.images[b])]
         issame.append(same)
@@ -153,6 +157,8 @@ def test_evaluate_pairs_names_a_missing_file(tmp_path):
 
 
 def test_verify_pairs_option_is_checked_before_training(tmp_path):
-    result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--verify-pairs", str(tmp_path / "x.bin")])
+    result = runner.invoke(
+        app, ["train", "--out", str(tmp_path / "r"), "--verify-pairs", str(tmp_path / "x.bin")]
+    )
     assert result.exit_code == 2 and "--verify-pairs" in result.output
     assert not (tmp_path / "r").exists()
