@@ -461,6 +461,14 @@ def test_train_one_epoch_through_the_cli_on_each_format(kind, tmp_path, identity
     assert summary["streaming"]["images_listed"] == IDENTITIES * PER_IDENTITY
     assert np.isfinite(summary["final"]["loss"])
     assert (out / "embedding.keras").is_file()
+    if kind == "rec":
+        # A streamed run is evaluated like any other: its split is rebuilt from the listing.
+        result = runner.invoke(
+            app, ["evaluate", str(out), "--no-softmax", "--pca-components", "4", "--trials", "2"]
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "evaluation.json").read_text())
+        assert len(report["heldout_classes"]) == 2 and report["results"][0]["name"] == "softmax+center"
 
 
 def test_corrupt_rec_fails_the_cli_naming_file_and_offset(tmp_path, identity_images):

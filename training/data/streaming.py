@@ -423,6 +423,7 @@ class TrainStream:
                 .batch(buffer)
                 .enumerate()
                 .map(permute)
+                .prefetch(1)  # the next block is gathered while this one is decoded
                 .unbatch()
                 .map(lambda d, y: (self._decode(d), y), num_parallel_calls=AUTOTUNE, deterministic=det)
                 .batch(batch_size)
