@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,21 +198,29 @@ def read_idx_file(idx: Path | str) -> tuple[np.ndarray, np.ndarray]:
         text = idx.read_bytes()
     except OSError as exc:
         raise RecordIOError(f"{idx}: cannot read ({exc})") from exc
-    lines = text.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
+    n_lines = text.count(b"\n") + (0 if text.endswith(b"\n") or not text else 1)
+    # Parsed by numpy in one pass (no Python object per line: a 5.8 M-line index would cost ~0.5 GB as lists).
     try:
-        table = np.array([line.split(b"\t") for line in lines], dtype=np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            values = np.fromstring(text.decode("ascii", errors="replace"), dtype=np.int64, sep=" ")
     except ValueError:
-        for n, line in enumerate(lines, 1):
+        values = np.zeros(0, np.int64)
+    if len(values) != 2 * n_lines or _bad_layout(text, n_lines):
+        for n, line in enumerate(text.split(b"\n"), 1):
             fields = line.split(b"\t")
-            if len(fields) != 2 or not all(f.strip().isdigit() for f in fields):
-                raise RecordIOError(f"{idx}: line {n} is {line[:60]!r}, expected 'key<TAB>offset'") from None
-        raise
-    if table.size == 0:
+            if line and (len(fields) != 2 or not all(f.strip().isdigit() for f in fields)):
+                raise RecordIOError(f"{idx}: line {n} is {line[:60]!r}, expected 'key<TAB>offset'")
+        raise RecordIOError(f"{idx}: not a 'key<TAB>offset' index")
+    if n_lines == 0:
         raise RecordIOError(f"{idx}: empty index")
-    table = table.reshape(-1, 2)
+    table = values.reshape(-1, 2)
     return table[:, 0], table[:, 1]
+
+
+def _bad_layout(text: bytes, n_lines: int) -> bool:
+    """Two numbers per line but not tab-separated, one per line (e.g. `1 2\n3 4` is fine for fromstring)."""
+    return text.count(b"\t") != n_lines
 
 
 class RecordIOReader:

@@ -339,11 +339,11 @@ class TrainStream:
 
         assert self.listing.locators is not None
         offsets = tf.constant(self.listing.locators[self.indices], dtype=tf.int64)
-        names = self.listing.class_names
-        expected_raw = np.array(
-            [float(names[k]) for k in self.listing.labels[self.indices]], dtype=np.float64
-        )
-        raw = tf.constant(expected_raw, dtype=tf.float64)
+        # The label each image's own header must carry: its class's value, looked up per training label
+        # (a K-entry table, not one number per image).
+        origin = np.zeros(int(self.train_labels.max()) + 1 if len(self.train_labels) else 0, np.int64)
+        origin[self.train_labels] = self.listing.labels[self.indices]  # training label -> dataset label
+        raw = tf.constant([float(self.listing.class_names[k]) for k in origin], dtype=tf.float64)
         rec_path = self.listing.source
         size = rec_path.stat().st_size
 
@@ -360,7 +360,10 @@ class TrainStream:
 
         def load_chunk(pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             data = tf.numpy_function(
-                read_chunk, [tf.gather(offsets, pos), tf.gather(raw, pos)], tf.string, stateful=False
+                read_chunk,
+                [tf.gather(offsets, pos), tf.gather(raw, tf.gather(labels, pos))],
+                tf.string,
+                stateful=False,
             )
             data.set_shape([None])
             return data, tf.gather(labels, pos)
