@@ -161,11 +161,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def _rss_child(kind: str, n: int, work: str) -> None:
-    """Runs in a fresh process: build an N-record set, list + split + stream it, print peak RSS."""
-    import tensorflow as tf  # noqa: F401  (imported first so the baseline includes TensorFlow)
-
-    from training.data.pipeline import build_splits
+def _rss_make(kind: str, n: int, work: str) -> None:
+    """Runs in its own process (so the writer's memory is not counted): write an N-record set."""
     from training.data.recordio import write_insightface_rec
     from training.data.tfrecord import write_shards
 
@@ -181,7 +178,6 @@ def _rss_child(kind: str, n: int, work: str) -> None:
         write_insightface_rec(
             path, ([images[(k + j) % 8] for j in range(per_identity)] for k in range(identities))
         )
-        dataset = str(path)
     else:
         write_shards(
             root,
@@ -190,7 +186,16 @@ def _rss_child(kind: str, n: int, work: str) -> None:
             class_names=[str(k) for k in range(identities)],
             shard_size=50_000,
         )
-        dataset = str(root)
+
+
+def _rss_child(kind: str, n: int, work: str) -> None:
+    """Runs in a fresh process: list + split + stream the N-record set, print peak RSS."""
+    import tensorflow as tf  # noqa: F401  (imported first so the baseline includes TensorFlow)
+
+    from training.data.pipeline import build_splits
+
+    root = Path(work) / f"{kind}-{n}"
+    dataset = str(root / "train.rec") if kind == "rec" else str(root)
     before = _vm("VmRSS")
     start = time.perf_counter()
     # 20 held-out identities = 2000 images (the in-memory cap) at every N: what differs is the listing.
@@ -215,6 +220,10 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
     out = {}
     for kind in args.rss_kinds.split(","):
         for n in (10_000, args.big):
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            subprocess.run(
+                [sys.executable, __file__, "--rss-make", kind, str(n), str(work)], check=True, env=env
+            )
             proc = subprocess.run(
                 [sys.executable, __file__, "--rss-child", kind, str(n), str(work)],
                 capture_output=True,
@@ -243,8 +252,12 @@ def main() -> None:
         "--rss-big", type=int, default=None, help="records of the large RSS set [1M, quick 100k]"
     )
     parser.add_argument("--skip-throughput", action="store_true", help="only the RSS part")
+    parser.add_argument("--rss-make", nargs=3, metavar=("KIND", "N", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=3, metavar=("KIND", "N", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_make:
+        _rss_make(args.rss_make[0], int(args.rss_make[1]), args.rss_make[2])
+        return
     if args.rss_child:
         _rss_child(args.rss_child[0], int(args.rss_child[1]), args.rss_child[2])
         return

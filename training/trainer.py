@@ -114,6 +114,10 @@ def train(
         # Before the run folder too: a head option that depends on the class count (CosFace's m limit) is
         # refused here, and must not leave a config.json that makes the corrected retry fail "folder exists".
         model = build_model(config, splits)
+    # Before the run folder as well: an unreadable --verify-pairs file must not leave a folder behind.
+    from training.verification_bin import load_pair_sets, verification_callbacks, verification_summary
+
+    pair_sets = load_pair_sets(config)
     paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
 
     initial_epoch = 0
@@ -142,14 +146,12 @@ def train(
         eval_dataset(splits.x_val, splits.y_val, batch_size=EVAL_BATCH_SIZE) if len(splits.x_val) else None
     )
     # --- streaming input and pair verification (training/data/streaming.py, training/verification_bin.py)
-    from training.verification_bin import verification_callbacks, verification_summary
-
     stream = getattr(splits, "train_stream", None)
     num_train = stream.num_examples if stream is not None else len(splits.x_train)
     make_input = (
         stream.dataset if stream is not None else partial(train_dataset, splits.x_train, splits.y_train)
     )
-    callbacks += verification_callbacks(config, paths, model.backbone, splits, initial_epoch=initial_epoch)
+    callbacks += verification_callbacks(config, paths, model.backbone, splits, pair_sets)
     # --- end streaming input and pair verification
     started = time.monotonic()
     history: dict[str, list[float]] = {}

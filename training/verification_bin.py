@@ -324,14 +324,17 @@ class PairVerification(keras.callbacks.Callback):
         return out
 
 
+def load_pair_sets(config: Any) -> list[PairSet]:
+    """The pair files of `config.verify_pairs`, read (and checked) before training starts."""
+    return [load_bin(f) for f in getattr(config, "verify_pairs", []) or []]
+
+
 def verification_callbacks(
-    config: Any, paths: Any, backbone: keras.Model, splits: Any, *, initial_epoch: int = 0
+    config: Any, paths: Any, backbone: keras.Model, splits: Any, pair_sets: list[PairSet]
 ) -> list[keras.callbacks.Callback]:
     """The trainer's pair-verification callback for `config.verify_pairs` ([] when none)."""
-    files = list(getattr(config, "verify_pairs", []) or [])
-    if not files:
+    if not pair_sets:
         return []
-    pair_sets = [load_bin(f) for f in files]
     return [
         PairVerification(
             pair_sets,

@@ -162,3 +162,12 @@ def test_verify_pairs_option_is_checked_before_training(tmp_path):
     )
     assert result.exit_code == 2 and "--verify-pairs" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_pair_file_stops_training_before_the_run_folder(tmp_path):
+    junk = tmp_path / "lfw.bin"
+    junk.write_bytes(b"not a pickle")
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["train", "--out", str(out), "--epochs", "1", "--verify-pairs", str(junk)])
+    assert result.exit_code == 2 and "lfw.bin: not an insightface pair file" in result.output
+    assert not out.exists()

@@ -129,13 +129,13 @@ class RecordIOWriter:
         self.idx_path = Path(idx) if idx is not None else self.rec_path.with_suffix(".idx")
         self._rec = self.rec_path.open("wb")
         self._idx = self.idx_path.open("w", encoding="ascii")
-        self._keys: set[int] = set()
+        self._last_key = -1
 
     def write(self, key: int, payload: bytes) -> int:
-        """Append one record under `key`; returns its offset."""
-        if key in self._keys:
-            raise ValueError(f"{self.idx_path}: key {key} written twice")
-        self._keys.add(key)
+        """Append one record under `key` (keys increasing, as insightface writes them); returns its offset."""
+        if key <= self._last_key:
+            raise ValueError(f"{self.idx_path}: key {key} after key {self._last_key}; keys must increase")
+        self._last_key = key
         offset = self._rec.tell()
         self._rec.write(encode_record(payload))
         self._idx.write(f"{key}\t{offset}\n")
