@@ -35,7 +35,8 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "input_pipeline.json"
 SIZE = 112
-DRAIN_BATCHES = 8
+WARMUP_BATCHES = 16
+CEILING = "ceiling decode_jpeg (INTEGER_ACCURATE)"
 
 
 def _jpeg(rng: np.random.Generator, k: int) -> bytes:
@@ -72,25 +73,27 @@ def _config(dataset: str, streaming: bool = False):
 
 
 def _rates(datasets: dict, batches: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` images/s over `batches` batches of each input's one long-lived iterator. All
-    iterators are warmed up first (tf.data's AUTOTUNE settles), then timed in interleaved rounds, so load
-    from other processes on a shared machine hits every input alike."""
-    iterators = {name: iter(ds) for name, ds in datasets.items()}
-    for it in iterators.values():
-        for _ in range(batches):
-            next(it)
-    best = dict.fromkeys(iterators, 0.0)
+    """Best-of-`repeats` images/s over `batches` batches per input. Each round visits every input in turn
+    with a FRESH iterator (nothing buffered beforehand), warms it up for `WARMUP_BATCHES` so tf.data's
+    AUTOTUNE settles, then times it; rounds are interleaved so that load from other processes on a shared
+    machine hits every input alike."""
+    best = dict.fromkeys(datasets, 0.0)
+    cpu = dict.fromkeys(datasets, float("inf"))
     for _ in range(repeats):
-        for name, it in iterators.items():
-            # Drain what this input buffered while the others were timed, so only steady state is timed.
-            for _ in range(DRAIN_BATCHES):
+        for name, ds in datasets.items():
+            it = iter(ds)
+            for _ in range(WARMUP_BATCHES):
                 next(it)
-            start, n = time.perf_counter(), 0
+            start, cpu_start, n = time.perf_counter(), time.process_time(), 0
             for _ in range(batches):
                 batch = next(it)
                 n += int((batch[0] if isinstance(batch, tuple) else batch).shape[0])
             best[name] = max(best[name], n / (time.perf_counter() - start))
-    return best
+            # CPU seconds of this process (all tf.data threads) per image: the work an input costs, much
+            # less sensitive than wall time to other processes sharing the cores.
+            cpu[name] = min(cpu[name], (time.process_time() - cpu_start) / n)
+            del it
+    return best, cpu
 
 
 def throughput(args: argparse.Namespace, work: Path) -> dict:
@@ -130,7 +133,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
 
     stream0 = build_splits(_config(str(folder), True)).train_stream
     datasets = {
-        "ceiling decode_jpeg (INTEGER_ACCURATE)": ceiling("INTEGER_ACCURATE"),
+        CEILING: ceiling("INTEGER_ACCURATE"),
         "ceiling decode_jpeg (default, fast IDCT)": ceiling(""),
         # The float conversion every input needs for the model, on top of the ceiling (not a format cost).
         "ceiling + per-batch normalise to float32": ceiling("INTEGER_ACCURATE").map(
@@ -147,16 +150,18 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
         stream = build_splits(_config(dataset, streaming)).train_stream
         decode_path[name] = stream.info["decode"]
         datasets[name] = stream.dataset(batch_size=128, seed=0, epochs=10_000)
-    rows = _rates(datasets, batches, args.repeats)
-    ref = rows["ceiling decode_jpeg (INTEGER_ACCURATE)"]
+    rows, cpu = _rates(datasets, batches, args.repeats)
+    ref = rows[CEILING]
     return {
         "images": len(encoded),
         "image": f"{SIZE}x{SIZE} RGB JPEG q90, ~{int(np.mean([len(e) for e in encoded]))} bytes",
         "images_per_s": {k: round(v, 1) for k, v in rows.items()},
         "ratio_to_ceiling": {k: round(v / ref, 3) for k, v in rows.items()},
+        "cpu_us_per_image": {k: round(v * 1e6, 1) for k, v in cpu.items()},
+        "cpu_ratio_to_ceiling": {k: round(cpu[CEILING] / v, 3) for k, v in cpu.items()},
         "decode_path": decode_path,
-        "method": "best of interleaved rounds of `batches` batches of 128 per input, each after draining "
-        f"{DRAIN_BATCHES} batches (what it buffered meanwhile), after a warm-up",
+        "method": "best of interleaved rounds; per round and input a fresh iterator, "
+        f"{WARMUP_BATCHES} warm-up batches, then `batches` timed batches of 128",
         "batches": batches,
     }
 
@@ -252,6 +257,7 @@ def main() -> None:
         "--rss-big", type=int, default=None, help="records of the large RSS set [1M, quick 100k]"
     )
     parser.add_argument("--skip-throughput", action="store_true", help="only the RSS part")
+    parser.add_argument("--skip-memory", action="store_true", help="only the throughput part")
     parser.add_argument("--rss-make", nargs=3, metavar=("KIND", "N", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--rss-child", nargs=3, metavar=("KIND", "N", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -274,18 +280,26 @@ def main() -> None:
             },
             "quick": args.quick,
             "throughput": None if args.skip_throughput else throughput(args, work),
-            "memory": memory(args, work),
+            "memory": None if args.skip_memory else memory(args, work),
         }
     results = RESULTS if not args.skip_throughput else RESULTS.with_name("input_pipeline_rss.json")
+    if args.skip_memory:
+        results = RESULTS.with_name("input_pipeline_throughput.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result, indent=2) + "\n")
     t = result["throughput"]
     if t is not None:
         print(f"\n{t['images']} images, {t['image']}\n")
-        print("| input | images/s | x ceiling |\n|---|---|---|")
+        print(
+            "| input | images/s (wall) | x ceiling (wall) | CPU µs/image | x ceiling (CPU) |\n"
+            "|---|---|---|---|---|"
+        )
         for k, v in t["images_per_s"].items():
-            print(f"| {k} | {v:.0f} | {t['ratio_to_ceiling'][k]:.2f} |")
-    m = result["memory"]
+            print(
+                f"| {k} | {v:.0f} | {t['ratio_to_ceiling'][k]:.2f} | {t['cpu_us_per_image'][k]:.0f} | "
+                f"{t['cpu_ratio_to_ceiling'][k]:.2f} |"
+            )
+    m = result["memory"] or {}
     print("\n| listed | peak RSS MB | list+split s |\n|---|---|---|")
     for k, v in m.items():
         if isinstance(v, dict):

@@ -203,7 +203,7 @@ def read_idx_file(idx: Path | str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            values = np.fromstring(text.decode("ascii", errors="replace"), dtype=np.int64, sep=" ")
+            values = np.fromstring(text, dtype=np.int64, sep=" ")
     except ValueError:
         values = np.zeros(0, np.int64)
     if len(values) != 2 * n_lines or _bad_layout(text, n_lines):
