@@ -155,6 +155,23 @@ def test_insightface_layout_lists_identities_from_their_records(tmp_path, identi
     assert raw.tolist() == listing.labels.astype(float).tolist()
 
 
+def test_one_read_per_record_equals_the_validating_reader(tmp_path, identity_images):
+    magic = struct.pack("<I", MAGIC)
+    # The first image carries the magic word at an aligned position of its payload (24-byte IRHeader + 8 +
+    # 4 label bytes ahead of it): written as continuation parts, which the one-read path must hand over.
+    odd = identity_images[0][0][:8] + magic + identity_images[0][0][8:]
+    sets = [[odd, *identity_images[0][1:]], *identity_images[1:]]
+    for label_array in (False, True):
+        rec = tmp_path / f"t{label_array}.rec"
+        write_insightface_rec(rec, sets, label_array=label_array)
+        listing = list_rec(rec)
+        assert listing.spans is not None and listing.spans.dtype == np.int32
+        fast = read_images(rec, listing.offsets, spans=listing.spans)
+        slow = read_images(rec, listing.offsets)
+        assert fast[0] == slow[0] == [b for ident in sets for b in ident]
+        np.testing.assert_array_equal(fast[1], slow[1])
+
+
 def test_flat_rec_without_header_record_reads_labels_per_record(tmp_path, identity_images):
     rec = tmp_path / "flat.rec"
     with RecordIOWriter(rec) as writer:

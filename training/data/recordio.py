@@ -25,6 +25,7 @@ millions of records at random offsets with bounded memory. Every malformed byte 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import warnings
@@ -365,6 +366,7 @@ class RecListing:
     labels: np.ndarray  # int32 [N], 0..K-1
     class_names: list[str]
     layout: str  # "insightface" (index-0 header with identity ranges) or "flat" (labels read per record)
+    spans: np.ndarray | None = None  # int32 [N]: bytes to the next record (one read per record)
 
 
 def list_rec(rec: Path | str, idx: Path | str | None = None) -> RecListing:
@@ -385,11 +387,14 @@ def list_rec(rec: Path | str, idx: Path | str | None = None) -> RecListing:
             and isinstance(head0.label, np.ndarray)
             and head0.label.size >= 2
         ):
-            return _list_insightface(reader, head0)
-        labels = np.empty(len(reader), dtype=np.float64)
-        for i, key in enumerate(reader.keys):
-            labels[i] = _label_of(reader, int(key))
-        return _relabel(reader, reader.offsets.copy(), labels, "flat")
+            listing = _list_insightface(reader, head0)
+        else:
+            labels = np.empty(len(reader), dtype=np.float64)
+            for i, key in enumerate(reader.keys):
+                labels[i] = _label_of(reader, int(key))
+            listing = _relabel(reader, reader.offsets.copy(), labels, "flat")
+        spans = record_spans(reader.offsets, listing.offsets, reader.size)
+        return dataclasses.replace(listing, spans=spans)
     finally:
         reader.close()
 
@@ -453,20 +458,49 @@ def _list_insightface(reader: RecordIOReader, head0: IRHeader) -> RecListing:
 
 
 def read_images(
-    rec: Path | str, offsets: np.ndarray, size: int | None = None
+    rec: Path | str, offsets: np.ndarray, size: int | None = None, spans: np.ndarray | None = None
 ) -> tuple[list[bytes], np.ndarray]:
-    """Encoded image bytes and header label values (float64) of the records at `offsets` (one `pread`
-    each, no `.idx` needed): what a training step reads."""
+    """Encoded image bytes and header label values (float64) of the records at `offsets`: what a training
+    step reads. With `spans` (bytes from each offset to the next record, `RecListing.spans`) a whole record
+    is one `pread` and is parsed in place; records split into parts, or a span that does not hold the
+    record, take the general path (`read_record`), which validates and names every malformed byte."""
     path = Path(rec)
     size = size if size is not None else path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
+    unpack_from = struct.unpack_from
     try:
         images, labels = [], np.empty(len(offsets), dtype=np.float64)
+        span_list = np.asarray(spans).tolist() if spans is not None else None
         for i, offset in enumerate(np.asarray(offsets).tolist()):
+            if span_list is not None:
+                buf = os.pread(fd, span_list[i], offset)
+                if len(buf) >= 8 + IR_SIZE:
+                    magic, lrec = unpack_from("<II", buf)
+                    length = lrec & _LEN_MASK
+                    if magic == MAGIC and lrec >> 29 == 0 and IR_SIZE <= length <= len(buf) - 8:
+                        flag, label = unpack_from("<If", buf, 8)
+                        start = 8 + IR_SIZE + 4 * flag
+                        if start <= 8 + length:
+                            if flag > 0:
+                                label = unpack_from("<f", buf, 8 + IR_SIZE)[0]
+                            images.append(buf[start : 8 + length])
+                            labels[i] = label
+                            continue
             payload, _ = read_record(lambda n, o: os.pread(fd, n, o), offset, size, path)
             header, image = unpack(payload, where=f"{path}: offset {offset}")
             images.append(image)
-            labels[i] = header.label_value()
+            try:
+                labels[i] = header.label_value()
+            except ValueError as exc:
+                raise RecordIOError(f"{path}: offset {offset}: {exc}") from exc
         return images, labels
     finally:
         os.close(fd)
+
+
+def record_spans(all_offsets: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
+    """Bytes from each of `offsets` to the next record of the file (or its end): one read holds the record."""
+    ordered = np.unique(all_offsets)
+    following = np.append(ordered[1:], size)
+    spans = following[np.searchsorted(ordered, offsets)] - offsets
+    return np.minimum(spans, MAX_PART + 8).astype(np.int32)

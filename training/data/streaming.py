@@ -227,6 +227,7 @@ class Listing:
     class_names: list[str]
     locators: np.ndarray | None  # folder: relative paths (bytes); rec: offsets; tfrecord: None (index)
     shards: ShardSet | None = None
+    spans: np.ndarray | None = None  # rec: bytes from each record to the next (one read per record)
 
     def describe(self, i: int) -> str:
         if self.kind == "folder":
@@ -243,7 +244,7 @@ def list_source(dataset: str, streaming: bool = False) -> Listing:
     path = Path(dataset)
     if kind == "rec":
         rec = list_rec(path)
-        return Listing("rec", path, rec.labels, rec.class_names, rec.offsets)
+        return Listing("rec", path, rec.labels, rec.class_names, rec.offsets, spans=rec.spans)
     if kind == "tfrecord":
         shards = read_shard_set(path)
         return Listing("tfrecord", path, shards.labels, shards.class_names, None, shards)
@@ -346,9 +347,11 @@ class TrainStream:
         raw = tf.constant([float(self.listing.class_names[k]) for k in origin], dtype=tf.float64)
         rec_path = self.listing.source
         size = rec_path.stat().st_size
+        assert self.listing.spans is not None
+        spans = tf.constant(self.listing.spans[self.indices], dtype=tf.int32)
 
-        def read_chunk(offs: np.ndarray, want: np.ndarray) -> np.ndarray:
-            images, got = read_images(rec_path, offs, size)
+        def read_chunk(offs: np.ndarray, lengths: np.ndarray, want: np.ndarray) -> np.ndarray:
+            images, got = read_images(rec_path, offs, size, lengths)
             bad = np.flatnonzero(got != want)
             if bad.size:
                 i = int(bad[0])
@@ -361,7 +364,7 @@ class TrainStream:
         def load_chunk(pos: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             data = tf.numpy_function(
                 read_chunk,
-                [tf.gather(offsets, pos), tf.gather(raw, tf.gather(labels, pos))],
+                [tf.gather(offsets, pos), tf.gather(spans, pos), tf.gather(raw, tf.gather(labels, pos))],
                 tf.string,
                 stateful=False,
             )
@@ -397,7 +400,9 @@ class TrainStream:
 
         def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             encoded, _, index = parse_examples(serialized)
-            return encoded, tf.gather(table, index)
+            label = tf.gather(table, index)
+            keep = label >= 0  # images of this split's training side only
+            return tf.boolean_mask(encoded, keep), tf.boolean_mask(label, keep)
 
         def epoch(e: tf.Tensor) -> tf.data.Dataset:
             key = tf.stack([tf.constant(seed, tf.int64), e])
@@ -420,7 +425,6 @@ class TrainStream:
                 .batch(PARSE_BATCH)
                 .map(parse, num_parallel_calls=AUTOTUNE, deterministic=det)
                 .unbatch()
-                .filter(lambda _, y: y >= 0)
                 # A seeded block shuffle, not Dataset.shuffle: its seed must be a Python int, but the order
                 # here must be a function of (seed, epoch tensor) for exact resume.
                 .batch(buffer)
@@ -461,7 +465,8 @@ def read_encoded(listing: Listing, indices: np.ndarray) -> list[bytes]:
         return out
     if listing.kind == "rec":
         assert listing.locators is not None
-        return read_images(listing.source, listing.locators[indices])[0]
+        spans = listing.spans[indices] if listing.spans is not None else None
+        return read_images(listing.source, listing.locators[indices], spans=spans)[0]
     shards = listing.shards
     assert shards is not None
     wanted = np.zeros(len(listing.labels), dtype=bool)
