@@ -282,7 +282,9 @@ def main() -> None:
             "throughput": None if args.skip_throughput else throughput(args, work),
             "memory": None if args.skip_memory else memory(args, work),
         }
-    results = RESULTS if not args.skip_throughput else RESULTS.with_name("input_pipeline_rss.json")
+    results = (
+        RESULTS if not args.skip_throughput else RESULTS.with_name(f"input_pipeline_rss-{args.big}.json")
+    )
     if args.skip_memory:
         results = RESULTS.with_name("input_pipeline_throughput.json")
     results.parent.mkdir(parents=True, exist_ok=True)
