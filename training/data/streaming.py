@@ -14,11 +14,11 @@ evaluation, which is what `evaluate`/`export` score and calibrate on.
 
 Preprocessing: the training stream decodes and preprocesses with TensorFlow ops in parallel
 (`decode_and_preprocess`); the in-memory evaluation images go through `bundle.preprocess.preprocess_pil`,
-the service's own code. The TF path reproduces it exactly when no resize is needed (face crops stored at
-the model's input size, e.g. insightface's 112x112): decoding is libjpeg-turbo/libpng in both, and the
-gray conversion is Pillow's integer formula. When a resize is needed the TF resize (antialiased, rounded
-back to uint8 as Pillow does) differs from Pillow's fixed-point filter by at most a few grey levels
-(`tests/training/test_streaming.py` measures and bounds it).
+the service's own code. Without a resize (face crops stored at the model's input size, e.g. insightface's
+112x112) the pixels are bit-identical: JPEGs are decoded with the accurate integer IDCT Pillow's libjpeg
+uses, and RGB -> L is Pillow's integer formula; the float input is within 1e-6 (a fused multiply-add).
+With a resize, TF's antialiased resize (rounded back to uint8 as Pillow does) stays within 2 grey levels of
+Pillow's fixed-point filter. `tests/training/test_formats.py` measures and bounds both.
 
 Order: for folders and .rec every epoch is a full permutation of the training images, a stateless function
 of (seed, epoch), so a resumed run sees the batches the uninterrupted run saw. TFRecord shards are read in a
