@@ -495,3 +495,18 @@ def test_corrupt_rec_fails_the_cli_naming_file_and_offset(tmp_path, identity_ima
     result = runner.invoke(app, ["train", "--dataset", str(dataset), "--out", str(tmp_path / "run"), *TINY])
     assert result.exit_code == 2
     assert "train.rec" in result.output and "offset" in result.output
+
+
+def test_streamed_run_resumes_to_the_uninterrupted_result(tmp_path, identity_images):
+    dataset = _rec_dataset(tmp_path, identity_images)
+    args = list(TINY)
+    args[args.index("--epochs") + 1] = "2"
+    whole = runner.invoke(app, ["train", "--dataset", dataset, "--out", str(tmp_path / "whole"), *args])
+    assert whole.exit_code == 0, whole.output
+    first = runner.invoke(app, ["train", "--dataset", dataset, "--out", str(tmp_path / "split"), *TINY])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["train", "--out", str(tmp_path / "split"), "--resume", "--epochs", "2"])
+    assert again.exit_code == 0, again.output
+    a = np.load(tmp_path / "whole" / "centers.npy")
+    b = np.load(tmp_path / "split" / "centers.npy")
+    np.testing.assert_allclose(a, b, atol=1e-5)
