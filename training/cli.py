@@ -225,6 +225,14 @@ def train(
         )
     except (ConfigError, DataError, RunError, DistributedConfigError) as exc:
         raise _fail(str(exc)) from exc
+    except Exception as exc:
+        # A streamed record found bad mid-epoch reaches us as a TensorFlow error wrapping RecordIOError.
+        from training.data.streaming import stream_error_message
+
+        message = stream_error_message(exc)
+        if message is None:
+            raise
+        raise _fail(message) from exc
     if cluster is not None and not cluster.is_chief:
         typer.echo(f"worker {cluster.task.type}:{cluster.task.index} done; the chief writes {run_dir}")
         return

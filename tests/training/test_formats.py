@@ -510,3 +510,16 @@ def test_streamed_run_resumes_to_the_uninterrupted_result(tmp_path, identity_ima
     a = np.load(tmp_path / "whole" / "centers.npy")
     b = np.load(tmp_path / "split" / "centers.npy")
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_record_corrupted_mid_stream_fails_the_cli_naming_file_and_offset(tmp_path, identity_images):
+    rec = Path(_rec_dataset(tmp_path, identity_images))
+    offset = RecordIOReader(rec).offset_of(5)
+    data = bytearray(rec.read_bytes())
+    data[offset + 8 + 4 : offset + 8 + 8] = struct.pack("<f", 3.0)  # listing is fine, the stream is not
+    rec.write_bytes(bytes(data))
+    result = runner.invoke(app, ["train", "--dataset", str(rec), "--out", str(tmp_path / "run"), *TINY])
+    assert result.exit_code == 2, result.output
+    assert (
+        f"train.rec: offset {offset}: image label 3 disagrees with its identity record (0)" in result.output
+    )

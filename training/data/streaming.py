@@ -576,3 +576,15 @@ def build_streaming_splits(config: RunConfig) -> StreamingSplits:
         preprocessing=prep,
         train_stream=stream,
     )
+
+
+def stream_error_message(exc: BaseException) -> str | None:
+    """The `RecordIOError` message inside a TensorFlow error raised by the stream (the .rec reader runs in
+    a `tf.numpy_function`, so its exception arrives wrapped), or None for any other error."""
+    if not isinstance(exc, tf.errors.OpError):
+        return None
+    text = str(exc.message if hasattr(exc, "message") else exc)
+    marker = "RecordIOError: "
+    if marker not in text:
+        return None
+    return text.split(marker, 1)[1].splitlines()[0].strip()
