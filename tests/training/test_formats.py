@@ -523,3 +523,25 @@ def test_record_corrupted_mid_stream_fails_the_cli_naming_file_and_offset(tmp_pa
     assert (
         f"train.rec: offset {offset}: image label 3 disagrees with its identity record (0)" in result.output
     )
+
+
+def test_streamed_batches_are_augmented_training_only_and_seeded(tmp_path, face_folder):
+    # The same seeded warp as the in-memory input: epoch e's augmented batches depend on (seed, e) only.
+    out = tmp_path / "run"
+    aug = ["--augment-rotation", "15", "--augment-translate", "0.1"]
+    result = runner.invoke(
+        app, ["train", "--dataset", str(face_folder), "--streaming", "--out", str(out), *TINY, *aug]
+    )
+    assert result.exit_code == 0, result.output
+    from training.config import RunConfig
+    from training.data import build_splits
+    from training.data.augment import augmentation_from_config
+
+    config = RunConfig.load(out / "config.json")
+    splits = build_splits(config)
+    stream = splits.train_stream
+    augment = augmentation_from_config(config, splits.preprocessing)
+    plain = next(iter(stream.dataset(batch_size=8, seed=0, epochs=1)))[0].numpy()
+    warped = [next(iter(stream.dataset(batch_size=8, seed=0, epochs=1, augment=augment)))[0].numpy()]
+    warped.append(next(iter(stream.dataset(batch_size=8, seed=0, epochs=1, augment=augment)))[0].numpy())
+    assert np.array_equal(warped[0], warped[1]) and not np.allclose(warped[0], plain)

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_pil
 from training.config import RunConfig
+from training.data.augment import Augmentation, augment_batch, batch_key
 from training.data.pipeline import Splits, model_input, steps_per_epoch
 from training.data.recordio import RecordIOError, list_rec, read_images
 from training.data.sources import DataError
@@ -295,12 +296,33 @@ class TrainStream:
     def steps_per_epoch(self, batch_size: int) -> int:
         return steps_per_epoch(self.num_examples, batch_size)
 
-    def dataset(self, *, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0) -> tf.data.Dataset:
-        """Batches for epochs `initial_epoch .. epochs-1` in one stream (each epoch ends on its own batch)."""
+    def dataset(
+        self,
+        *,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        initial_epoch: int = 0,
+        augment: Augmentation | None = None,
+    ) -> tf.data.Dataset:
+        """Batches for epochs `initial_epoch .. epochs-1` in one stream (each epoch ends on its own batch).
+
+        `augment` warps each batch with the same (seed, epoch, batch index) keys as the in-memory input, so a
+        resumed run sees the same augmented batches."""
         if self.listing.kind == "tfrecord":
             per_epoch = self._tfrecord_epoch(batch_size, seed)
         else:
             per_epoch = self._indexed_epoch(batch_size, seed)
+        if augment is not None and not augment.is_identity:
+            plain = per_epoch
+
+            def per_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+                return (
+                    plain(epoch)
+                    .enumerate()
+                    .map(lambda b, xy: (augment_batch(xy[0], batch_key(seed, epoch, b), augment), xy[1]))
+                )
+
         ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(per_epoch)
         options = tf.data.Options()
         options.deterministic = self.deterministic
