@@ -322,6 +322,21 @@ _TargetFar = Annotated[
 ]
 
 
+_Quantize = Annotated[
+    str | None,
+    typer.Option(
+        help="int8: also quantize the model (onnxruntime); refused unless the held-out EER stays within "
+        "+0.005 of fp32"
+    ),
+]
+_QuantizeMethod = Annotated[
+    str,
+    typer.Option(
+        help="static (QDQ, activation ranges from 128 training-identity images) | dynamic (weights only)"
+    ),
+]
+
+
 _CalibrationFraction = Annotated[
     float,
     typer.Option(
@@ -475,9 +490,12 @@ def export(
     shots: _Shots = 1,
     episodes: _Episodes = 400,
     within_group: _WithinGroup = True,
+    quantize: _Quantize = None,
+    quantize_method: _QuantizeMethod = "static",
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
     from training.pipeline import compare, export_run, twin_dir
+    from training.quantize import QuantizationError
     from training.run import load_run
 
     try:
@@ -499,11 +517,24 @@ def export(
         has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
         baseline = load_run(twin) if has_twin else None
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
+        if quantize_method not in ("static", "dynamic"):
+            raise ValueError(f"--quantize-method must be static or dynamic, got {quantize_method!r}")
         manifest = export_run(
-            trained, out, result, target_far=target_far, name=name, version=version, tolerance=tolerance
+            trained,
+            out,
+            result,
+            target_far=target_far,
+            name=name,
+            version=version,
+            tolerance=tolerance,
+            quantize=quantize,
+            quantize_method=quantize_method,
         )
-    except _pipeline_errors() as exc:
+    except (QuantizationError, *_pipeline_errors()) as exc:
         raise _fail(str(exc)) from exc
+    if manifest.quantization is not None:
+        qr = manifest.quantization
+        typer.echo(f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}")
     th = manifest.thresholds
     typer.echo(
         f"bundle {out}: {manifest.model_id}, dim {manifest.embedding.dim}, {manifest.num_classes} classes; "
@@ -693,21 +724,6 @@ def _floats(option: str, value: str) -> tuple[float, ...]:
     except ValueError:
         raise _fail(f"{option} {value!r}: expected a number or comma-separated numbers, e.g. 127.5") from None
     return out
-
-
-_Quantize = Annotated[
-    str | None,
-    typer.Option(
-        help="int8: also quantize the model (onnxruntime); refused unless the held-out EER stays within "
-        "+0.005 of fp32"
-    ),
-]
-_QuantizeMethod = Annotated[
-    str,
-    typer.Option(
-        help="static (QDQ, activation ranges from 128 training-identity images) | dynamic (weights only)"
-    ),
-]
 
 
 @app.command("import")

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from bundle.files import l2_normalize, sha256_bytes
-from bundle.manifest import Quantization
+from bundle.manifest import Quantization, Thresholds
 
 # The accuracy gate: int8 may cost at most this much EER (absolute) on the held-out identities.
 MAX_EER_INCREASE = 0.005
@@ -124,6 +124,16 @@ def quantize_int8(
         out = dst.read_bytes()
     onnx.checker.check_model(onnx.load_from_string(out))
     return out
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What replaces the fp32 parts of a bundle being written: the int8 graph and what it measured."""
+
+    model_bytes: bytes
+    thresholds: Thresholds
+    evaluation: dict
+    record: Quantization
 
 
 @dataclass(frozen=True)
