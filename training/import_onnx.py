@@ -387,3 +387,17 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         out, manifest=manifest, model_bytes=model_bytes, centers=centers, labels=train_names
     )
     return ImportResult(written, seconds)
+
+
+def heldout_inputs(manifest: BundleManifest) -> tuple[np.ndarray, np.ndarray]:
+    """An imported bundle's held-out images (model inputs, preprocessed as the service does) and labels,
+    re-read from its recorded `training.dataset`: what `check-bundle` re-measures its numbers on."""
+    from training.data.sources import load_dataset
+
+    data = load_dataset(manifest.training.dataset, manifest.preprocessing.color_mode)
+    held = [data.class_names.index(n) for n in manifest.training.heldout_classes]
+    rows = np.flatnonzero(np.isin(data.labels, held))
+    x = np.stack(
+        [preprocess_image(np.asarray(data.images[i]), manifest.preprocessing, manifest.input) for i in rows]
+    )
+    return x, np.searchsorted(np.asarray(held), data.labels[rows])

@@ -574,9 +574,16 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
     m = bundle.manifest
     recorded = m.evaluation.get("protocol_settings")
     settings = EvaluationSettings(**recorded) if isinstance(recorded, dict) else EvaluationSettings()
-    splits = build_splits(config_from_recipe(m.training))
-    features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
-    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
+    if m.provenance is not None:  # imported: no training recipe to re-run, its folder split instead
+        from training.import_onnx import heldout_inputs
+
+        x_held, y_held = heldout_inputs(m)
+        features = onnx_embed(bundle.model_bytes, x_held, m.input.name)
+        ev = evaluate_embeddings(CENTER, features, y_held, settings)
+    else:
+        splits = build_splits(config_from_recipe(m.training))
+        features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
+        ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
     measured = ev.summary()
     rows = [
         (key, float(m.evaluation[key]), float(measured[key]))

@@ -38,7 +38,7 @@ def test_export_int8_records_both_eers_and_its_numbers_reproduce(run_dir, tmp_pa
     assert qr.int8_eer <= qr.fp32_eer + q.MAX_EER_INCREASE
     assert bundle.manifest.evaluation["eer"] == pytest.approx(qr.int8_eer, abs=1e-6)
     assert bundle.manifest.evaluation["quantized_from_fp32_eer"] == pytest.approx(qr.fp32_eer, abs=1e-6)
-    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "QLinearConv" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
     assert f"int8 (static-int8): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}" in result.output
     # The manifest describes the served (int8) graph: re-measuring it with onnxruntime agrees.
     assert check_bundle(out).ok

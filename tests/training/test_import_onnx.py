@@ -192,7 +192,7 @@ def test_nhwc_model_with_a_fixed_batch_is_made_dynamic_quantized_and_served(
     assert qr.int8_eer <= qr.fp32_eer + q.MAX_EER_INCREASE and qr.fp32_sha256 != m.files["model.onnx"].sha256
     assert m.evaluation["eer"] == pytest.approx(qr.int8_eer, abs=1e-6)  # the served (int8) model's figures
     ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert "QuantizeLinear" in ops and "QLinearMatMul" in ops
     assert f"int8 EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}" in text
     _check_served_equals_onnxruntime(out, tmp_path, sorted((folder / "id7").glob("*.png"))[:2])
 
@@ -229,6 +229,9 @@ def test_a_tensorflow_exported_model_reproduces_its_own_manifest_eer(tmp_path: P
     assert m.embedding.dim == trained.embedding.dim
     assert m.evaluation["eer"] == pytest.approx(trained.evaluation["eer"], abs=2e-3)
     assert m.num_classes == len(trained.training.train_classes)
+    # check-bundle re-measures an imported bundle on its recorded folder split.
+    check = runner.invoke(app, ["check-bundle", str(out)])
+    assert check.exit_code == 0 and "every number reproduced" in check.output, check.output
 
 
 @pytest.mark.parametrize(
