@@ -766,7 +766,7 @@ def import_(
     quantize_method: _QuantizeMethod = "static",
 ) -> None:
     """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
-    from training.import_onnx import ImportError_, ImportOptions, import_model
+    from training.import_onnx import ImportOptions, ModelImportError, import_model
     from training.quantize import QuantizationError
 
     for option, value in (("--size", size), ("--height", height), ("--width", width)):
@@ -802,7 +802,7 @@ def import_(
     started = time.perf_counter()
     try:
         result = import_model(out, opts)
-    except (ImportError_, QuantizationError, *_pipeline_errors()) as exc:
+    except (ModelImportError, QuantizationError, *_pipeline_errors()) as exc:
         raise _fail(str(exc)) from exc
     m, th = result.manifest, result.manifest.thresholds
     q = m.quantization

@@ -32,7 +32,7 @@ from training.evaluate import (
 BATCH_DIM = "batch"
 
 
-class ImportError_(ValueError):
+class ModelImportError(ValueError):
     """The model or the options cannot make a bundle; the message names the option or file at fault."""
 
 
@@ -89,12 +89,12 @@ def check_input(value: onnx.ValueInfoProto, opts: ImportOptions) -> list[int | s
     shape = _dims(value)
     elem = value.type.tensor_type.elem_type
     if elem != onnx.TensorProto.FLOAT:
-        raise ImportError_(
+        raise ModelImportError(
             f"{opts.model}: input {value.name!r} is {onnx.TensorProto.DataType.Name(elem).lower()}; "
             "the service feeds float32 images"
         )
     if len(shape) != 4:
-        raise ImportError_(
+        raise ModelImportError(
             f"{opts.model}: input {value.name!r} has shape {shape} (rank {len(shape)}); an image model "
             "takes a rank-4 batch [N, C, H, W] (--layout NCHW) or [N, H, W, C] (--layout NHWC)"
         )
@@ -111,7 +111,7 @@ def check_input(value: onnx.ValueInfoProto, opts: ImportOptions) -> list[int | s
             alt = (3, 1, 2) if opts.layout == "NCHW" else (1, 2, 3)
             if all(isinstance(shape[i], int) for i in alt) and shape[alt[0]] in (1, 3):
                 hint = f"; the shape reads as {other} (--layout {other})"
-            raise ImportError_(
+            raise ModelImportError(
                 f"{option} {want} (--layout {opts.layout}) disagrees with the graph: input {value.name!r} "
                 f"has shape {shape}, dimension {at} is {got}{hint}"
             )
@@ -124,9 +124,9 @@ def _pick_output(outputs: list[onnx.ValueInfoProto], opts: ImportOptions) -> onn
         for o in outputs:
             if o.name == opts.output_name:
                 return o
-        raise ImportError_(f"--output-name {opts.output_name!r}: the graph's outputs are {names}")
+        raise ModelImportError(f"--output-name {opts.output_name!r}: the graph's outputs are {names}")
     if len(outputs) != 1:
-        raise ImportError_(f"{opts.model}: the graph has outputs {names}; choose one with --output-name")
+        raise ModelImportError(f"{opts.model}: the graph has outputs {names}; choose one with --output-name")
     return outputs[0]
 
 
@@ -152,27 +152,29 @@ def _session(model_bytes: bytes) -> ort.InferenceSession:
 
 def preprocessing_of(opts: ImportOptions) -> tuple[InputSpec, Preprocessing]:
     if opts.layout not in ("NCHW", "NHWC"):
-        raise ImportError_(f"--layout must be NCHW or NHWC, got {opts.layout!r}")
+        raise ModelImportError(f"--layout must be NCHW or NHWC, got {opts.layout!r}")
     if opts.channels not in (1, 3):
-        raise ImportError_(f"--channels must be 1 or 3, got {opts.channels}")
+        raise ModelImportError(f"--channels must be 1 or 3, got {opts.channels}")
     if opts.channel_order not in ("RGB", "BGR"):
-        raise ImportError_(f"--channel-order must be RGB or BGR, got {opts.channel_order!r}")
+        raise ModelImportError(f"--channel-order must be RGB or BGR, got {opts.channel_order!r}")
     if opts.channels == 1 and opts.channel_order == "BGR":
-        raise ImportError_("--channel-order BGR needs --channels 3")
+        raise ModelImportError("--channel-order BGR needs --channels 3")
     for option, value in (("--height", opts.height), ("--width", opts.width)):
         if not 0 < value <= 4096:
-            raise ImportError_(f"{option} must be in 1..4096, got {value}")
+            raise ModelImportError(f"{option} must be in 1..4096, got {value}")
     if not opts.scale > 0:
-        raise ImportError_(f"--scale must be > 0, got {opts.scale}")
+        raise ModelImportError(f"--scale must be > 0, got {opts.scale}")
     for option, values in (("--mean", opts.mean), ("--std", opts.std)):
         if len(values) not in (1, opts.channels):
-            raise ImportError_(f"{option} has {len(values)} values; give 1 or {opts.channels} (--channels)")
+            raise ModelImportError(
+                f"{option} has {len(values)} values; give 1 or {opts.channels} (--channels)"
+            )
     if any(s <= 0 for s in opts.std):
-        raise ImportError_(f"--std values must be > 0, got {list(opts.std)}")
+        raise ModelImportError(f"--std values must be > 0, got {list(opts.std)}")
     if not 0.0 < opts.heldout_fraction < 1.0 and opts.heldout_classes is None:
-        raise ImportError_(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
+        raise ModelImportError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
     if opts.quantize not in (None, "int8"):
-        raise ImportError_(f"--quantize must be int8 (or omitted), got {opts.quantize!r}")
+        raise ModelImportError(f"--quantize must be int8 (or omitted), got {opts.quantize!r}")
     preprocessing = Preprocessing(
         color_mode="L" if opts.channels == 1 else "RGB",
         channel_order=opts.channel_order if opts.channels == 3 else "RGB",
@@ -213,22 +215,22 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     try:
         source = Path(opts.model).read_bytes()
     except OSError as exc:
-        raise ImportError_(f"--model {opts.model}: cannot read ({exc.strerror or exc})") from exc
+        raise ModelImportError(f"--model {opts.model}: cannot read ({exc.strerror or exc})") from exc
     try:
         proto = onnx.load_from_string(source)
         onnx.checker.check_model(proto)
     except Exception as exc:  # protobuf/onnx raise their own types for a file that is not a valid model
-        raise ImportError_(f"--model {opts.model}: not a valid ONNX model ({exc})") from exc
+        raise ModelImportError(f"--model {opts.model}: not a valid ONNX model ({exc})") from exc
     inputs, outputs = _graph_io(proto)
     if len(inputs) != 1:
-        raise ImportError_(
+        raise ModelImportError(
             f"--model {opts.model}: the graph takes {len(inputs)} inputs {[i.name for i in inputs]}; "
             "an embedding model takes exactly one image batch"
         )
     in_value, out_value = inputs[0], _pick_output(outputs, opts)
     in_shape, out_shape = check_input(in_value, opts), _dims(out_value)
     if len(out_shape) != 2:
-        raise ImportError_(
+        raise ModelImportError(
             f"output {out_value.name!r} has shape {out_shape}; an embedding output is [N, dim] "
             "(--output-name picks another output)"
         )
@@ -246,14 +248,16 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         probe = np.zeros((2, *input_spec.shape(None)[1:]), np.float32)
         got = sess.run([out_value.name], {in_value.name: probe})[0]
     except Exception as exc:  # onnxruntime's own error types
-        raise ImportError_(f"--model {opts.model}: onnxruntime cannot run it on a batch of 2: {exc}") from exc
+        raise ModelImportError(
+            f"--model {opts.model}: onnxruntime cannot run it on a batch of 2: {exc}"
+        ) from exc
     if got.ndim != 2 or got.shape[0] != 2:
-        raise ImportError_(
+        raise ModelImportError(
             f"output {out_value.name!r} gives shape {got.shape} for a batch of 2; expected [2, dim]"
         )
     dim = int(got.shape[1])
     if isinstance(out_shape[1], int) and out_shape[1] != dim:
-        raise ImportError_(f"output {out_value.name!r} declares dim {out_shape[1]} but computes {dim}")
+        raise ModelImportError(f"output {out_value.name!r} declares dim {out_shape[1]} but computes {dim}")
     seconds["check_graph"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
@@ -267,13 +271,13 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
             seed=opts.seed,
         )
     except DataError as exc:
-        raise ImportError_(f"--dataset: {exc}") from exc
+        raise ModelImportError(f"--dataset: {exc}") from exc
     x = np.stack([preprocess_image(np.asarray(im), preprocessing, input_spec) for im in data.images])
     seconds["preprocess"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
     features = _embed(sess, x, in_value.name, out_value.name)
     if not np.all(np.isfinite(features)):
-        raise ImportError_(f"--model {opts.model}: non-finite embeddings on --dataset {opts.dataset}")
+        raise ModelImportError(f"--model {opts.model}: non-finite embeddings on --dataset {opts.dataset}")
     seconds["embed"] = round(time.perf_counter() - started, 2)
 
     held_set = set(heldout)
@@ -317,7 +321,7 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     try:
         thresholds = calibrate_out_of_sample(ev, target_far=opts.target_far, min_errors=settings.min_errors)
     except CalibrationError as exc:
-        raise ImportError_(f"--heldout-fraction/--heldout-classes: {exc}") from exc
+        raise ModelImportError(f"--heldout-fraction/--heldout-classes: {exc}") from exc
     evaluation: dict[str, object] = {
         "protocol": (
             f"pairs on {len(heldout)} identities of {opts.dataset} not used for the centers, "
