@@ -198,9 +198,19 @@ def _tool_versions() -> dict[str, str]:
     }
 
 
-def _embed(sess: ort.InferenceSession, x: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+_CHUNK = 64
+# The PCA baseline is fitted on at most this many centre-identity images (pixels of all would not fit).
+_PCA_FIT_IMAGES = 2000
+
+
+def _embed(sess: ort.InferenceSession, inputs, n: int, input_name: str, output_name: str) -> np.ndarray:
+    """Features of images 0..n-1, preprocessed chunk by chunk (`inputs(rows)`), so a large folder never
+    exists as one float32 array."""
     return np.concatenate(
-        [sess.run([output_name], {input_name: x[i : i + 64]})[0] for i in range(0, len(x), 64)]
+        [
+            sess.run([output_name], {input_name: inputs(np.arange(i, min(i + _CHUNK, n)))})[0]
+            for i in range(0, n, _CHUNK)
+        ]
     )
 
 
@@ -272,10 +282,16 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         )
     except DataError as exc:
         raise ModelImportError(f"--dataset: {exc}") from exc
-    x = np.stack([preprocess_image(np.asarray(im), preprocessing, input_spec) for im in data.images])
-    seconds["preprocess"] = round(time.perf_counter() - started, 2)
+    seconds["load_dataset"] = round(time.perf_counter() - started, 2)
+
+    def inputs(rows: np.ndarray) -> np.ndarray:
+        return np.stack(
+            [preprocess_image(np.asarray(data.images[i]), preprocessing, input_spec) for i in rows]
+        )
+
     started = time.perf_counter()
-    features = _embed(sess, x, in_value.name, out_value.name)
+    n = len(data.labels)
+    features = _embed(sess, inputs, n, in_value.name, out_value.name)
     if not np.all(np.isfinite(features)):
         raise ModelImportError(f"--model {opts.model}: non-finite embeddings on --dataset {opts.dataset}")
     seconds["embed"] = round(time.perf_counter() - started, 2)
@@ -296,10 +312,10 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
 
         rng = np.random.default_rng(opts.seed)
         pool = np.flatnonzero(~is_held)
-        calib = x[np.sort(rng.choice(pool, min(q.CALIBRATION_IMAGES, len(pool)), replace=False))]
+        calib = inputs(np.sort(rng.choice(pool, min(q.CALIBRATION_IMAGES, len(pool)), replace=False)))
         gate = q.quantize_gated(
             model_bytes,
-            heldout=x[is_held],
+            heldout=inputs(np.flatnonzero(is_held)),
             fp32_eer=ev.verification.eer,
             eer_of=lambda emb: (
                 evaluate_embeddings(
@@ -314,7 +330,7 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         )
         model_bytes, quantization = gate.int8_bytes, gate.record
         # What is served is the int8 model: its centers, evaluation and thresholds.
-        features = _embed(_session(model_bytes), x, in_value.name, out_value.name)
+        features = _embed(_session(model_bytes), inputs, n, in_value.name, out_value.name)
         ev = evaluate_embeddings("imported-int8", gate.int8_embeddings, y_held, settings)
     from training.evaluate import CalibrationError
 
@@ -337,9 +353,11 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     if opts.pca_components:
         from training.baselines import PixelPCAEmbedder
 
-        pca = PixelPCAEmbedder(opts.pca_components, seed=opts.seed).fit(x[~is_held])
+        pool = np.flatnonzero(~is_held)
+        fit = np.random.default_rng(opts.seed).choice(pool, min(_PCA_FIT_IMAGES, len(pool)), replace=False)
+        pca = PixelPCAEmbedder(opts.pca_components, seed=opts.seed).fit(inputs(np.sort(fit)))
         evaluation["baseline_pca"] = evaluate_embeddings(
-            "pca", pca.embed(x[is_held]), y_held, settings
+            "pca", pca.embed(inputs(np.flatnonzero(is_held))), y_held, settings
         ).summary()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
 
