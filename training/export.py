@@ -7,6 +7,7 @@ both on a real batch and fails with `ExportParityError` above the tolerance (1e-
 from __future__ import annotations
 
 import platform
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
@@ -106,6 +107,52 @@ def _rename_io(proto: onnx.ModelProto, input_name: str, output_name: str) -> Non
         dim0.dim_param = BATCH_DIM
 
 
+_GENERATED = re.compile(r"^(.*?)__\d+$")
+
+
+def _canonical_names(proto: onnx.ModelProto) -> None:
+    """Renumber tf2onnx's generated names (`new_shape__111`) in graph order, so the bytes do not depend on
+    how many names tf2onnx made earlier in the process: two exports of one model are byte-identical (a
+    rebuilt bundle leaves git clean; tested across processes)."""
+    graph = proto.graph
+    keep = {v.name for v in (*graph.input, *graph.output)}
+    taken = keep | {
+        n
+        for n in (*[i.name for i in graph.initializer], *[o for nd in graph.node for o in nd.output])
+        if not _GENERATED.match(n)
+    }
+    mapping: dict[str, str] = {}
+    counter = 0
+
+    def canonical(name: str) -> str:
+        nonlocal counter
+        match = _GENERATED.match(name)
+        if name in keep or match is None:
+            return name
+        if name not in mapping:
+            while True:
+                candidate = f"{match.group(1)}__g{counter}"
+                counter += 1
+                if candidate not in taken:
+                    break
+            mapping[name] = candidate
+            taken.add(candidate)
+        return mapping[name]
+
+    for init in graph.initializer:
+        init.name = canonical(init.name)
+    for node in graph.node:
+        node.input[:] = [canonical(n) for n in node.input]
+        node.output[:] = [canonical(n) for n in node.output]
+    for value in graph.value_info:
+        value.name = canonical(value.name)
+    names: dict[str, str] = {}
+    for k, node in enumerate(graph.node):
+        match = _GENERATED.match(node.name)
+        if match is not None:
+            node.name = names.setdefault(node.name, f"{match.group(1)}__n{k}")
+
+
 def keras_to_onnx(
     model: keras.Model,
     input_spec: InputSpec,
@@ -120,6 +167,7 @@ def keras_to_onnx(
     signature = (tf.TensorSpec(input_spec.shape(None), tf.float32, name=input_spec.name),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
     _rename_io(proto, input_spec.name, output_name)
+    _canonical_names(proto)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 

@@ -111,3 +111,31 @@ def test_a_work_folder_holding_other_options_is_refused_not_overwritten(tmp_path
     (tmp_path / "center" / "config.json").write_text(other.model_dump_json())
     with pytest.raises(RunError, match=r"other options \(width, epochs\)"):
         ensure_run(CONFIG, tmp_path / "center")
+
+
+@pytest.mark.slow
+def test_exporting_a_run_twice_in_fresh_processes_writes_a_byte_identical_model(built, tmp_path):
+    # "Rebuilding reproduces the bundle" includes model.onnx itself, not only the numbers: no generated name
+    # or timestamp in the graph may differ between two processes (git stays clean after a rebuild).
+    import hashlib
+    import subprocess
+    import sys
+
+    root, _ = built
+    digests = []
+    for k in (1, 2):
+        out = tmp_path / f"b{k}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "export",
+            str(root / "work" / "center"),
+            "--out",
+            str(out),
+        ]
+        cmd += ["--episodes", "0", "--max-genuine", "2000", "--max-impostor", "5000", "--trials", "2"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.append(hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
