@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+# 2 added `Thresholds.calibration_identities` and `Thresholds.out_of_sample` (optional: v1 still loads).
+SCHEMA_VERSION = 2
 
 MODEL_FILE = "model.onnx"
 CENTERS_FILE = "centers.npy"
@@ -78,13 +79,52 @@ class OperatingPoint(_Strict):
     tar: float = Field(ge=0.0, le=1.0)
 
 
+class Interval(_Strict):
+    """A two-sided confidence interval of a rate."""
+
+    low: float = Field(ge=0.0, le=1.0)
+    high: float = Field(ge=0.0, le=1.0)
+
+
+class CheckedPoint(_Strict):
+    """A threshold chosen elsewhere, measured on pairs of identities that took no part in choosing it."""
+
+    threshold: float = Field(ge=-1.0, le=1.0)
+    far: float = Field(ge=0.0, le=1.0)
+    tar: float = Field(ge=0.0, le=1.0)
+    far_interval: Interval
+    tar_interval: Interval
+
+
+class OutOfSampleCheck(_Strict):
+    """The calibrated thresholds on the held-out TEST identities (disjoint from the calibration ones)."""
+
+    num_identities: int = Field(ge=2)
+    num_genuine_pairs: int = Field(ge=1)
+    num_impostor_pairs: int = Field(ge=1)
+    confidence: float = Field(gt=0.0, lt=1.0)
+    # Clopper-Pearson on pair counts; pairs sharing images/identities are not independent, so read it as a
+    # lower bound on the uncertainty.
+    interval_method: Literal["clopper-pearson"] = "clopper-pearson"
+    at_default: CheckedPoint
+    at_eer: CheckedPoint
+
+
 class Thresholds(_Strict):
+    """Decision thresholds, chosen on pairs of held-out CALIBRATION identities (never trained on).
+
+    `at_target_far`, `eer` and the pair counts describe the calibration pairs the thresholds were chosen on;
+    `out_of_sample` is what the same thresholds measured on other held-out identities (what users get).
+    """
+
     default: float = Field(ge=-1.0, le=1.0, description="similarity >= default means 'same identity'")
     target_far: float = Field(gt=0.0, lt=1.0)
     at_target_far: OperatingPoint
     eer: OperatingPoint
     num_genuine_pairs: int = Field(ge=1)
     num_impostor_pairs: int = Field(ge=1)
+    calibration_identities: int | None = Field(default=None, ge=2)
+    out_of_sample: OutOfSampleCheck | None = None
 
 
 class TrainingRecipe(_Strict):
@@ -112,7 +152,7 @@ class FileDigest(_Strict):
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     created_at: str

@@ -6,8 +6,12 @@ the baseline that needs no training at all, so every table shows how much the le
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from sklearn.decomposition import PCA
+
+# One PCA size for every command and doc (the baseline's only knob).
+DEFAULT_PCA_COMPONENTS = 32
 
 
 class PixelPCAEmbedder:
@@ -18,13 +22,15 @@ class PixelPCAEmbedder:
     kept directions equally (often better for verification than raw PCA, so both are worth a try).
     """
 
-    def __init__(self, n_components: int = 32, *, whiten: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, n_components: int = DEFAULT_PCA_COMPONENTS, *, whiten: bool = False, seed: int = 0
+    ) -> None:
         if n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}")
         self.n_components = int(n_components)
         self.whiten = whiten
         self.seed = seed
-        self._pca: PCA | None = None
+        self._pca: Any = None  # sklearn PCA once fitted
 
     @staticmethod
     def _flatten(images: np.ndarray) -> np.ndarray:
@@ -36,6 +42,8 @@ class PixelPCAEmbedder:
     def fit(self, images: np.ndarray) -> PixelPCAEmbedder:
         x = self._flatten(images)
         k = min(self.n_components, x.shape[0], x.shape[1])
+        from sklearn.decomposition import PCA  # lazily: the CLI imports this module for its default
+
         self._pca = PCA(n_components=k, whiten=self.whiten, random_state=self.seed).fit(x)
         return self
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# The update rules selectable with `--rule`; "none" keeps the centers at their initial value (zero) and is
-# only valid with lambda = 0 (plain softmax, nothing to pull features towards).
-UPDATE_RULES = ("paper", "facenet", "gradient", "none")
+from training.center_rules import UPDATE_RULES
+
+__all__ = ["UPDATE_RULES"]
 
 
 def center_loss_per_example(features: tf.Tensor, labels: tf.Tensor, centers: tf.Tensor) -> tf.Tensor:

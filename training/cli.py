@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from training.baselines import DEFAULT_PCA_COMPONENTS
 from training.config import ConfigError, RunConfig
 from training.data import DataError
 from training.run import RunError, RunPaths
@@ -62,12 +64,12 @@ def train(
         float, typer.Option("--lambda", help="center-loss weight; 0 = softmax only (centers still tracked)")
     ] = 0.01,
     alpha: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa "
-            "(centers move by 1 - alfa)"
+            help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa (centers move by "
+            "1 - alfa per example) \\[default: the rule's own: paper 0.5, facenet 0.95]"
         ),
-    ] = 0.5,
+    ] = None,
     rule: Annotated[
         str,
         typer.Option(
@@ -227,7 +229,37 @@ _TargetFar = Annotated[
 ]
 
 
-def _settings(max_genuine: int, max_impostor: int, folds: int, min_errors: int, trials: int, seed: int):
+_CalibrationFraction = Annotated[
+    float,
+    typer.Option(
+        help="share of the held-out identities that choose the thresholds; the rest measure them "
+        "(0 = no out-of-sample calibration; export then refuses)"
+    ),
+]
+_Ways = Annotated[int, typer.Option(help="N of the N-way K-shot episodes among held-out identities")]
+_Shots = Annotated[int, typer.Option(help="K of the N-way K-shot episodes (support samples per identity)")]
+_Episodes = Annotated[int, typer.Option(help="number of seeded episodes (0 = skip them)")]
+_WithinGroup = Annotated[
+    bool,
+    typer.Option(
+        help="draw each episode's identities from one group (e.g. one alphabet) when the data has them"
+    ),
+]
+
+
+def _settings(
+    max_genuine: int,
+    max_impostor: int,
+    folds: int,
+    min_errors: int,
+    trials: int,
+    seed: int,
+    calibration_fraction: float,
+    ways: int,
+    shots: int,
+    episodes: int,
+    within_group: bool,
+):
     from training.evaluate import EvaluationSettings
 
     return EvaluationSettings(
@@ -236,6 +268,11 @@ def _settings(max_genuine: int, max_impostor: int, folds: int, min_errors: int, 
         folds=folds,
         min_errors=min_errors,
         ident_trials=trials,
+        calibration_fraction=calibration_fraction,
+        episode_ways=ways,
+        episode_shots=shots,
+        episodes=episodes,
+        episode_within_group=within_group,
         seed=seed,
     )
 
@@ -255,7 +292,7 @@ def evaluate(
         typer.Option(help="softmax-only baseline run [default: <RUN>-softmax, trained if absent]"),
     ] = None,
     softmax: Annotated[bool, typer.Option(help="include the softmax-only baseline")] = True,
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     json_out: Annotated[Path | None, typer.Option("--json", help="[default: <RUN>/evaluation.json]")] = None,
     roc: Annotated[Path | None, typer.Option(help="ROC curve PNG [default: <RUN>/roc.png]")] = None,
     max_genuine: _MaxGenuine = 50_000,
@@ -264,6 +301,11 @@ def evaluate(
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """Open-set metrics of a run on its held-out identities, beside softmax-only and PCA baselines."""
     from training.pipeline import compare, ensure_run, markdown_table, roc_title, softmax_twin, twin_dir
@@ -271,13 +313,36 @@ def evaluate(
     from training.run import load_run
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         trained = load_run(run)
         baseline = None
         if softmax and trained.config.center_lambda > 0:
             twin = softmax_run or twin_dir(run)
-            if softmax_run is None:
+            if softmax_run is None and not RunPaths(twin).embedding.is_file():
+                took = json.loads(RunPaths(run).summary.read_text()).get("seconds", "?")
+                typer.echo(
+                    f"training the lambda-0 twin of {run} in {twin} (same options, center loss off): the "
+                    f"baseline of the EER ratio; about as long as the run took ({took} s). "
+                    "--no-softmax skips it, --softmax-run DIR reuses one.",
+                    err=True,
+                )
+                started = time.perf_counter()
                 ensure_run(softmax_twin(trained.config), twin)
+                typer.echo(f"twin trained in {time.perf_counter() - started:.0f} s", err=True)
+            elif softmax_run is None:
+                typer.echo(f"reusing the finished lambda-0 twin in {twin}", err=True)
             baseline = load_run(twin)
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
     except _pipeline_errors() as exc:
@@ -303,20 +368,37 @@ def export(
     name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed",
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
     tolerance: Annotated[float, typer.Option(help="max |Keras - ONNX| allowed by the parity check")] = 1e-4,
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     max_genuine: _MaxGenuine = 50_000,
     max_impostor: _MaxImpostor = 200_000,
     folds: _Folds = 10,
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
     from training.pipeline import compare, export_run, twin_dir
     from training.run import load_run
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         trained = load_run(run)
         twin = softmax_run or twin_dir(run)
         has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
@@ -347,7 +429,10 @@ def build_bundle(
     heldout_classes: Annotated[str, typer.Option(help="identities never trained on")] = "7,8,9",
     epochs: Annotated[int, typer.Option(help="epochs of each of the two runs")] = 20,
     center_lambda: Annotated[float, typer.Option("--lambda", help="center-loss weight (> 0)")] = 0.1,
-    alpha: Annotated[float, typer.Option(help="center update rate")] = 0.5,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="center update rate \\[default: the rule's own: paper 0.5, facenet 0.95]"),
+    ] = None,
     rule: Annotated[str, typer.Option(help="center update rule: paper | facenet | gradient")] = "paper",
     feature_dim: Annotated[int, typer.Option(help="embedding size")] = 16,
     width: Annotated[int, typer.Option(help="filters of the first LeNet++ stage")] = 8,
@@ -358,20 +443,37 @@ def build_bundle(
     target_far: _TargetFar = 1e-3,
     name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed-digits",
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
-    pca_components: _Pca = 32,
+    pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     max_genuine: _MaxGenuine = 50_000,
     max_impostor: _MaxImpostor = 200_000,
     folds: _Folds = 10,
     min_errors: _MinErrors = 1,
     trials: _Trials = 10,
     eval_seed: _EvalSeed = 0,
+    calibration_fraction: _CalibrationFraction = 0.5,
+    ways: _Ways = 20,
+    shots: _Shots = 1,
+    episodes: _Episodes = 400,
+    within_group: _WithinGroup = True,
 ) -> None:
     """ONE seeded command: train softmax + center and its softmax twin, compare with PCA, calibrate, export"""
     from training.pipeline import build_bundle as run_build
     from training.pipeline import markdown_table
 
     try:
-        settings = _settings(max_genuine, max_impostor, folds, min_errors, trials, eval_seed)
+        settings = _settings(
+            max_genuine,
+            max_impostor,
+            folds,
+            min_errors,
+            trials,
+            eval_seed,
+            calibration_fraction,
+            ways,
+            shots,
+            episodes,
+            within_group,
+        )
         config = RunConfig.from_options(
             dataset=dataset,
             image_size=image_size,

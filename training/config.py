@@ -7,12 +7,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
+
 BACKBONES = ("lenetpp", "facecnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 # issue 13: arcface_torch backbones (training/face_backbones.py), mixed precision, Partial FC.
 FACE_BACKBONES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
 PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
-RULES = ("paper", "facenet", "gradient", "none")
+RULES = UPDATE_RULES
 OPTIMIZERS = ("adam", "sgd")
 
 # The CLI spells some fields differently; errors name the option the user actually typed.
@@ -85,7 +87,13 @@ class RunConfig(BaseModel):
     )
     # center loss
     center_lambda: float = Field(default=0.01, ge=0.0, description="weight of the center loss; 0 = softmax")
-    alpha: float = Field(default=0.5, gt=0.0, le=1.0, description="center update rate (facenet: its alfa)")
+    alpha: float = Field(
+        default=DEFAULT_ALPHA["paper"],
+        gt=0.0,
+        le=1.0,
+        description="center update rate (facenet: its alfa); not given: the rule's own default "
+        f"({', '.join(f'{r} {a:g}' for r, a in DEFAULT_ALPHA.items() if r in ('paper', 'facenet'))})",
+    )
     rule: Literal["paper", "facenet", "gradient", "none"] = "paper"
     center_lr: float = Field(default=0.5, gt=0.0, description="learning rate of the `gradient` rule")
     # optimisation
@@ -94,6 +102,15 @@ class RunConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     optimizer: Literal["adam", "sgd"] = "adam"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rule_default_alpha(cls, data: object) -> object:
+        # A rule's own rate when --alpha is not given (facenet's alfa 0.95 vs the paper's 0.5): using one
+        # number for both made `--rule facenet` diverge by default.
+        if isinstance(data, dict) and data.get("alpha") is None and data.get("rule") in DEFAULT_ALPHA:
+            return {**data, "alpha": DEFAULT_ALPHA[data["rule"]]}
+        return data
 
     @field_validator("head")
     @classmethod

@@ -22,10 +22,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 
-from bundle.manifest import OperatingPoint, Thresholds
+from bundle.manifest import CheckedPoint, Interval, OperatingPoint, OutOfSampleCheck, Thresholds
 
 DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 DEFAULT_TARGET_FAR = 1e-3
+# Share of the held-out identities that choose the thresholds; the others only measure them.
+DEFAULT_CALIBRATION_FRACTION = 0.5
+CONFIDENCE = 0.95
 
 
 # --------------------------------------------------------------------------------------------- embeddings
@@ -135,24 +138,31 @@ def _draw_unique(
     rng: np.random.Generator,
     draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray]:
-    # Keys encode an unordered pair (lo, hi) as one int64, so repeats across draws are found with np.isin.
-    seen_a: list[np.ndarray] = []
-    seen_b: list[np.ndarray] = []
+    """The first `count` distinct unordered pairs, in the order `draw` produced them.
+
+    `draw` yields i.i.d. pairs uniform over the pairs of one kind, so its first `count` distinct pairs are a
+    uniform random sample without replacement. Order matters: an earlier version kept the `count` smallest
+    keys after `np.unique` (which sorts), i.e. the lowest-index pairs, so a few identities filled the sample.
+    """
+    kept_a: list[np.ndarray] = []
+    kept_b: list[np.ndarray] = []
     have = 0
+    # Keys encode an unordered pair (lo, hi) as one int64, so repeats across draws are found with np.isin.
     key_set: np.ndarray = np.empty(0, dtype=np.int64)
     while have < count:
         a, b = draw(max(1024, 2 * (count - have)))
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         keys = lo.astype(np.int64) * (1 << 31) + hi
-        keys, first = np.unique(keys, return_index=True)
-        fresh = ~np.isin(keys, key_set)
-        keys, first = keys[fresh], first[fresh]
-        key_set = np.concatenate([key_set, keys])
-        seen_a.append(lo[first])
-        seen_b.append(hi[first])
-        have += len(first)
-    a = np.concatenate(seen_a)[:count]
-    b = np.concatenate(seen_b)[:count]
+        _, first = np.unique(keys, return_index=True)
+        first = np.sort(first)  # back to draw order: the first occurrence of each key, as drawn
+        fresh = first[~np.isin(keys[first], key_set)]
+        fresh = fresh[: count - have]
+        key_set = np.concatenate([key_set, keys[fresh]])
+        kept_a.append(lo[fresh])
+        kept_b.append(hi[fresh])
+        have += len(fresh)
+    a = np.concatenate(kept_a)
+    b = np.concatenate(kept_b)
     order = rng.permutation(len(a))
     return a[order], b[order]
 
@@ -428,6 +438,148 @@ def calibrate_threshold(
     )
 
 
+def rate_interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> Interval:
+    """Clopper-Pearson (exact binomial) interval of `successes / trials`."""
+    from scipy.stats import beta
+
+    if trials < 1:
+        raise ValueError("a rate needs at least one trial")
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1.0 - tail, successes + 1, trials - successes))
+    return Interval(low=low, high=high)
+
+
+def check_point(
+    scores: np.ndarray, same: np.ndarray, threshold: float, confidence: float = CONFIDENCE
+) -> CheckedPoint:
+    """A threshold chosen elsewhere, measured on these pairs, with confidence intervals of both rates."""
+    scores, same = _check_scores(scores, same)
+    accept = scores >= threshold
+    false_accepts, true_accepts = int(accept[~same].sum()), int(accept[same].sum())
+    n_imp, n_gen = int((~same).sum()), int(same.sum())
+    return CheckedPoint(
+        threshold=float(np.clip(threshold, -1.0, 1.0)),
+        far=false_accepts / n_imp,
+        tar=true_accepts / n_gen,
+        far_interval=rate_interval(false_accepts, n_imp, confidence),
+        tar_interval=rate_interval(true_accepts, n_gen, confidence),
+    )
+
+
+def check_out_of_sample(
+    thresholds: Thresholds,
+    scores: np.ndarray,
+    same: np.ndarray,
+    num_identities: int,
+    confidence: float = CONFIDENCE,
+) -> OutOfSampleCheck:
+    """What calibrated thresholds measure on pairs of identities that took no part in choosing them."""
+    scores, same = _check_scores(scores, same)
+    return OutOfSampleCheck(
+        num_identities=num_identities,
+        num_genuine_pairs=int(same.sum()),
+        num_impostor_pairs=int((~same).sum()),
+        confidence=confidence,
+        at_default=check_point(scores, same, thresholds.default, confidence),
+        at_eer=check_point(scores, same, thresholds.eer.threshold, confidence),
+    )
+
+
+@dataclass(frozen=True)
+class IdentitySplit:
+    """Held-out identities divided into calibration identities (choose thresholds) and test identities
+    (measure everything); `calibration` is empty when there are too few identities to divide."""
+
+    calibration: np.ndarray  # sample indices
+    test: np.ndarray  # sample indices
+    calibration_classes: np.ndarray
+    test_classes: np.ndarray
+    note: str | None = None  # why there is no calibration side
+
+    @property
+    def has_calibration(self) -> bool:
+        return len(self.calibration) > 0
+
+
+def split_calibration(labels: np.ndarray, fraction: float, seed: int) -> IdentitySplit:
+    """Seeded identity-disjoint split of held-out samples: `fraction` of the identities calibrate.
+
+    Each side needs at least 2 identities (an impostor pair needs two). With fewer identities, or
+    `fraction == 0`, every sample is a test sample and the split says why nothing calibrates.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    everything = np.arange(len(labels))
+    if fraction == 0:
+        return IdentitySplit(everything[:0], everything, classes[:0], classes, "calibration disabled")
+    n_cal = round(fraction * len(classes))
+    if n_cal < 2 or len(classes) - n_cal < 2:
+        return IdentitySplit(
+            everything[:0],
+            everything,
+            classes[:0],
+            classes,
+            f"{len(classes)} held-out identities with --calibration-fraction {fraction:g} leave "
+            f"{n_cal} to calibrate and {len(classes) - n_cal} to test; each side needs at least 2",
+        )
+    rng = np.random.default_rng([seed, 0xCA1])
+    cal_classes = np.sort(rng.choice(classes, n_cal, replace=False))
+    on_cal = np.isin(labels, cal_classes)
+    return IdentitySplit(
+        everything[on_cal], everything[~on_cal], cal_classes, np.setdiff1d(classes, cal_classes)
+    )
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Thresholds chosen on the calibration identities at each FAR, measured on the test identities."""
+
+    num_calibration_identities: int
+    num_test_identities: int
+    points: dict[str, CheckedPoint]  # far key -> threshold chosen at that FAR, measured on test pairs
+    unresolved_fars: dict[str, str]
+
+    def summary(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {
+            "calibration_identities": self.num_calibration_identities,
+            "test_identities": self.num_test_identities,
+        }
+        for key, p in self.points.items():
+            out[f"calibrated_threshold_{key}"] = round(p.threshold, 6)
+            out[f"test_far_at_calibrated_{key}"] = round(p.far, 6)
+            out[f"test_tar_at_calibrated_{key}"] = round(p.tar, 6)
+        for key, why in self.unresolved_fars.items():
+            out[f"test_far_at_calibrated_{key}"] = why
+        return out
+
+
+def calibration_report(
+    cal_scores: np.ndarray,
+    cal_same: np.ndarray,
+    test_scores: np.ndarray,
+    test_same: np.ndarray,
+    split: IdentitySplit,
+    *,
+    fars: Sequence[float],
+    min_errors: int,
+) -> CalibrationReport:
+    points: dict[str, CheckedPoint] = {}
+    unresolved: dict[str, str] = {}
+    n_cal_imp, n_test_imp = int((~cal_same).sum()), int((~test_same).sum())
+    for far in fars:
+        key = far_key(far)
+        if not far_is_resolvable(min(n_cal_imp, n_test_imp), far, min_errors):
+            unresolved[key] = (
+                f"not measured: {n_cal_imp} calibration / {n_test_imp} test impostor pairs cannot resolve "
+                f"FAR {far:g}"
+            )
+            continue
+        chosen = threshold_at_far(cal_scores, cal_same, far).threshold
+        points[key] = check_point(test_scores, test_same, chosen)
+    return CalibrationReport(len(split.calibration_classes), len(split.test_classes), points, unresolved)
+
+
 # ---------------------------------------------------------------------------------------- identification
 
 
@@ -552,21 +704,139 @@ def identification_report(
     )
 
 
+# ---------------------------------------------------------------------------------------------- episodes
+
+
+@dataclass(frozen=True)
+class EpisodeReport:
+    """N-way K-shot classification of held-out identities (the one-shot protocol of Lake et al.)."""
+
+    ways: int
+    shots: int
+    queries: int
+    episodes: int
+    within_group: bool
+    accuracy: float
+    interval: float  # half-width of the 95 % interval of the mean accuracy over episodes
+
+    @property
+    def key(self) -> str:
+        return f"{self.ways}way_{self.shots}shot{'_within_group' if self.within_group else ''}"
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            f"episodes_{self.key}_accuracy": round(self.accuracy, 6),
+            f"episodes_{self.key}_ci95": round(self.interval, 6),
+            "episodes": self.episodes,
+        }
+
+
+def episode_report(
+    embeddings: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    ways: int = 20,
+    shots: int = 1,
+    queries: int = 1,
+    episodes: int = 400,
+    groups: Sequence[str] | None = None,
+    within_group: bool = False,
+    seed: int = 0,
+) -> EpisodeReport:
+    """Seeded N-way K-shot episodes among the identities of `labels`.
+
+    Each episode draws `ways` identities (all from one group when `within_group`: the standard Omniglot
+    within-alphabet protocol; the group is drawn in proportion to how many episodes it can host), then for
+    each identity `shots` support and `queries` query samples, all distinct. A query is classified to the
+    identity whose prototype (the normalised mean of its normalised support embeddings) is most similar.
+    `groups[c]` is the group of identity c (label value c).
+    """
+    labels = np.asarray(labels)
+    if ways < 2 or shots < 1 or queries < 1 or episodes < 1:
+        raise ValueError(
+            f"episodes need ways >= 2, shots >= 1, queries >= 1, episodes >= 1 (got {ways}, "
+            f"{shots}, {queries}, {episodes})"
+        )
+    e = l2_normalize(embeddings)
+    classes, counts = np.unique(labels, return_counts=True)
+    eligible = classes[counts >= shots + queries]
+    members = {c: np.flatnonzero(labels == c) for c in eligible}
+    if within_group:
+        if groups is None:
+            raise ValueError("within-group episodes need the group of every identity")
+        pools = {}
+        for c in eligible:
+            pools.setdefault(groups[int(c)], []).append(c)
+        pools = {g: np.asarray(cs) for g, cs in pools.items() if len(cs) >= ways}
+        if not pools:
+            raise ValueError(
+                f"no group has {ways} identities with {shots + queries} samples for {ways}-way episodes"
+            )
+    else:
+        if len(eligible) < ways:
+            raise ValueError(
+                f"{ways}-way episodes need {ways} identities with >= {shots + queries} samples; "
+                f"there are {len(eligible)}"
+            )
+        pools = {"": eligible}
+    names = sorted(pools)
+    weights = np.array([len(pools[g]) for g in names], dtype=np.float64)
+    rng = np.random.default_rng([seed, 0xE915])
+    accs = np.empty(episodes)
+    for t in range(episodes):
+        pool = pools[names[rng.choice(len(names), p=weights / weights.sum())]]
+        chosen = rng.choice(pool, ways, replace=False)
+        protos, query_rows = [], []
+        for c in chosen:
+            pick = rng.choice(members[c], shots + queries, replace=False)
+            protos.append(e[pick[:shots]].mean(axis=0))
+            query_rows.append(pick[shots:])
+        protos_arr = l2_normalize(np.stack(protos))
+        q = e[np.concatenate(query_rows)]
+        truth = np.repeat(np.arange(ways), queries)
+        accs[t] = float((np.argmax(q @ protos_arr.T, axis=1) == truth).mean())
+    half = 1.96 * float(accs.std(ddof=1)) / math.sqrt(episodes) if episodes > 1 else float("nan")
+    return EpisodeReport(ways, shots, queries, episodes, within_group, float(accs.mean()), half)
+
+
 # ------------------------------------------------------------------------------------------------ all-in-one
 
 
 @dataclass(frozen=True)
 class OpenSetEvaluation:
-    """Everything measured for one embedder on one held-out split."""
+    """Everything measured for one embedder on one held-out split.
+
+    Threshold-free figures (ROC, EER, TAR at a FAR read off the ROC, k-fold accuracy, identification,
+    episodes) use every held-out identity. Deployable thresholds are chosen on the calibration identities
+    only, and `calibration` says what they measured on the test identities, which took no part in choosing
+    them.
+    """
 
     name: str
     verification: VerificationReport
     identification: IdentificationReport
     pairs: Pairs = field(repr=False)
     scores: np.ndarray = field(repr=False)
+    split: IdentitySplit = field(repr=False)
+    calibration: CalibrationReport | None = None
+    calibration_pairs: Pairs | None = field(default=None, repr=False)
+    calibration_scores: np.ndarray | None = field(default=None, repr=False)
+    test_pairs: Pairs | None = field(default=None, repr=False)
+    test_scores: np.ndarray | None = field(default=None, repr=False)
+    episodes: EpisodeReport | None = None
+    episodes_note: str | None = None
 
     def summary(self) -> dict[str, float | int | str]:
-        return {**self.verification.summary(), **self.identification.summary()}
+        out = {**self.verification.summary(), **self.identification.summary()}
+        if self.calibration is not None:
+            out.update(self.calibration.summary())
+        elif self.split.note:
+            out["calibration"] = f"not calibrated out of sample: {self.split.note}"
+        if self.episodes is not None:
+            out.update(self.episodes.summary())
+        elif self.episodes_note:
+            out["episodes"] = f"not measured: {self.episodes_note}"
+        return out
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, **self.summary()}
@@ -584,6 +854,11 @@ class EvaluationSettings:
     unknown_fraction: float = 0.3
     ident_fars: tuple[float, ...] = (1e-2, 1e-1)
     ident_trials: int = 10
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION
+    episode_ways: int = 20
+    episode_shots: int = 1
+    episodes: int = 400
+    episode_within_group: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -599,6 +874,14 @@ class EvaluationSettings:
             raise ValueError(f"--unknown-fraction must be in (0, 1), got {self.unknown_fraction}")
         if self.ident_trials < 1:
             raise ValueError(f"--trials must be >= 1, got {self.ident_trials}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError(f"--calibration-fraction must be in [0, 1), got {self.calibration_fraction}")
+        if self.episode_ways < 2:
+            raise ValueError(f"--ways must be >= 2, got {self.episode_ways}")
+        if self.episode_shots < 1:
+            raise ValueError(f"--shots must be >= 1, got {self.episode_shots}")
+        if self.episodes < 0:
+            raise ValueError(f"--episodes must be >= 0 (0 = skip), got {self.episodes}")
         for far in (*self.fars, *self.ident_fars):
             if not 0.0 < far < 1.0:
                 raise ValueError(f"false-accept rates must be in (0, 1), got {far}")
@@ -607,13 +890,30 @@ class EvaluationSettings:
         return asdict(self)
 
 
-def evaluate_embeddings(
-    name: str, embeddings: np.ndarray, labels: Sequence[int] | np.ndarray, settings: EvaluationSettings
-) -> OpenSetEvaluation:
-    """Verification + open-set identification of one embedder's embeddings of the held-out samples.
+def _pairs_within(labels: np.ndarray, rows: np.ndarray, settings: EvaluationSettings, salt: int) -> Pairs:
+    """Pairs among the samples `rows` (indices into `labels`), as indices into `labels`."""
+    local = make_pairs(
+        labels[rows],
+        max_genuine=settings.max_genuine,
+        max_impostor=settings.max_impostor,
+        seed=settings.seed + salt,
+    )
+    return Pairs(rows[local.idx_a], rows[local.idx_b], local.same)
 
-    Pairs depend only on `labels` and the seed, so several embedders of the same samples are scored on the
-    same pairs (a like-for-like comparison).
+
+def evaluate_embeddings(
+    name: str,
+    embeddings: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    settings: EvaluationSettings,
+    *,
+    groups: Sequence[str] | None = None,
+) -> OpenSetEvaluation:
+    """Verification, open-set identification, episodes and out-of-sample calibration of one embedder's
+    embeddings of the held-out samples (`groups[c]`: the group of held-out identity c, if the data has one).
+
+    Pairs and splits depend only on `labels` and the seed, so several embedders of the same samples are
+    scored on the same pairs (a like-for-like comparison).
     """
     labels = np.asarray(labels)
     embeddings = np.asarray(embeddings)
@@ -640,4 +940,77 @@ def evaluate_embeddings(
         min_errors=settings.min_errors,
         seed=settings.seed,
     )
-    return OpenSetEvaluation(name, verification, identification, pairs, scores)
+    split = split_calibration(labels, settings.calibration_fraction, settings.seed)
+    calibration = cal_pairs = cal_scores = test_pairs = test_scores = None
+    if split.has_calibration:
+        cal_pairs = _pairs_within(labels, split.calibration, settings, 1)
+        test_pairs = _pairs_within(labels, split.test, settings, 2)
+        cal_scores = pair_scores(embeddings, cal_pairs.idx_a, cal_pairs.idx_b)
+        test_scores = pair_scores(embeddings, test_pairs.idx_a, test_pairs.idx_b)
+        calibration = calibration_report(
+            cal_scores,
+            cal_pairs.same,
+            test_scores,
+            test_pairs.same,
+            split,
+            fars=settings.fars,
+            min_errors=settings.min_errors,
+        )
+    episodes = note = None
+    if settings.episodes > 0:
+        within = settings.episode_within_group and groups is not None
+        try:
+            episodes = episode_report(
+                embeddings,
+                labels,
+                ways=settings.episode_ways,
+                shots=settings.episode_shots,
+                episodes=settings.episodes,
+                groups=groups,
+                within_group=within,
+                seed=settings.seed,
+            )
+        except ValueError as exc:
+            note = str(exc)
+    return OpenSetEvaluation(
+        name,
+        verification,
+        identification,
+        pairs,
+        scores,
+        split,
+        calibration,
+        cal_pairs,
+        cal_scores,
+        test_pairs,
+        test_scores,
+        episodes,
+        note,
+    )
+
+
+class CalibrationError(ValueError):
+    """Thresholds cannot be calibrated out of sample on this split (too few held-out identities)."""
+
+
+def calibrate_out_of_sample(
+    evaluation: OpenSetEvaluation, *, target_far: float = DEFAULT_TARGET_FAR, min_errors: int = 1
+) -> Thresholds:
+    """The manifest's thresholds: chosen on the calibration identities' pairs, checked on the test ones."""
+    if evaluation.calibration_scores is None or evaluation.calibration_pairs is None:
+        raise CalibrationError(
+            f"cannot calibrate out of sample: {evaluation.split.note}; hold out more identities"
+        )
+    assert evaluation.test_scores is not None and evaluation.test_pairs is not None
+    thresholds = calibrate_threshold(
+        evaluation.calibration_scores,
+        evaluation.calibration_pairs.same,
+        target_far=target_far,
+        min_errors=min_errors,
+    )
+    check = check_out_of_sample(
+        thresholds, evaluation.test_scores, evaluation.test_pairs.same, len(evaluation.split.test_classes)
+    )
+    return thresholds.model_copy(
+        update={"calibration_identities": len(evaluation.split.calibration_classes), "out_of_sample": check}
+    )

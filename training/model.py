@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from training.center_loss import UPDATE_RULES, batch_class_statistics, center_loss_per_example, update_centers
 from training.distributed import MultiWorkerFit, worker_logs
+from training.heads.softmax import SoftmaxHead
 
 
 def _unpack(data: Any) -> tuple[tf.Tensor, tf.Tensor]:
@@ -70,13 +71,32 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.softmax_tracker = keras.metrics.Mean(name="softmax_loss")
         self.center_tracker = keras.metrics.Mean(name="center_loss")
+        # Accuracy of the plain (un-penalised) logits, the classifier the model really is; a margin head's
+        # training logits subtract the margin from the target, which reads ~0 while the model learns.
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.has_margin = not isinstance(head, SoftmaxHead)
+        self.margin_accuracy_tracker = (
+            keras.metrics.SparseCategoricalAccuracy(name="margin_accuracy") if self.has_margin else None
+        )
+        # Mean ||c_{y_i}|| and ||x_i|| over the batch: centers follow features, so a center norm far above the
+        # feature norm means the update rule is diverging (`CenterDivergenceGuard` stops the run on it).
+        self.center_norm_tracker = keras.metrics.Mean(name="center_norm")
+        self.feature_norm_tracker = keras.metrics.Mean(name="feature_norm")
         # Backbone and head are built above, so weights can be saved/loaded before the first step.
         self.built = True
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
-        return [self.loss_tracker, self.softmax_tracker, self.center_tracker, self.accuracy_tracker]
+        extra = [self.margin_accuracy_tracker] if self.margin_accuracy_tracker is not None else []
+        return [
+            self.loss_tracker,
+            self.softmax_tracker,
+            self.center_tracker,
+            self.accuracy_tracker,
+            *extra,
+            self.center_norm_tracker,
+            self.feature_norm_tracker,
+        ]
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         """Embedding features of a batch of preprocessed images (the exported part of the model)."""
@@ -90,12 +110,28 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         cl = center_loss_per_example(features, labels, tf.stop_gradient(tf.convert_to_tensor(self.centers)))
         return ce, cl, ce + self.center_lambda * cl
 
-    def _update_metrics(self, ce: tf.Tensor, cl: tf.Tensor, total: tf.Tensor, labels, logits) -> dict:
+    def _update_metrics(
+        self,
+        ce: tf.Tensor,
+        cl: tf.Tensor,
+        total: tf.Tensor,
+        labels: tf.Tensor,
+        logits: tf.Tensor,
+        features: tf.Tensor,
+        margin_logits: tf.Tensor | None = None,
+    ) -> dict:
         # Per-example values: the Mean metrics then average over the global batch across replicas exactly.
         self.loss_tracker.update_state(total)
         self.softmax_tracker.update_state(ce)
         self.center_tracker.update_state(cl)
         self.accuracy_tracker.update_state(labels, logits)
+        if self.margin_accuracy_tracker is not None:
+            self.margin_accuracy_tracker.update_state(
+                labels, logits if margin_logits is None else margin_logits
+            )
+        centers = tf.gather(tf.convert_to_tensor(self.centers), labels)
+        self.center_norm_tracker.update_state(tf.norm(centers, axis=-1))
+        self.feature_norm_tracker.update_state(tf.norm(tf.cast(features, tf.float32), axis=-1))
         return worker_logs({m.name: m.result() for m in self.metrics})
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -111,10 +147,12 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
             if self.losses:
                 # Layer regularisers are per-model, not per-example: split them evenly over the replicas.
                 loss += tf.add_n(self.losses) / ctx.num_replicas_in_sync
+        # The plain logits of the same forward pass (before the step moves the head), outside the tape.
+        plain = self.head(features, None, training=True) if self.has_margin else logits
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self._update_centers(tf.stop_gradient(features), y, global_batch, ctx)
-        return self._update_metrics(ce, cl, total, y, logits)
+        return self._update_metrics(ce, cl, total, y, plain, features, margin_logits=logits)
 
     def _update_centers(
         self,
@@ -144,4 +182,4 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         features = self.backbone(x, training=False)
         logits = self.head(features, y, training=False)
         ce, cl, total = self._objective(features, logits, y)
-        return self._update_metrics(ce, cl, total, y, logits)
+        return self._update_metrics(ce, cl, total, y, logits, features)

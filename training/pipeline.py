@@ -19,14 +19,14 @@ import numpy as np
 
 from bundle.files import load_bundle
 from bundle.manifest import BundleManifest, Thresholds, TrainingRecipe
-from training.baselines import PixelPCAEmbedder
+from training.baselines import DEFAULT_PCA_COMPONENTS, PixelPCAEmbedder
 from training.config import RunConfig
 from training.data import Splits, build_splits
 from training.evaluate import (
     DEFAULT_TARGET_FAR,
     EvaluationSettings,
     OpenSetEvaluation,
-    calibrate_threshold,
+    calibrate_out_of_sample,
     evaluate_embeddings,
     measure_at,
 )
@@ -37,6 +37,13 @@ from training.trainer import train
 
 CENTER = "softmax+center"
 SOFTMAX = "softmax"
+
+
+def run_label(config: RunConfig) -> str:
+    """How reports name a run: its head, and `+center` when the center loss is on (`arcface+center`)."""
+    return f"{config.head}+center" if config.center_lambda > 0 else config.head
+
+
 PCA = "pca-pixels"
 EMBED_BATCH = 512
 # The parity check runs on this many real held-out images (the whole held-out set when smaller).
@@ -87,7 +94,11 @@ class Comparison:
     train_classes: list[str]
     heldout_classes: list[str]
     settings: EvaluationSettings
-    evaluations: dict[str, OpenSetEvaluation]  # CENTER first, then the baselines that were run
+    evaluations: dict[str, OpenSetEvaluation]  # the run first, then the baselines that were run
+    # name of the lambda-0 twin among `evaluations` (its head alone, e.g. "softmax" or "arcface"), if run
+    twin: str | None = None
+    # every network's head and center-loss weight, by name, so a report says exactly what each row is
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     # The same protocol on validation images of the TRAINING identities: shows what the loss does where it
     # was trained, next to how much of it carries over to unseen identities.
@@ -97,15 +108,30 @@ class Comparison:
     def main(self) -> OpenSetEvaluation:
         return next(iter(self.evaluations.values()))
 
+    def protocol(self) -> str:
+        """One sentence saying which identities every number is measured on."""
+        shown = ", ".join(self.heldout_classes[:12]) + (" ..." if len(self.heldout_classes) > 12 else "")
+        text = (
+            f"pairs on {len(self.heldout_classes)} identities unseen in training ({shown}), "
+            f"seed {self.settings.seed}"
+        )
+        split = self.main.split
+        if split.has_calibration:
+            text += (
+                f"; thresholds chosen on {len(split.calibration_classes)} of them (calibration identities) "
+                f"and measured on the other {len(split.test_classes)} (test identities)"
+            )
+        return text
+
     def eer_ratio(self) -> float | None:
         """EER of softmax + center divided by EER of softmax-only (goal: <= 0.7)."""
-        if CENTER not in self.evaluations or SOFTMAX not in self.evaluations:
+        if self.twin is None or self.twin not in self.evaluations:
             return None
-        soft = self.evaluations[SOFTMAX].verification.eer
-        return self.evaluations[CENTER].verification.eer / soft if soft > 0 else None
+        soft = self.evaluations[self.twin].verification.eer
+        return self.main.verification.eer / soft if soft > 0 else None
 
     def rows(self) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in self.evaluations.values()]
+        return [{**e.as_dict(), **self.recipes.get(name, {})} for name, e in self.evaluations.items()]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -122,10 +148,7 @@ class Comparison:
     def manifest_evaluation(self) -> dict[str, Any]:
         """The manifest's `evaluation`: the bundled model's numbers at top level, baselines nested."""
         out: dict[str, Any] = {
-            "protocol": (
-                f"pairs on {len(self.heldout_classes)} identities unseen in training "
-                f"({', '.join(self.heldout_classes)}), seed {self.settings.seed}"
-            ),
+            "protocol": self.protocol(),
             # The knobs that reproduce these numbers (`check_bundle` re-measures with them).
             "protocol_settings": {
                 k: v for k, v in self.settings.as_dict().items() if isinstance(v, int | float | str)
@@ -155,7 +178,7 @@ def compare(
     *,
     softmax: TrainedRun | None,
     settings: EvaluationSettings,
-    pca_components: int | None = 32,
+    pca_components: int | None = DEFAULT_PCA_COMPONENTS,
     splits: Splits | None = None,
 ) -> Comparison:
     """Score the run, its softmax-only twin (if given) and PCA on pixels (if `pca_components`) on the held-out
@@ -171,9 +194,13 @@ def compare(
     labels = splits.y_heldout
     evaluations: dict[str, OpenSetEvaluation] = {}
     seconds: dict[str, float] = {}
-    embedders: list[tuple[str, Any]] = [(CENTER if run.config.center_lambda > 0 else SOFTMAX, run.embedding)]
+    embedders: list[tuple[str, Any]] = [(run_label(run.config), run.embedding)]
+    recipes = {run_label(run.config): {"head": run.config.head, "lambda": run.config.center_lambda}}
+    twin = None
     if softmax is not None:
-        embedders.append((SOFTMAX, softmax.embedding))
+        twin = run_label(softmax.config)
+        embedders.append((twin, softmax.embedding))
+        recipes[twin] = {"head": softmax.config.head, "lambda": softmax.config.center_lambda}
     seen: dict[str, OpenSetEvaluation] = {}
     val_ok = len(np.unique(splits.y_val)) >= 2 and np.bincount(splits.y_val).max() >= 2
     for name, model in embedders:
@@ -196,14 +223,14 @@ def compare(
         evaluations=evaluations,
         seconds=seconds,
         seen=seen,
+        twin=twin,
+        recipes=recipes,
     )
 
 
 def calibrate(evaluation: OpenSetEvaluation, target_far: float, min_errors: int) -> Thresholds:
-    """Thresholds of the manifest from the model's own held-out pairs."""
-    return calibrate_threshold(
-        evaluation.scores, evaluation.pairs.same, target_far=target_far, min_errors=min_errors
-    )
+    """The manifest thresholds: chosen on held-out calibration identities, measured on the test ones."""
+    return calibrate_out_of_sample(evaluation, target_far=target_far, min_errors=min_errors)
 
 
 # RunConfig fields the TrainingRecipe already carries (under these or its own names).
@@ -292,7 +319,7 @@ def build_bundle(
     work_dir: Path,
     settings: EvaluationSettings,
     target_far: float = DEFAULT_TARGET_FAR,
-    pca_components: int | None = 32,
+    pca_components: int | None = DEFAULT_PCA_COMPONENTS,
     name: str = "idembed",
     version: str = "1",
     verbose: int | str = 2,
@@ -345,6 +372,9 @@ _TABLE_COLUMNS = (
     ("10-fold acc", "kfold_accuracy_mean"),
     ("rank-1", "rank1"),
     ("DIR@FAR=1e-1", "dir_at_far_1e-01"),
+    ("episodes acc", "episodes"),
+    ("test FAR @ thr(1e-3)", "test_far_at_calibrated_1e-03"),
+    ("test TAR @ thr(1e-3)", "test_tar_at_calibrated_1e-03"),
 )
 
 
@@ -352,6 +382,8 @@ def markdown_table(comparison: Comparison) -> str:
     """The comparison as a Markdown table (printed by the CLI, pasted into the docs)."""
 
     def cell(row: dict[str, Any], key: str) -> str:
+        if key == "episodes":  # its key names the protocol, e.g. episodes_20way_1shot_within_group_accuracy
+            key = next((k for k in row if k.startswith("episodes_") and k.endswith("_accuracy")), key)
         value = row.get(key, "n/a")
         if key == "kfold_accuracy_mean" and isinstance(value, float):
             return f"{value:.3f} ± {row['kfold_accuracy_std']:.3f}"
@@ -367,10 +399,22 @@ def markdown_table(comparison: Comparison) -> str:
         "|" + "---|" * (len(_TABLE_COLUMNS) + 1),
     ]
     for row in comparison.rows():
-        lines.append(f"| {row['name']} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
+        label = row["name"] + (f" (λ={row['lambda']:g})" if "lambda" in row else "")
+        lines.append(f"| {label} | " + " | ".join(cell(row, key) for _, key in _TABLE_COLUMNS) + " |")
+    episode_keys = {k for row in comparison.rows() for k in row if k.endswith("_accuracy") and "way_" in k}
+    if episode_keys:
+        lines.append(
+            f"\nepisodes: {', '.join(sorted(k.removeprefix('episodes_')[:-9] for k in episode_keys))}"
+        )
+    split = comparison.main.split
+    if split.has_calibration:
+        lines.append(
+            f"thresholds chosen on {len(split.calibration_classes)} calibration identities, "
+            f"FAR/TAR measured on the {len(split.test_classes)} test identities"
+        )
     ratio = comparison.eer_ratio()
     if ratio is not None:
-        lines.append(f"\nEER softmax+center / softmax = {ratio:.2f} (goal <= 0.70)")
+        lines.append(f"\nEER {comparison.main.name} / {comparison.twin} = {ratio:.2f} (goal <= 0.70)")
     if comparison.seen:
         seen = ", ".join(f"{n} {e.verification.eer:.3f}" for n, e in comparison.seen.items())
         lines.append(f"EER on validation images of the training identities (seen): {seen}")
@@ -460,10 +504,19 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
         for key in ("eer", "roc_auc", "kfold_accuracy_mean", "tar_at_far_1e-02")
         if isinstance(m.evaluation.get(key), int | float) and isinstance(measured.get(key), int | float)
     ]
+    if ev.calibration_scores is not None and ev.calibration_pairs is not None:
+        cal_scores, cal_same = ev.calibration_scores, ev.calibration_pairs.same
+    else:  # a bundle calibrated before out-of-sample calibration existed: on all held-out pairs
+        cal_scores, cal_same = ev.scores, ev.pairs.same
     for name, point in (
         ("threshold_default", m.thresholds.at_target_far),
         ("threshold_eer", m.thresholds.eer),
     ):
-        got = measure_at(ev.scores, ev.pairs.same, point.threshold)
+        got = measure_at(cal_scores, cal_same, point.threshold)
         rows += [(f"{name}.far", point.far, got.far), (f"{name}.tar", point.tar, got.tar)]
+    oos = m.thresholds.out_of_sample
+    if oos is not None and ev.test_scores is not None and ev.test_pairs is not None:
+        for name, checked in (("test_default", oos.at_default), ("test_eer", oos.at_eer)):
+            got = measure_at(ev.test_scores, ev.test_pairs.same, checked.threshold)
+            rows += [(f"{name}.far", checked.far, got.far), (f"{name}.tar", checked.tar, got.tar)]
     return BundleCheck(rows, tolerance)

@@ -18,12 +18,14 @@ import numpy as np
 import tensorflow as tf
 
 from training.backbones import build_backbone
+from training.center_rules import check_update_rule, step_factor
 from training.config import ConfigError, RunConfig
 from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
 from training.distributed import is_chief
 from training.heads import make_head
 from training.model import CenterLossModel
 from training.run import (
+    RunError,
     RunPaths,
     latest_checkpoint,
     prepare_run_dir,
@@ -75,6 +77,59 @@ class _PruneCheckpoints(keras.callbacks.Callback):
         prune_checkpoints(self.paths, self.keep)
 
 
+class DivergenceError(RunError):
+    """Training stopped because its losses or centers exploded; the message names the likely cause."""
+
+
+# A center is a running mean of its class's features, so its norm stays near theirs under a converging rule.
+CENTER_NORM_LIMIT = 10.0
+
+
+class CenterDivergenceGuard(keras.callbacks.Callback):
+    """Stops fit() with a `DivergenceError` once the losses stop being finite or the mean center norm exceeds
+    `CENTER_NORM_LIMIT` times the mean feature norm (centers running away from the features they track).
+
+    TerminateOnNaN alone only stops on a non-finite loss and then lets the run be saved as if finished; a
+    diverging facenet rule reaches centers of 1e19 with a finite loss first.
+    """
+
+    def __init__(self, cause: str) -> None:
+        super().__init__()
+        self.cause = cause
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        values = {
+            k: float(logs[k]) for k in ("loss", "center_loss", "center_norm", "feature_norm") if k in logs
+        }
+        where = f"epoch {self.epoch + 1}, step {batch + 1}"
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        if bad:
+            raise DivergenceError(f"training diverged at {where}: {', '.join(bad)} not finite; {self.cause}")
+        centers, features = values.get("center_norm", 0.0), values.get("feature_norm", 0.0)
+        if centers > CENTER_NORM_LIMIT * max(features, 1e-6):
+            raise DivergenceError(
+                f"training diverged at {where}: mean center norm {centers:.3g} is over "
+                f"{CENTER_NORM_LIMIT:g}x the mean feature norm {features:.3g}; {self.cause}"
+            )
+
+
+def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
+    expected = config.batch_size * max(frequencies)
+    f = step_factor(
+        config.rule, expected, alpha=config.alpha, center_lr=config.center_lr, batch_size=config.batch_size
+    )
+    return (
+        f"--rule {config.rule} (--alpha {config.alpha:g}, --center-lr {config.center_lr:g}) moves a center "
+        f"{f:.2f} times its distance to its batch mean at the expected count {expected:.1f} (>= 2 diverges); "
+        f"also check --lr {config.lr:g}"
+    )
+
+
 def default_run_dir(config: RunConfig) -> Path:
     dataset = "digits" if config.dataset == "digits" else Path(config.dataset).name
     return (
@@ -108,6 +163,21 @@ def train(
     if splits is None:
         # Before the run folder exists: a held-out name the dataset lacks must not leave a folder behind.
         splits = build_splits(config)
+    frequencies = (
+        np.bincount(splits.y_train, minlength=len(splits.class_names)) / len(splits.y_train)
+    ).tolist()
+    try:
+        warning = check_update_rule(
+            config.rule,
+            frequencies,
+            alpha=config.alpha,
+            center_lr=config.center_lr,
+            batch_size=config.batch_size,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if warning:
+        print(f"warning: {warning}")
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         # Before the run folder too: a head option that depends on the class count (CosFace's m limit) is
@@ -125,7 +195,7 @@ def train(
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
 
     callbacks = [
-        keras.callbacks.TerminateOnNaN(),
+        CenterDivergenceGuard(_divergence_cause(config, frequencies)),
         keras.callbacks.ModelCheckpoint(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
         ),

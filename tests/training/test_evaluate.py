@@ -180,6 +180,52 @@ def test_sampled_pairs_are_distinct_seeded_and_of_the_requested_kind():
     assert np.all(p1.idx_a != p1.idx_b)
 
 
+def _lower_side_counts(labels: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
+    return np.bincount(labels[np.minimum(idx_a, idx_b)], minlength=labels.max() + 1)
+
+
+def test_sampled_impostor_pairs_are_uniform_over_all_impostor_pairs():
+    # 50 identities x 40 images (1.96M impostor pairs), 20k sampled. Under a uniform sample the identity of a
+    # pair's lower index follows the share of impostor pairs whose lower index lies in that identity:
+    # for sample i, the later samples of other identities. The earlier sampler kept the lowest keys
+    # (np.unique sorts), so almost every lower index was a low one and most identities never appeared there.
+    from scipy.stats import chisquare
+
+    labels = np.repeat(np.arange(50), 40)
+    pairs = make_pairs(labels, max_genuine=10, max_impostor=20_000, seed=1)
+    imp = ~pairs.same
+    observed = _lower_side_counts(labels, pairs.idx_a[imp], pairs.idx_b[imp])
+    n = len(labels)
+    later_other = np.array([np.sum(labels[i + 1 :] != labels[i]) for i in range(n)], dtype=np.float64)
+    expected_share = np.bincount(labels, weights=later_other) / later_other.sum()
+    # The last identity can never be the lower side (all its impostor partners come before it).
+    assert np.all(observed[:-1] > 0), "every other identity appears on the lower-index side"
+    assert chisquare(observed[:-1], expected_share[:-1] * observed.sum()).pvalue > 1e-3
+    # Both sides together: each identity's share of impostor pairs is equal here (same size), 2 x 1/50.
+    both = np.bincount(labels[pairs.idx_a[imp]], minlength=50) + np.bincount(
+        labels[pairs.idx_b[imp]], minlength=50
+    )
+    assert chisquare(both).pvalue > 1e-3
+
+
+def test_sampled_genuine_pairs_represent_every_identity_in_proportion_to_its_pairs():
+    # 3 identities x 700 images (733k genuine pairs), 30k sampled: ~10k each. The earlier sampler gave
+    # roughly [20k, 10k, 0] (lowest keys first).
+    from scipy.stats import chisquare
+
+    labels = np.repeat(np.arange(3), 700)
+    pairs = make_pairs(labels, max_genuine=30_000, max_impostor=10, seed=2)
+    per_class = np.bincount(labels[pairs.idx_a[pairs.same]], minlength=3)
+    assert per_class.sum() == 30_000
+    assert chisquare(per_class).pvalue > 1e-3
+    # Unequal identities: pairs in proportion to n_c (n_c - 1) / 2, not to n_c.
+    labels = np.repeat(np.arange(3), [100, 200, 400])
+    pairs = make_pairs(labels, max_genuine=20_000, max_impostor=10, seed=3)
+    per_class = np.bincount(labels[pairs.idx_a[pairs.same]], minlength=3)
+    weights = np.array([100 * 99, 200 * 199, 400 * 399]) / 2
+    assert chisquare(per_class, weights / weights.sum() * per_class.sum()).pvalue > 1e-3
+
+
 def test_make_pairs_rejects_a_split_without_impostors():
     with pytest.raises(ValueError, match="no impostor pairs"):
         make_pairs([1, 1, 1])
@@ -245,3 +291,118 @@ def test_evaluate_embeddings_ranks_clean_clusters_above_noise():
 def test_evaluation_settings_name_the_bad_option(option, kwargs):
     with pytest.raises(ValueError, match=option):
         EvaluationSettings(**kwargs)
+
+
+# --------------------------------------------------------------------- out-of-sample calibration, episodes
+
+
+def test_calibration_split_is_identity_disjoint_seeded_and_says_why_when_too_small():
+    from training.evaluate import split_calibration
+
+    labels = np.repeat(np.arange(10), 5)
+    a, b = split_calibration(labels, 0.5, seed=4), split_calibration(labels, 0.5, seed=4)
+    assert np.array_equal(a.calibration, b.calibration)
+    assert len(a.calibration_classes) == len(a.test_classes) == 5
+    assert not set(labels[a.calibration]) & set(labels[a.test])
+    assert sorted(np.concatenate([a.calibration, a.test]).tolist()) == list(range(50))
+    assert not np.array_equal(
+        a.calibration_classes, split_calibration(labels, 0.5, seed=5).calibration_classes
+    )
+    small = split_calibration(np.repeat(np.arange(3), 5), 0.5, seed=0)
+    assert not small.has_calibration and len(small.test) == 15
+    assert "each side needs at least 2" in small.note
+
+
+def test_checked_point_has_exact_binomial_intervals():
+    from training.evaluate import check_point, rate_interval
+
+    # 1 false accept in 10 impostors; Clopper-Pearson 95 %: [0.00253, 0.44502] (textbook values).
+    scores = np.array([0.9, 0.8, 0.2] + [0.95] + [0.1] * 9)
+    same = np.array([True, True, True] + [False] * 10)
+    p = check_point(scores, same, 0.5)
+    assert (p.far, p.tar) == (pytest.approx(0.1), pytest.approx(2 / 3))
+    assert p.far_interval.low == pytest.approx(0.00253, abs=1e-5)
+    assert p.far_interval.high == pytest.approx(0.44502, abs=1e-5)
+    assert rate_interval(0, 100).low == 0.0 and rate_interval(100, 100).high == 1.0
+
+
+def test_thresholds_are_chosen_on_calibration_identities_and_measured_on_test_identities():
+    from training.evaluate import calibrate_out_of_sample
+
+    # 12 identities, 6 samples each, in clean clusters with noise: the threshold comes from the calibration
+    # identities' pairs only, and `out_of_sample` re-measures it on the others (different pairs, no overlap).
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), 6)
+    centers = rng.normal(size=(12, 16))
+    emb = centers[labels] + 0.6 * rng.normal(size=(len(labels), 16))
+    ev = evaluate_embeddings("x", emb, labels, EvaluationSettings(ident_trials=2, episodes=0))
+    assert ev.split.has_calibration
+    cal_ids = set(ev.split.calibration_classes.tolist())
+    assert (
+        set(labels[ev.calibration_pairs.idx_a]) <= cal_ids
+        and set(labels[ev.calibration_pairs.idx_b]) <= cal_ids
+    )
+    assert not set(labels[ev.test_pairs.idx_a]) & cal_ids
+    th = calibrate_out_of_sample(ev, target_far=0.05)
+    cal_point = measure_at(ev.calibration_scores, ev.calibration_pairs.same, th.default)
+    assert th.at_target_far.far == pytest.approx(cal_point.far) and cal_point.far <= 0.05
+    test_point = measure_at(ev.test_scores, ev.test_pairs.same, th.default)
+    assert th.out_of_sample.at_default.far == pytest.approx(test_point.far)
+    assert th.out_of_sample.num_identities == 6 and th.calibration_identities == 6
+    summary = ev.summary()
+    assert summary["calibration_identities"] == 6 and "test_far_at_calibrated_1e-01" in summary
+
+
+def test_out_of_sample_calibration_refuses_too_few_identities_naming_the_option():
+    from training.evaluate import CalibrationError, calibrate_out_of_sample
+
+    labels = np.repeat(np.arange(3), 10)
+    emb = np.random.default_rng(0).normal(size=(30, 4))
+    ev = evaluate_embeddings("x", emb, labels, EvaluationSettings(ident_trials=1, episodes=0))
+    assert "not calibrated out of sample" in ev.summary()["calibration"]
+    with pytest.raises(CalibrationError, match="--calibration-fraction"):
+        calibrate_out_of_sample(ev)
+
+
+def _episode_data(noise: float):
+    # 6 identities in 2 groups ("a": 0-2, "b": 3-5), 4 samples each, around orthogonal directions.
+    labels = np.repeat(np.arange(6), 4)
+    emb = np.eye(6)[labels] + noise * np.random.default_rng(1).normal(size=(24, 6))
+    return emb, labels, ["a", "a", "a", "b", "b", "b"]
+
+
+def test_episodes_are_perfect_on_separable_embeddings_and_seeded():
+    from training.evaluate import episode_report
+
+    emb, labels, groups = _episode_data(0.01)
+    r = episode_report(emb, labels, ways=3, shots=1, episodes=50, groups=groups, within_group=True, seed=0)
+    assert r.accuracy == 1.0 and r.key == "3way_1shot_within_group"
+    noisy, labels, _ = _episode_data(2.0)
+    r1 = episode_report(noisy, labels, ways=5, shots=2, episodes=30, seed=3)
+    r2 = episode_report(noisy, labels, ways=5, shots=2, episodes=30, seed=3)
+    assert r1.accuracy == r2.accuracy and 0.0 < r1.accuracy < 1.0
+
+
+def test_episodes_match_a_hand_computed_one_shot_case():
+    from training.evaluate import episode_report
+
+    # 2 identities, 2 samples each: identity 0 = A [1, 0], B [0.6, 0.8]; identity 1 = C [0, 1], D [0.8, 0.6].
+    # The 4 support choices (one sample per identity, the other is the query), each equally likely:
+    #   A,C: B->1 (0.8 > 0.6) wrong, D->0 (0.8 > 0.6) wrong: 0/2.   A,D: B->1 (0.96) wrong, C->1 right: 1/2.
+    #   B,C: A->0 right, D->0 (0.96) wrong: 1/2.   B,D: A->1 (0.8) wrong, C->0 (0.8) wrong: 0/2.
+    # Expected accuracy 0.25; every episode scores 0 or 1/2.
+    emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    labels = np.array([0, 0, 1, 1])
+    r = episode_report(emb, labels, ways=2, shots=1, episodes=4000, seed=0)
+    assert r.accuracy == pytest.approx(0.25, abs=0.02)
+    assert r.interval == pytest.approx(1.96 * 0.25 / math.sqrt(4000), rel=0.05)  # std of {0, 1/2} is 1/4
+
+
+def test_within_group_episodes_draw_every_identity_from_one_group():
+    from training.evaluate import episode_report
+
+    emb, labels, groups = _episode_data(0.01)
+    with pytest.raises(ValueError, match="no group has 4 identities"):
+        episode_report(emb, labels, ways=4, groups=groups, within_group=True)
+    with pytest.raises(ValueError, match="need the group"):
+        episode_report(emb, labels, ways=3, within_group=True)

@@ -18,7 +18,8 @@ from training.run import RunError, load_run
 
 CONFIG = RunConfig(
     dataset="digits",
-    heldout_classes=["7", "8", "9"],
+    # Four unseen digits: two choose the thresholds, the other two measure them.
+    heldout_classes=["6", "7", "8", "9"],
     feature_dim=4,
     width=2,
     epochs=2,
@@ -40,20 +41,30 @@ def test_build_writes_a_bundle_the_loader_accepts_with_baselines_and_thresholds(
     root, result = built
     bundle = load_bundle(root / "bundle")
     m = bundle.manifest
-    assert bundle.labels == [str(d) for d in range(7)]
-    assert m.training.heldout_classes == ["7", "8", "9"]
+    assert bundle.labels == [str(d) for d in range(6)]
+    assert m.training.heldout_classes == ["6", "7", "8", "9"]
     assert m.training.options["width"] == 2 and m.training.options["feature_dim"] == 4
     assert m.embedding.dim == 4
     assert f"baseline_{SOFTMAX}" in m.evaluation and f"baseline_{PCA}" in m.evaluation
     assert m.evaluation["num_impostor_pairs"] == 5_000
-    # 5000 impostors resolve FAR 1e-3; the manifest's threshold is the calibrated one.
-    assert m.thresholds.target_far == pytest.approx(1e-3)
-    assert m.thresholds.at_target_far.far <= 1e-3
+    # 5000 calibration impostors resolve FAR 1e-3; the manifest's threshold is the calibrated one.
+    th = m.thresholds
+    assert th.target_far == pytest.approx(1e-3)
+    assert th.at_target_far.far <= 1e-3
+    assert th.calibration_identities == 2
+    # ... and what it gives on the two test digits, which took no part in choosing it, with its interval.
+    oos = th.out_of_sample
+    assert oos is not None and oos.num_identities == 2 and oos.num_impostor_pairs == 5_000
+    assert oos.at_default.threshold == th.default
+    assert oos.at_default.far_interval.low <= oos.at_default.far <= oos.at_default.far_interval.high
+    test_digits = set(result.comparison.main.split.test_classes.tolist())
+    cal_digits = set(result.comparison.main.split.calibration_classes.tolist())
+    assert len(test_digits) == len(cal_digits) == 2 and not test_digits & cal_digits
     assert m.evaluation["export_parity_max_abs_diff"] <= 1e-4
     report = json.loads(result.report_path.read_text())
     assert [r["name"] for r in report["results"]] == ["softmax+center", SOFTMAX, PCA]
     assert result.roc_path.stat().st_size > 0
-    assert "| softmax+center |" in markdown_table(result.comparison)
+    assert "| softmax+center (λ=0.1) |" in markdown_table(result.comparison)
 
 
 @pytest.mark.slow
@@ -67,12 +78,16 @@ def test_bundled_thresholds_are_reproduced_from_the_exported_onnx_model(built):
     np.testing.assert_allclose(onnx_features, embed(run.embedding, splits.x_heldout), atol=1e-4)
     ev = result.comparison.main
     e = onnx_features / np.linalg.norm(onnx_features, axis=1, keepdims=True)
-    scores = np.einsum("ij,ij->i", e[ev.pairs.idx_a], e[ev.pairs.idx_b])
     th = bundle.manifest.thresholds
-    point = measure_at(scores, ev.pairs.same, th.default)
     # float32 ONNX vs the evaluation's float64 cosine: a pair on the threshold may flip, no more.
-    assert point.far == pytest.approx(th.at_target_far.far, abs=2 / th.num_impostor_pairs)
-    assert point.tar == pytest.approx(th.at_target_far.tar, abs=2 / th.num_genuine_pairs)
+    for pairs, point in (
+        (ev.calibration_pairs, th.at_target_far),
+        (ev.test_pairs, th.out_of_sample.at_default),
+    ):
+        scores = np.einsum("ij,ij->i", e[pairs.idx_a], e[pairs.idx_b])
+        got = measure_at(scores, pairs.same, th.default)
+        assert got.far == pytest.approx(point.far, abs=2 / pairs.num_impostor)
+        assert got.tar == pytest.approx(point.tar, abs=2 / pairs.num_genuine)
 
 
 @pytest.mark.slow

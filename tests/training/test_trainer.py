@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 
 from training.backbones import build_backbone
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import build_splits
 from training.heads import make_head
 from training.model import CenterLossModel
 from training.run import RunError, RunPaths, latest_checkpoint, load_run
-from training.trainer import build_model, train
+from training.trainer import CenterDivergenceGuard, DivergenceError, build_model, train
 
 
 def tiny(**overrides) -> RunConfig:
@@ -33,7 +33,7 @@ def test_train_step_reports_each_loss_part_and_accuracy(splits):
     # centers start at zero, so the first center loss is 0.5 * mean ||x||^2 of the features before the step
     features = model.backbone(splits.x_train[:32]).numpy()
     logs = model.train_on_batch(splits.x_train[:32], splits.y_train[:32], return_dict=True)
-    assert set(logs) == {"loss", "softmax_loss", "center_loss", "accuracy"}
+    assert set(logs) == {"loss", "softmax_loss", "center_loss", "accuracy", "center_norm", "feature_norm"}
     assert logs["center_loss"] == pytest.approx(0.5 * np.mean(np.sum(features**2, axis=1)), rel=1e-4)
     assert logs["loss"] == pytest.approx(logs["softmax_loss"] + 0.5 * logs["center_loss"], rel=1e-5)
 
@@ -172,3 +172,55 @@ def test_face_cnn_trains_on_an_rgb_identity_folder(tmp_path):
     assert run.input_spec.channels == 3 and run.input_spec.height == 16
     assert run.centers.shape == (3, 8) and len(run.heldout_class_names) == 1
     assert run.embedding.predict(run.splits().x_heldout, verbose=0).shape == (6, 8)
+
+
+def test_facenet_rule_defaults_to_its_own_alfa_and_refuses_a_diverging_one(tmp_path):
+    # facenet moves a center (1 - alfa) n times its distance to the batch mean: with alfa 0.5 and ~9 examples
+    # of each of 7 digits in a batch of 64 that is 4.6 (>= 2 diverges; the issue saw center loss 3e12 -> inf).
+    assert tiny(rule="facenet").alpha == 0.95
+    assert tiny(rule="paper").alpha == 0.5
+    with pytest.raises(ConfigError, match=r"--rule facenet with --alpha 0.5 .* diverge .* --alpha >= 0\.89"):
+        train(tiny(rule="facenet", alpha=0.5, center_lambda=0.1), tmp_path / "run", verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_guard_stops_a_diverging_run_naming_the_cause_and_does_not_save_it(tmp_path, monkeypatch):
+    # Skip the up-front refusal to watch the run itself diverge: the guard must stop it mid-epoch, and the
+    # folder must not look finished (the old code saved centers of 1e19 as a finished run).
+    monkeypatch.setattr("training.trainer.check_update_rule", lambda *a, **k: None)
+    with pytest.raises(DivergenceError, match=r"diverged at epoch 1, step \d+: .*--rule facenet"):
+        train(tiny(rule="facenet", alpha=0.0001, center_lambda=0.1, epochs=3), tmp_path / "run", verbose=0)
+    assert not RunPaths(tmp_path / "run").embedding.exists()
+
+
+@pytest.mark.parametrize(
+    ("logs", "message"),
+    [
+        ({"loss": float("inf"), "center_norm": 1.0, "feature_norm": 1.0}, "loss not finite"),
+        ({"loss": 1.0, "center_norm": 11.0, "feature_norm": 1.0}, "center norm 11 is over 10x"),
+    ],
+)
+def test_guard_trips_on_non_finite_losses_and_runaway_centers(logs, message):
+    guard = CenterDivergenceGuard("the cause")
+    guard.on_train_batch_end(0, {"loss": 1.0, "center_norm": 9.0, "feature_norm": 1.0})  # fine
+    with pytest.raises(DivergenceError, match=message):
+        guard.on_train_batch_end(1, logs)
+
+
+def test_margin_head_accuracy_is_measured_on_plain_logits(splits):
+    # ArcFace subtracts a margin from the target logit while training, so accuracy on those logits reads ~0
+    # while the model learns; `accuracy` must be the plain classifier's, `margin_accuracy` the penalised one.
+    model = build_model(tiny(head="arcface", head_params={"m": 0.5, "s": 30.0}), splits)
+    x, y = splits.x_train[:256], splits.y_train[:256]
+    features = model.backbone(x, training=True)
+    plain = (model.head(features, None, training=True).numpy().argmax(1) == y).mean()
+    margin = (model.head(features, y, training=True).numpy().argmax(1) == y).mean()
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["accuracy"] == pytest.approx(plain)
+    assert logs["margin_accuracy"] == pytest.approx(margin)
+    assert margin < plain
+    assert "margin_accuracy" not in model_metric_names(build_model(tiny(), splits))
+
+
+def model_metric_names(model) -> set[str]:
+    return {m.name for m in model.metrics}
