@@ -135,6 +135,7 @@ class PartialFCModel(CenterLossModel):
             if self.losses:
                 loss += tf.add_n(self.losses) / replicas
             scaled = self.optimizer.scale_loss(loss)
+        plain = self.head.sampled_logits(features, rows)  # no margin: the accuracy of the classifier
         *grads, row_grad = tape.gradient(scaled, [*variables, rows])
         if replicas > 1:
             # Same index on every replica: summing the [S, D] rows is the all-reduce of the full gradient.
@@ -152,7 +153,9 @@ class PartialFCModel(CenterLossModel):
                 center_lr=self.center_lr,
                 ctx=ctx,
             )
-        return self._update_metrics(ce, cl, total, local, logits)
+        return self._update_metrics(
+            ce, cl, total, local, plain, features, margin_logits=logits, center_labels=y
+        )
 
     def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor) -> None:
         scale = getattr(self.optimizer, "dynamic_scale", None)
@@ -174,7 +177,7 @@ class PartialFCModel(CenterLossModel):
         features = tf.cast(self.backbone(x, training=False), tf.float32)
         logits = self.head(features)
         ce, cl, total = self._objective(features, logits, y, self._center_rows(y))
-        return self._update_metrics(ce, cl, total, y, logits)
+        return self._update_metrics(ce, cl, total, y, logits, features)
 
 
 def build_partial_fc(
