@@ -158,12 +158,13 @@ class PartialFCModel(CenterLossModel):
         )
 
     def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor) -> None:
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        if scale is None:
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             self._rows.apply(self.head.kernel, self.head.slots, index, grad)
             return
         # mixed_float16: unscale, and skip the rows' step when the feature optimizer skips its own.
-        grad = grad / tf.cast(scale, grad.dtype)
+        if not self.optimizer.built:  # its dynamic scale is created on build (as `apply` would do)
+            self.optimizer.build(self.trainable_variables)
+        grad = grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
 
         def update():
             self._rows.apply(self.head.kernel, self.head.slots, index, grad)

@@ -59,9 +59,7 @@ def updated_rows(
 ) -> tf.Tensor:
     """The new centers of rows `classes` (`[U, D]`) under `rule`, from the old rows and their statistics."""
     old = tf.gather(tf_variable(centers), classes)
-    return update_centers(
-        rule, old, sums, counts, alpha=alpha, batch_size=batch_size, center_lr=center_lr
-    )
+    return update_centers(rule, old, sums, counts, alpha=alpha, batch_size=batch_size, center_lr=center_lr)
 
 
 def sparse_update_centers(
