@@ -11,6 +11,7 @@ bench/results/partial_fc.json.
     python bench/partial_fc_bench.py --quick      # 128-d embedding, batch 16, 4 steps (~2-3 min, ~3 GB)
     python bench/partial_fc_bench.py              # 512-d, batch 64, 10 steps (1M classes: ~9 GB RAM)
     python bench/partial_fc_bench.py --full-head  # adds the dense head at 1k and 100k for comparison
+    python bench/partial_fc_bench.py --quick --head-only   # the head alone (Dense "backbone"), batch 64
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-RESULTS = Path(__file__).parent / "results" / "partial_fc.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,7 +50,12 @@ def _build(k: int, dense: bool, args: argparse.Namespace):
     from training.partial_fc import build_partial_fc
 
     keras.utils.set_random_seed(args.seed)
-    backbone = build_backbone(args.backbone, (112, 112, 3), args.feature_dim)
+    if args.head_only:
+        # The head's own cost: a single Dense layer stands in for the backbone, inputs are D-d vectors.
+        inputs = keras.Input((args.feature_dim,), name="input")
+        backbone = keras.Model(inputs, keras.layers.Dense(args.feature_dim, name="embedding")(inputs))
+    else:
+        backbone = build_backbone(args.backbone, (112, 112, 3), args.feature_dim)
     options = dict(center_lambda=0.01, alpha=0.5, rule="paper", center_lr=0.5)
     if dense:
         model = CenterLossModel(backbone, make_head("arcface", k), k, **options)
@@ -74,7 +80,8 @@ def _batches(k: int, n: int, args: argparse.Namespace):
     import tensorflow as tf
 
     rng = np.random.default_rng(args.seed)
-    x = tf.constant(rng.random((args.batch_size, 112, 112, 3), dtype=np.float32))
+    shape = (args.feature_dim,) if args.head_only else (112, 112, 3)
+    x = tf.constant(rng.random((args.batch_size, *shape), dtype=np.float32))
     return [(x, tf.constant(rng.integers(0, k, args.batch_size).astype(np.int32))) for _ in range(n)]
 
 
@@ -148,6 +155,7 @@ def _subprocess(args: argparse.Namespace, extra: list[str]) -> dict:
         f"--steps={args.steps}",
         f"--rounds={args.rounds}",
         f"--seed={args.seed}",
+        *(["--head-only"] if args.head_only else []),
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -168,6 +176,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--head-only", action="store_true", help="a Dense layer instead of the backbone: the head's own cost"
+    )
     parser.add_argument("--full-head", action="store_true", help="also time the dense head (<= 100k classes)")
     parser.add_argument("--quick", action="store_true", help="128-d, batch 16, 4 timed steps")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
@@ -177,6 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.feature_dim, args.batch_size, args.steps, args.warmup, args.rounds = 128, 16, 4, 2, 3
+        if args.head_only:  # cheap steps: a realistic batch and more of them
+            args.batch_size, args.steps, args.warmup = 64, 20, 3
     if args.one is not None:
         print("RESULT" + json.dumps(run_one(args)))
         return
@@ -211,7 +224,8 @@ def main() -> None:
         )
     import tensorflow as tf
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = RESULTS_DIR / ("partial_fc_head_only.json" if args.head_only else "partial_fc.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {k: v for k, v in vars(args).items() if k not in ("one", "dense", "pair")},
         "rows": rows,
@@ -219,8 +233,8 @@ def main() -> None:
         "target": {"classes": 100_000, "max_ratio": 1.5},
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__},
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    results.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from training.face_backbones import (  # noqa: E402
     parameter_count,
     reference_parameter_count,
 )
+from training.precision import float32_copy, is_mixed  # noqa: E402
 
 FACE = (112, 112, 3)
 
@@ -81,12 +82,24 @@ def test_grouped_conv_equals_a_grouped_convolution() -> None:
     assert np.abs(model(x).numpy() - expected).max() < 1e-5
 
 
-def test_mixed_precision_output_is_float32() -> None:
-    model = build_backbone("mobilefacenet", FACE, 64, precision="mixed_bfloat16")
+def test_mixed_precision_output_is_float32_and_exports_as_float32() -> None:
+    keras.utils.set_random_seed(0)
+    model = build_backbone("mobilefacenet", (32, 32, 3), 64, precision="mixed_bfloat16")
     assert model.get_layer("conv1").compute_dtype == "bfloat16"
     assert model.get_layer("conv1").kernel.dtype == "float32"
     assert model.output.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    batch = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
+    _calibrate(model, batch)
+    copy = float32_copy(model)
+    assert not is_mixed(copy) and all(layer.compute_dtype == "float32" for layer in copy.layers)
+    for a, b in zip(model.get_weights(), copy.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    mixed, exact = model.predict(batch, verbose=0), copy.predict(batch, verbose=0)
+    # Same function, bfloat16 rounding (8-bit mantissa) in the mixed one only: same embedding directions.
+    cosine = np.sum(mixed * exact, axis=1) / np.linalg.norm(mixed, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cosine.min() > 0.98, cosine
+    assert float32_copy(copy) is copy  # already float32: unchanged
 
 
 def _parity(name: str, shape: tuple[int, int, int], dim: int) -> float:
