@@ -158,6 +158,8 @@ def start_server(
             "IDEMBED_BATCH_WAIT_MS": str(args.batch_wait_ms),
             "IDEMBED_LOG_LEVEL": args.log_level,
             "IDEMBED_INLINE_INFERENCE_MAX_MS": str(args.inline_max_ms),
+            # Reads are open: the load generator sends no key (the service's default requires one).
+            "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
         }
     )
     env.update(settings or {})

@@ -91,6 +91,8 @@ def server_env(args: argparse.Namespace, port: int, store: Path) -> dict[str, st
             "IDEMBED_LOG_LEVEL": args.log_level,
             # The same batch limit as Triton's dynamic batcher.
             "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
+            # Reads are open: the load generator sends no key (the service's default requires one).
+            "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
         }
     )
     env.update(args.server_env)

@@ -103,9 +103,9 @@ class OutOfSampleCheck(_Strict):
     num_genuine_pairs: int = Field(ge=1)
     num_impostor_pairs: int = Field(ge=1)
     confidence: float = Field(gt=0.0, lt=1.0)
-    # Clopper-Pearson on pair counts; pairs sharing images/identities are not independent, so read it as a
-    # lower bound on the uncertainty.
-    interval_method: Literal["clopper-pearson"] = "clopper-pearson"
+    # identity-bootstrap: the identities resampled with replacement (pairs that share an identity are not
+    # independent); clopper-pearson: exact binomial on pair counts, far narrower than the truth.
+    interval_method: Literal["identity-bootstrap", "clopper-pearson"] = "identity-bootstrap"
     at_default: CheckedPoint
     at_eer: CheckedPoint
 

@@ -21,8 +21,11 @@ app = typer.Typer(
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
-    from service.core.config import Settings
+    from service.core.config import Settings, unknown_variables
 
+    for name, suggestion in unknown_variables():
+        hint = f" (did you mean {suggestion}?)" if suggestion else ""
+        typer.echo(f"warning: {name} is not an idembed-serve setting and is ignored{hint}", err=True)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -41,8 +44,9 @@ def _run(overrides: dict[str, Any]) -> None:
     settings = _settings(overrides)
     if not (settings.bundle_path / "manifest.json").is_file():
         typer.echo(
-            f"error: no bundle at {settings.bundle_path} (manifest.json missing). Train and export one "
-            "(see README) or pass --bundle / IDEMBED_BUNDLE_PATH.",
+            f"error: no bundle at {settings.bundle_path.absolute()} (manifest.json missing; relative paths "
+            f"are taken from the working folder {Path.cwd()}). Train and export one (see README), or pass "
+            "--bundle PATH or IDEMBED_BUNDLE_PATH=PATH.",
             err=True,
         )
         raise typer.Exit(2)
@@ -60,74 +64,150 @@ def _run(overrides: dict[str, Any]) -> None:
     )
 
 
+def _default(field: str) -> object:
+    """A setting's default, for help texts (one source of truth: the Settings class)."""
+    from service.core.config import Settings
+
+    return Settings.model_fields[field].get_default(call_default_factory=True)
+
+
+# The options of `serve`, also accepted without the command (`idembed-serve --bundle X`).
+BundleOpt = Annotated[
+    Path | None, typer.Option("--bundle", help=f"bundle folder (default: {_default('bundle_path')})")
+]
+HostOpt = Annotated[str | None, typer.Option(help=f"interface (default: {_default('host')})")]
+PortOpt = Annotated[int | None, typer.Option(help=f"TCP port (default: {_default('port')})")]
+StoreOpt = Annotated[
+    str | None, typer.Option(help=f"sqlite:///path or postgresql://... (default: {_default('store_url')})")
+]
+BatchOpt = Annotated[
+    int | None, typer.Option(help=f"images per onnxruntime call (default: {_default('max_batch_size')})")
+]
+WaitOpt = Annotated[
+    float | None, typer.Option(help=f"extra wait to fill a batch (default: {_default('batch_wait_ms'):g})")
+]
+LevelOpt = Annotated[
+    str | None, typer.Option(help=f"DEBUG, INFO, WARNING or ERROR (default: {_default('log_level')})")
+]
+FormatOpt = Annotated[str | None, typer.Option(help=f"json or text (default: {_default('log_format')})")]
+
+
+def _options(**values: object) -> dict[str, Any]:
+    names = {"bundle": "bundle_path"}
+    return {names.get(k, k): v for k, v in values.items()}
+
+
 @app.callback(invoke_without_command=True)
-def main(ctx: typer.Context) -> None:
-    """With no command, `serve` with settings from the environment."""
+def main(
+    ctx: typer.Context,
+    bundle: BundleOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    store_url: StoreOpt = None,
+    max_batch_size: BatchOpt = None,
+    batch_wait_ms: WaitOpt = None,
+    log_level: LevelOpt = None,
+    log_format: FormatOpt = None,
+) -> None:
+    """With no command, `serve` (settings from the options, else the environment)."""
+    given = _options(
+        bundle=bundle,
+        host=host,
+        port=port,
+        store_url=store_url,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    ctx.obj = given
     if ctx.invoked_subcommand is None:
-        _run({})
+        _run(given)
 
 
 @app.command()
 def serve(
-    bundle: Annotated[Path | None, typer.Option(help="bundle folder (default: models/default)")] = None,
-    host: Annotated[str | None, typer.Option(help="interface (default: 127.0.0.1)")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (default: 8000)")] = None,
-    store_url: Annotated[
-        str | None,
-        typer.Option(help="sqlite:///path or postgresql://... (default: sqlite:///data/identities.sqlite3)"),
-    ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="images per onnxruntime call (default: 64)")
-    ] = None,
-    batch_wait_ms: Annotated[
-        float | None, typer.Option(help="extra wait to fill a batch (default: 0)")
-    ] = None,
-    log_level: Annotated[
-        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
-    ] = None,
-    log_format: Annotated[str | None, typer.Option(help="json or text (default: json)")] = None,
+    ctx: typer.Context,
+    bundle: BundleOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    store_url: StoreOpt = None,
+    max_batch_size: BatchOpt = None,
+    batch_wait_ms: WaitOpt = None,
+    log_level: LevelOpt = None,
+    log_format: FormatOpt = None,
 ) -> None:
     """Start the service; it is ready when GET /readyz returns 200."""
-    _run(
-        {
-            "bundle_path": bundle,
-            "host": host,
-            "port": port,
-            "store_url": store_url,
-            "max_batch_size": max_batch_size,
-            "batch_wait_ms": batch_wait_ms,
-            "log_level": log_level,
-            "log_format": log_format,
-        }
+    mine = _options(
+        bundle=bundle,
+        host=host,
+        port=port,
+        store_url=store_url,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        log_level=log_level,
+        log_format=log_format,
     )
+    # Options before the command (`idembed-serve --port 9000 serve`) count too; the command's own win.
+    before = ctx.obj or {}
+    _run({k: mine[k] if mine[k] is not None else before.get(k) for k in mine})
+
+
+@app.command()
+def audit(
+    path: Annotated[
+        Path | None,
+        typer.Option(help="audit log file (default: IDEMBED_AUDIT_LOG_PATH, else beside the SQLite store)"),
+    ] = None,
+    identity: Annotated[str | None, typer.Option(help="only entries about this identity")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="only this action: enroll, delete, reload or snapshot")
+    ] = None,
+) -> None:
+    """Print the audit log of writes (one JSON object per line, oldest first), optionally filtered."""
+    import json
+
+    from service.core.audit import read_audit
+
+    file = path or _settings({}).audit_path()
+    if not file.is_file():
+        typer.echo(f"error: no audit log at {file.absolute()} (working folder {Path.cwd()})", err=True)
+        raise typer.Exit(2)
+    for entry in read_audit(file):
+        if identity is not None and entry.get("identity") != identity:
+            continue
+        if action is not None and entry.get("action") != action:
+            continue
+        typer.echo(json.dumps(entry, ensure_ascii=False))
 
 
 @app.command()
 def samples(
-    out: Annotated[Path, typer.Option(help="folder to write PNGs into")] = Path("samples"),
-    per_class: Annotated[int, typer.Option(min=1, max=100, help="images per digit")] = 3,
-    seed: Annotated[int, typer.Option(help="which images are picked")] = 0,
+    out: Annotated[Path, typer.Option(help="folder to copy the sample PNGs into")] = Path("samples"),
+    bundle: Annotated[
+        Path | None, typer.Option(help="bundle whose samples/ to copy (default: the served bundle)")
+    ] = None,
 ) -> None:
-    """Write PNGs of sklearn's bundled 8x8 digits as <digit>_<k>.png, for curl examples."""
-    import numpy as np
-    from PIL import Image
+    """Copy the bundle's sample images (identities the model never saw) into OUT, for the curl examples."""
+    import json
+    import shutil
 
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        typer.echo("error: samples needs scikit-learn (pip install scikit-learn)", err=True)
-        raise typer.Exit(2) from None
-    data = load_digits()
-    images = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
-    rng = np.random.default_rng(seed)
+    source = (bundle or _settings({}).bundle_path) / "samples"
+    index = source / "samples.json"
+    if not index.is_file():
+        typer.echo(
+            f"error: {source.resolve()} has no samples.json: this bundle ships no sample images "
+            "(`idembed-train build-bundle` writes them)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    identities = json.loads(index.read_text(encoding="utf-8"))["identities"]
     out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for digit in range(10):
-        picks = rng.choice(np.flatnonzero(data.target == digit), size=per_class, replace=False)
-        for k, i in enumerate(picks):
-            Image.fromarray(images[i]).save(out / f"{digit}_{k}.png")
-            written += 1
-    typer.echo(f"wrote {written} images to {out}/ (<digit>_<k>.png)")
+    for files in identities.values():
+        for file in files:
+            shutil.copyfile(source / file, out / file)
+    listing = "; ".join(f"{name}: {', '.join(files)}" for name, files in identities.items())
+    typer.echo(f"copied {sum(map(len, identities.values()))} images to {out}/ ({listing})")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from service.api.schemas import (
     IdentityPage,
     ModelInfo,
     ReloadResponse,
+    SearchSources,
     SnapshotResponse,
     VerifyResponse,
 )
@@ -92,9 +93,16 @@ class _Requests:
         embeddings: Sequence[Vector] | None,
         top_k: int,
         threshold: float | None,
+        sources: SearchSources | None,
     ) -> tuple[str, str, dict[str, Any]]:
         emb = None if embeddings is None else [[float(x) for x in e] for e in embeddings]
-        body = {"images": _images(images), "embeddings": emb, "top_k": top_k, "threshold": threshold}
+        body = {
+            "images": _images(images),
+            "embeddings": emb,
+            "top_k": top_k,
+            "threshold": threshold,
+            "sources": sources,
+        }
         return "POST", "/v1/identify", _drop_none(body)
 
     @staticmethod
@@ -120,6 +128,10 @@ class _Requests:
             "replace": replace,
         }
         return "POST", "/v1/identities", _drop_none(body)
+
+    @staticmethod
+    def reload(bundle: str | None, force: bool) -> tuple[str, str, dict[str, Any]]:
+        return "POST", "/v1/admin/reload", _drop_none({"bundle": bundle, "force": force or None})
 
 
 class IdembedClient:
@@ -159,8 +171,12 @@ class IdembedClient:
         *,
         top_k: int = 5,
         threshold: float | None = None,
+        sources: SearchSources | None = None,
     ) -> IdentifyResponse:
-        return self._call(IdentifyResponse, *_Requests.identify(images, embeddings, top_k, threshold))
+        """`sources`: enrolled, centers or both (default: the server's IDEMBED_IDENTIFY_SOURCES)."""
+        return self._call(
+            IdentifyResponse, *_Requests.identify(images, embeddings, top_k, threshold, sources)
+        )
 
     def verify(
         self, a: ImageInput | Vector, b: ImageInput | Vector, *, threshold: float | None = None
@@ -190,8 +206,9 @@ class IdembedClient:
     def model(self) -> ModelInfo:
         return self._call(ModelInfo, "GET", "/v1/model")
 
-    def reload(self, bundle: str | None = None) -> ReloadResponse:
-        return self._call(ReloadResponse, "POST", "/v1/admin/reload", _drop_none({"bundle": bundle}))
+    def reload(self, bundle: str | None = None, *, force: bool = False) -> ReloadResponse:
+        """Hot-swap the bundle; another model that would orphan enrolled identities needs `force=True`."""
+        return self._call(ReloadResponse, *_Requests.reload(bundle, force))
 
     def snapshot(self) -> SnapshotResponse:
         """Save the gallery index snapshot now (needs IDEMBED_GALLERY_SNAPSHOT_PATH, an hnsw/auto index)."""
@@ -251,8 +268,11 @@ class AsyncIdembedClient:
         *,
         top_k: int = 5,
         threshold: float | None = None,
+        sources: SearchSources | None = None,
     ) -> IdentifyResponse:
-        return await self._call(IdentifyResponse, *_Requests.identify(images, embeddings, top_k, threshold))
+        return await self._call(
+            IdentifyResponse, *_Requests.identify(images, embeddings, top_k, threshold, sources)
+        )
 
     async def verify(
         self, a: ImageInput | Vector, b: ImageInput | Vector, *, threshold: float | None = None
@@ -284,8 +304,8 @@ class AsyncIdembedClient:
     async def model(self) -> ModelInfo:
         return await self._call(ModelInfo, "GET", "/v1/model")
 
-    async def reload(self, bundle: str | None = None) -> ReloadResponse:
-        return await self._call(ReloadResponse, "POST", "/v1/admin/reload", _drop_none({"bundle": bundle}))
+    async def reload(self, bundle: str | None = None, *, force: bool = False) -> ReloadResponse:
+        return await self._call(ReloadResponse, *_Requests.reload(bundle, force))
 
     async def snapshot(self) -> SnapshotResponse:
         return await self._call(SnapshotResponse, "POST", "/v1/admin/snapshot")

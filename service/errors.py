@@ -43,7 +43,15 @@ class InvalidInputError(ServiceError):
 
 
 class AuthenticationError(ServiceError):
+    """No key, a wrong key, or no keys configured for what the request needs."""
+
     code = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    """A valid key without the scope the request needs (read, write or admin)."""
+
+    code = "forbidden"
 
 
 class IdentityNotFoundError(ServiceError):
@@ -74,6 +82,13 @@ class InvalidBundleError(ServiceError):
     """A hot reload named a bundle that failed validation; the current model keeps serving."""
 
     code = "invalid_bundle"
+
+
+class ModelChangeRefusedError(ServiceError):
+    """Serving another model would leave enrolled identities unmatched (their embeddings belong to the old
+    model) and the change was not forced; or a bundle reuses the id of the model that enrolled them."""
+
+    code = "model_change_refused"
 
 
 class SnapshotUnavailableError(ServiceError):

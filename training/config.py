@@ -9,7 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
 
-BACKBONES = ("lenetpp", "facecnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
+BACKBONES = (
+    "lenetpp",
+    "facecnn",
+    "conv4",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "mobilefacenet",
+)
 # issue 13: arcface_torch backbones (training/face_backbones.py), mixed precision, Partial FC.
 FACE_BACKBONES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
@@ -27,7 +36,12 @@ CLI_OPTION_NAMES = {
     "heldout_count": "--heldout-count",
     "heldout_fraction": "--heldout-fraction",
     "head_params": "--margin/--scale",
+    "heldout_groups": "--heldout-groups",
+    "heldout_group_count": "--heldout-group-count",
 }
+
+# Fill of the pixels an augmentation warp brings in from outside the image (see `RunConfig.augment_fill`).
+AUGMENT_FILL_MODES = ("nearest", "reflect", "wrap")
 
 
 class ConfigError(ValueError):
@@ -42,8 +56,10 @@ class RunConfig(BaseModel):
     # data
     dataset: str = Field(
         default="digits",
-        description="'digits' (bundled sklearn digits), an IDX folder/prefix (MNIST format), or an image "
-        "folder with one sub-folder per identity",
+        description="'digits' (bundled sklearn digits), 'digit-pairs' (100 identities built from them), an "
+        "IDX folder/prefix (MNIST format), an image folder with one sub-folder per identity (or "
+        "<group>/<identity>/), one .zip of such a tree, or a folder of .zip files pooled into one dataset "
+        "(training/data/grouped.py)",
     )
     image_size: int | None = Field(
         default=None,
@@ -63,12 +79,42 @@ class RunConfig(BaseModel):
         lt=1.0,
         description="fraction of identities held out when neither names nor a count are given",
     )
+    heldout_groups: list[str] | None = Field(
+        default=None,
+        description="hold out every identity of these groups (e.g. Omniglot alphabets); needs a dataset "
+        "with a group level",
+    )
+    heldout_group_count: int | None = Field(
+        default=None, ge=1, description="hold out every identity of this many groups, chosen by seed"
+    )
     val_fraction: float = Field(
         default=0.15, ge=0.0, lt=1.0, description="per-identity validation fraction of training identities"
     )
+    # training-only augmentation (training/data/augment.py): a seeded random affine warp per training image
+    augment_rotation: float = Field(
+        default=0.0, ge=0.0, le=180.0, description="max rotation in degrees (uniform in [-r, r]); 0 = off"
+    )
+    augment_shear: float = Field(
+        default=0.0, ge=0.0, le=60.0, description="max horizontal shear angle in degrees; 0 = off"
+    )
+    augment_scale: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="zoom in [1 - s, 1 + s] (0.1 = 0.9..1.1); 0 = off"
+    )
+    augment_translate: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="max shift as a fraction of the image size, per axis"
+    )
+    augment_flip: bool = Field(
+        default=False,
+        description="random horizontal flips (off: a mirrored character or face may be another identity)",
+    )
+    augment_fill: str = Field(
+        default="nearest",
+        description="pixels warped in from outside: nearest | reflect | wrap (edge modes) or a constant "
+        "pixel value 0..255 (255 = white paper)",
+    )
     # model
     backbone: Literal[
-        "lenetpp", "facecnn", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
+        "lenetpp", "facecnn", "conv4", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
     ] = "lenetpp"
     feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
     width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
@@ -121,22 +167,43 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown head {v!r}; choose one of {', '.join(sorted(HEADS))}")
         return v
 
-    @field_validator("heldout_classes")
+    @field_validator("heldout_classes", "heldout_groups")
     @classmethod
     def _unique_names(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return v
         names = [s.strip() for s in v]
         if any(not s for s in names):
-            raise ValueError("class names must be non-empty (check for a stray comma)")
+            raise ValueError("names must be non-empty (check for a stray comma)")
         if len(set(names)) != len(names):
-            raise ValueError("class names are repeated")
+            raise ValueError("names are repeated")
         return names
+
+    @field_validator("heldout_groups")
+    @classmethod
+    def _no_comma(cls, v: list[str] | None) -> list[str] | None:
+        # A bundle's recipe stores the groups comma-joined (its options are scalars).
+        if v is not None and any("," in g for g in v):
+            raise ValueError("group names cannot contain ','")
+        return v
+
+    @field_validator("augment_fill")
+    @classmethod
+    def _fill(cls, v: str) -> str:
+        if v in AUGMENT_FILL_MODES:
+            return v
+        try:
+            value = float(v)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 255.0:
+            raise ValueError(f"{v!r}: choose {', '.join(AUGMENT_FILL_MODES)} or a pixel value 0..255")
+        return v
 
     @field_validator("dataset")
     @classmethod
     def _dataset_exists(cls, v: str) -> str:
-        if v == "digits":
+        if v in ("digits", "digit-pairs"):
             return v
         path = Path(v)
         # An IDX prefix such as `.../train` names files that start with it rather than a path that exists.
@@ -148,6 +215,25 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.heldout_classes is not None and self.heldout_count is not None:
             raise ValueError("give --heldout-classes or --heldout-count, not both")
+        by_group = [
+            o
+            for o, v in (
+                ("--heldout-groups", self.heldout_groups),
+                ("--heldout-group-count", self.heldout_group_count),
+            )
+            if v is not None
+        ]
+        if len(by_group) == 2:
+            raise ValueError("give --heldout-groups or --heldout-group-count, not both")
+        by_class = [
+            o
+            for o, v in (("--heldout-classes", self.heldout_classes), ("--heldout-count", self.heldout_count))
+            if v is not None
+        ]
+        if by_group and by_class:
+            raise ValueError(
+                f"{by_group[0]} holds out whole groups; it cannot be combined with {by_class[0]}"
+            )
         if self.rule == "none" and self.center_lambda > 0:
             raise ValueError("--rule none keeps centers at zero; it needs --lambda 0 (softmax only)")
         if self.backbone == "lenetpp" and self.image_size is not None and self.image_size < 8:

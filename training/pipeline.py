@@ -9,6 +9,7 @@ compares like with like.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from training.evaluate import (
 from training.export import PARITY_TOLERANCE, export_bundle, onnx_embed
 from training.plots import FeaturePanel, RocCurve, plot_feature_panels, plot_roc
 from training.run import RunError, RunPaths, TrainedRun, load_run
+from training.samples import write_samples
 from training.trainer import train
 
 CENTER = "softmax+center"
@@ -82,6 +84,10 @@ def ensure_run(config: RunConfig, out: Path, *, verbose: int | str = 2, splits: 
             "folder or delete this one"
         )
     if paths.embedding.is_file():
+        if verbose:
+            print(
+                f"reusing the finished run in {out.resolve()} (same options, not retrained)", file=sys.stderr
+            )
         return out
     return train(config, out, resume=True, verbose=verbose, splits=splits)
 
@@ -110,10 +116,9 @@ class Comparison:
 
     def protocol(self) -> str:
         """One sentence saying which identities every number is measured on."""
-        shown = ", ".join(self.heldout_classes[:12]) + (" ..." if len(self.heldout_classes) > 12 else "")
         text = (
-            f"pairs on {len(self.heldout_classes)} identities unseen in training ({shown}), "
-            f"seed {self.settings.seed}"
+            f"pairs on {len(self.heldout_classes)} identities unseen in training "
+            f"({_shown(self.heldout_classes)}), seed {self.settings.seed}"
         )
         split = self.main.split
         if split.has_calibration:
@@ -205,7 +210,9 @@ def compare(
     val_ok = len(np.unique(splits.y_val)) >= 2 and np.bincount(splits.y_val).max() >= 2
     for name, model in embedders:
         started = time.perf_counter()
-        evaluations[name] = evaluate_embeddings(name, embed(model, splits.x_heldout), labels, settings)
+        evaluations[name] = evaluate_embeddings(
+            name, embed(model, splits.x_heldout), labels, settings, groups=splits.heldout_groups
+        )
         if val_ok:
             seen[name] = evaluate_embeddings(name, embed(model, splits.x_val), splits.y_val, settings)
         seconds[f"evaluate_{name}"] = round(time.perf_counter() - started, 2)
@@ -213,7 +220,9 @@ def compare(
         started = time.perf_counter()
         # Fitted on training identities only: the held-out ones stay unseen, as for the networks.
         pca = PixelPCAEmbedder(pca_components, seed=settings.seed).fit(splits.x_train)
-        evaluations[PCA] = evaluate_embeddings(PCA, pca.embed(splits.x_heldout), labels, settings)
+        evaluations[PCA] = evaluate_embeddings(
+            PCA, pca.embed(splits.x_heldout), labels, settings, groups=splits.heldout_groups
+        )
         seconds[f"evaluate_{PCA}"] = round(time.perf_counter() - started, 2)
     return Comparison(
         dataset=run.config.dataset,
@@ -261,7 +270,9 @@ def recipe_of(run: TrainedRun) -> TrainingRecipe:
             k: v
             for k, v in c.model_dump().items()
             if k not in _RECIPE_FIELDS and isinstance(v, float | int | str | bool | None)
-        },
+        }
+        # Options are scalars: the held-out groups travel comma-joined (RunConfig forbids commas in them).
+        | ({} if c.heldout_groups is None else {"heldout_groups": ",".join(c.heldout_groups)}),
     )
 
 
@@ -299,7 +310,7 @@ def export_run(
 
 
 def roc_title(dataset: str) -> str:
-    label = dataset if dataset == "digits" else Path(dataset).name
+    label = dataset if dataset in ("digits", "digit-pairs") else Path(dataset).name
     return f"ROC on unseen {label} identities"
 
 
@@ -323,6 +334,7 @@ def build_bundle(
     name: str = "idembed",
     version: str = "1",
     verbose: int | str = 2,
+    samples: int = 0,
 ) -> BuildResult:
     """The one command: train softmax + center and its softmax twin, compare with PCA, calibrate, export.
 
@@ -354,6 +366,16 @@ def build_bundle(
     manifest = export_run(
         run, out, comparison, target_far=target_far, name=name, version=version, splits=splits
     )
+    if samples:
+        test_names = [run.heldout_class_names[int(k)] for k in comparison.main.split.test_classes]
+        write_samples(
+            out,
+            dataset=config.dataset,
+            color_mode=config.color_mode,
+            test_identities=test_names,
+            count=samples,
+            seed=config.seed,
+        )
     wall = round(time.perf_counter() - started, 1)
     comparison.seconds["wall"] = wall
     report = work_dir / "evaluation.json"
@@ -378,6 +400,10 @@ _TABLE_COLUMNS = (
 )
 
 
+def _shown(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def markdown_table(comparison: Comparison) -> str:
     """The comparison as a Markdown table (printed by the CLI, pasted into the docs)."""
 
@@ -393,7 +419,7 @@ def markdown_table(comparison: Comparison) -> str:
 
     header = "| embedder | " + " | ".join(title for title, _ in _TABLE_COLUMNS) + " |"
     lines = [
-        f"Unseen identities ({', '.join(comparison.heldout_classes)}):",
+        f"Unseen identities ({_shown(comparison.heldout_classes)}):",
         "",
         header,
         "|" + "---|" * (len(_TABLE_COLUMNS) + 1),
@@ -458,10 +484,17 @@ def config_from_recipe(recipe: TrainingRecipe) -> RunConfig:
     """The RunConfig a bundle was trained with, rebuilt from its manifest (to re-run or re-split it)."""
     known = set(RunConfig.model_fields)
     options = {k: v for k, v in recipe.options.items() if k in known}
+    if isinstance(options.get("heldout_groups"), str):
+        options["heldout_groups"] = options["heldout_groups"].split(",")
+    # A split drawn by a rule (groups, or a seeded count) is re-drawn by that rule, which gives the same
+    # identities; the names alone would contradict the rule's options ("not both").
+    by_rule = any(
+        options.get(k) is not None for k in ("heldout_groups", "heldout_group_count", "heldout_count")
+    )
     return RunConfig.from_options(
         **options,
         dataset=recipe.dataset,
-        heldout_classes=recipe.heldout_classes,
+        heldout_classes=None if by_rule else recipe.heldout_classes,
         val_fraction=recipe.val_fraction,
         backbone=recipe.backbone,
         head=recipe.head,
@@ -497,7 +530,7 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
     settings = EvaluationSettings(**recorded) if isinstance(recorded, dict) else EvaluationSettings()
     splits = build_splits(config_from_recipe(m.training))
     features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
-    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings)
+    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
     measured = ev.summary()
     rows = [
         (key, float(m.evaluation[key]), float(measured[key]))

@@ -6,6 +6,7 @@ This is the function the CLI calls and other code (baselines, evaluation scripts
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from training.backbones import build_backbone
 from training.center_rules import check_update_rule, step_factor
 from training.config import ConfigError, RunConfig
 from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
+from training.data.augment import augmentation_from_config
 from training.distributed import is_chief
 from training.heads import make_head
 from training.model import CenterLossModel
@@ -101,17 +103,25 @@ CENTER_NORM_LIMIT = 10.0
 
 
 class CenterDivergenceGuard(keras.callbacks.Callback):
-    """Stops fit() with a `DivergenceError` once the losses stop being finite or the mean center norm exceeds
-    `CENTER_NORM_LIMIT` times the mean feature norm (centers running away from the features they track).
+    """Stops fit() with a `DivergenceError`, naming the likely cause, when training has failed:
 
-    TerminateOnNaN alone only stops on a non-finite loss and then lets the run be saved as if finished; a
-    diverging facenet rule reaches centers of 1e19 with a finite loss first.
+    - the losses stop being finite;
+    - the centers run away: mean center norm above `CENTER_NORM_LIMIT` times the largest mean feature norm
+      seen so far (a center is a running mean of features, so a converging rule keeps it near them; a
+      diverging facenet rule reaches centers of 1e19 while the loss is still finite);
+    - the network never leaves chance: after `STALL_EPOCHS` epochs the softmax loss is still within 1 % of
+      ln K (uniform logits). Measured on Omniglot with LeNet++ (no BatchNorm, Adam 1e-3): the features shrink
+      to ~0 (mean norm 0.34 -> 0.008 in one epoch), every logit equals its bias and the loss stays at ln K.
+
+    TerminateOnNaN alone only stops on a non-finite loss and then lets the run be saved as if finished.
     """
 
-    def __init__(self, cause: str) -> None:
+    def __init__(self, cause: str, num_classes: int) -> None:
         super().__init__()
         self.cause = cause
+        self.chance_loss = math.log(num_classes)
         self.epoch = 0
+        self.max_feature_norm = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
@@ -126,11 +136,53 @@ class CenterDivergenceGuard(keras.callbacks.Callback):
         if bad:
             raise DivergenceError(f"training diverged at {where}: {', '.join(bad)} not finite; {self.cause}")
         centers, features = values.get("center_norm", 0.0), values.get("feature_norm", 0.0)
-        if centers > CENTER_NORM_LIMIT * max(features, 1e-6):
+        self.max_feature_norm = max(self.max_feature_norm, features)
+        if centers > CENTER_NORM_LIMIT * max(self.max_feature_norm, 1e-6):
             raise DivergenceError(
                 f"training diverged at {where}: mean center norm {centers:.3g} is over "
-                f"{CENTER_NORM_LIMIT:g}x the mean feature norm {features:.3g}; {self.cause}"
+                f"{CENTER_NORM_LIMIT:g}x the largest mean feature norm {self.max_feature_norm:.3g}; "
+                f"{self.cause}"
             )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        loss = float(logs.get("softmax_loss", 0.0))
+        norm = float(logs.get("feature_norm", float("nan")))
+        if epoch + 1 >= STALL_EPOCHS and loss >= 0.99 * self.chance_loss:
+            raise DivergenceError(
+                f"training is not learning: after {epoch + 1} epochs the softmax loss is {loss:.3f}, "
+                f"chance level ln K = {self.chance_loss:.3f}; mean feature norm "
+                f"{norm:.3g} (largest seen {self.max_feature_norm:.3g}). "
+                "Features that shrink to ~0 make every logit equal: use a backbone with BatchNorm "
+                "(--backbone conv4 or facecnn) or a lower --lr"
+            )
+
+
+# Epochs a run may stay at chance level (softmax loss ~ ln K) before the guard stops it.
+STALL_EPOCHS = 2
+
+
+class MarginWarmup(keras.callbacks.Callback):
+    """Phases a margin head's margin in: r = min(1, (epoch + step / steps) / warmup_epochs) before each step.
+
+    A function of the position in training only, so a resumed run sets the same r as an uninterrupted one.
+    From scratch with ~100+ classes, ArcFace's full margin can keep every target logit below the others, so
+    softmax never starts to separate the classes (training accuracy stays at 0); a warm-up lets the classes
+    separate first (measured in docs/heads.md).
+    """
+
+    def __init__(self, head: keras.layers.Layer) -> None:
+        super().__init__()
+        self.head = head
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        steps = max(1, int(self.params.get("steps") or 1))
+        progress = (self.epoch + batch / steps) / self.head.warmup_epochs
+        self.head.margin_ramp.assign(min(1.0, progress))
 
 
 def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
@@ -146,7 +198,7 @@ def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
 
 
 def default_run_dir(config: RunConfig) -> Path:
-    dataset = "digits" if config.dataset == "digits" else Path(config.dataset).name
+    dataset = config.dataset if config.dataset in ("digits", "digit-pairs") else Path(config.dataset).name
     return (
         Path("runs")
         / f"{dataset}-{config.backbone}-{config.rule}-lambda{config.center_lambda:g}-s{config.seed}"
@@ -210,7 +262,8 @@ def train(
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
 
     callbacks = [
-        CenterDivergenceGuard(_divergence_cause(config, frequencies)),
+        CenterDivergenceGuard(_divergence_cause(config, frequencies), len(splits.class_names)),
+        *([MarginWarmup(model.head)] if getattr(model.head, "warmup_epochs", 0) > 0 else []),
         keras.callbacks.ModelCheckpoint(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
         ),
@@ -236,6 +289,7 @@ def train(
                 seed=config.seed,
                 epochs=config.epochs,
                 initial_epoch=initial_epoch,
+                augment=augmentation_from_config(config, splits.preprocessing),
             ),
             epochs=config.epochs,
             initial_epoch=initial_epoch,

@@ -18,9 +18,11 @@ logger = logging.getLogger("idembed.api")
 STATUS: dict[type[e.ServiceError], int] = {
     e.InvalidImageError: 400,
     e.AuthenticationError: 401,
+    e.ForbiddenError: 403,
     e.IdentityNotFoundError: 404,
     e.IdentityConflictError: 409,
     e.SnapshotUnavailableError: 409,
+    e.ModelChangeRefusedError: 409,
     e.PayloadTooLargeError: 413,
     e.UnsupportedMediaTypeError: 415,
     e.InvalidInputError: 422,
@@ -35,6 +37,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "undecodable image or malformed body",
         401: "missing or wrong API key",
+        403: "the API key lacks the scope this call needs (read, write or admin)",
         404: "unknown identity",
         409: "identity already enrolled (use replace)",
         413: "payload, image or batch over the configured limit",
@@ -42,7 +45,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         422: "schema or value violation",
         503: "model not ready, or overloaded (see Retry-After)",
     }
-    return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
+    if 401 in codes:
+        codes = (*codes, 403)  # every authenticated route can also meet a key without its scope
+    return {c: {"model": ErrorResponse, "description": text[c]} for c in sorted(set(codes))}
 
 
 def error_json(
@@ -53,7 +58,7 @@ def error_json(
     )
 
 
-def _status_of(exc: e.ServiceError) -> int:
+def status_of(exc: e.ServiceError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]
@@ -69,7 +74,7 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": "1"}
     elif isinstance(exc, e.AuthenticationError):
         headers = {"WWW-Authenticate": "ApiKey"}
-    return error_json(_status_of(exc), exc.code, exc.message, exc.detail, headers)
+    return error_json(status_of(exc), exc.code, exc.message, exc.detail, headers)
 
 
 def _clean_errors(errors: Any) -> list[dict[str, Any]]:
@@ -91,6 +96,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if request.url.path.startswith("/v2/") or request.url.path == "/v2":
+        # The Open Inference Protocol's error shape (service/api/routes/v2.py).
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
     code = codes.get(exc.status_code, f"http_{exc.status_code}")
     return error_json(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}) or None)

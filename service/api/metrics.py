@@ -49,6 +49,12 @@ class ServiceMetrics:
         self.gallery_size = Gauge(
             "idembed_gallery_size", "searchable identities by source", ["source"], registry=r
         )
+        self.reembed = Gauge(
+            "idembed_reembed_identities",
+            "identities of the latest gallery re-embedding by a new model (kept images), by state",
+            ["state"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "idembed_model_info", "1 for the model being served", ["model_id"], registry=r
         )
@@ -64,6 +70,11 @@ class ServiceMetrics:
         self.queue_depth.set_function(queue_depth)
         self.gallery_size.labels("center").set_function(centers)
         self.gallery_size.labels("enrolled").set_function(enrolled)
+
+    def bind_reembedding(self, job: Callable[[], object | None]) -> None:
+        """`job()`: the latest re-embedding job (with `total`, `done`, `skipped`), or None."""
+        for state in ("total", "done", "skipped"):
+            self.reembed.labels(state).set_function(lambda state=state: getattr(job(), state, 0))
 
     def set_model(self, model_id: str) -> None:
         self.model_info.clear()

@@ -14,6 +14,7 @@ Embedding = Annotated[list[FiniteFloat], Field(min_length=1, max_length=65536)]
 Base64Image = Annotated[str, StringConstraints(min_length=1)]
 Similarity = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 MetadataValue = str | int | float | bool | None
+SearchSources = Literal["enrolled", "centers", "both"]
 
 # An 8x8 grayscale PNG, small enough to show in the OpenAPI examples.
 _EXAMPLE_PNG = (
@@ -67,6 +68,11 @@ class IdentifyRequest(_Request):
     threshold: Similarity | None = Field(
         None, description="similarity needed to accept the best match; default: the bundle's calibrated one"
     )
+    sources: SearchSources | None = Field(
+        None,
+        description="what to search: enrolled (identities enrolled through the API), centers (the bundle's "
+        "training identities) or both; default: the server's IDEMBED_IDENTIFY_SOURCES",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> IdentifyRequest:
@@ -96,7 +102,8 @@ class Identification(BaseModel):
 
 class IdentifyResponse(BaseModel):
     model_id: str
-    threshold: float
+    threshold: float = Field(description="the line that decided known/unknown (the request's or bundle's)")
+    sources: SearchSources = Field(description="what was searched")
     results: list[Identification] = Field(description="one result per query, in order")
 
     model_config = ConfigDict(
@@ -106,6 +113,7 @@ class IdentifyResponse(BaseModel):
                 {
                     "model_id": "digits:1",
                     "threshold": 0.52,
+                    "sources": "both",
                     "results": [
                         {
                             "identity": "7",
@@ -190,6 +198,10 @@ class Identity(BaseModel):
     model_id: str = Field(description="model whose embeddings formed this identity's template")
     metadata: dict[str, Any]
     created_at: datetime
+    stale: bool = Field(
+        False,
+        description="enrolled by another model than the one served: never matched until re-enrolled",
+    )
 
     model_config = ConfigDict(
         protected_namespaces=(),
@@ -201,6 +213,7 @@ class Identity(BaseModel):
                     "model_id": "digits:1",
                     "metadata": {"team": "blue"},
                     "created_at": "2026-01-01T12:00:00+00:00",
+                    "stale": False,
                 }
             ]
         },
@@ -225,6 +238,11 @@ class ReloadRequest(_Request):
         "current bundle path",
         examples=["default"],
     )
+    force: bool = Field(
+        False,
+        description="reload another model even though identities enrolled by the served one would be "
+        "orphaned (kept, listed as stale, never matched until re-enrolled); without it that is a 409",
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -232,13 +250,33 @@ class ReloadResponse(BaseModel):
     previous_model_id: str
     loaded_at: datetime
     warmup_ms: float
+    orphaned: int = Field(0, description="identities of the previous model this (forced) reload orphaned")
+
+    model_config = ConfigDict(protected_namespaces=())
+
+
+class ReembedStatus(BaseModel):
+    """A re-embedding of the gallery by a new model (a reload with IDEMBED_KEEP_ENROLLMENT_IMAGES): the old
+    model serves until it is done, then both swap at once."""
+
+    state: Literal["idle", "running", "done", "failed"] = Field(description="idle: none has run")
+    model_id: str | None = Field(None, description="the model re-embedding (served once done)")
+    previous_model_id: str | None = None
+    total: int = Field(0, description="identities with kept images to re-embed")
+    done: int = 0
+    skipped: int = Field(0, description="identities whose kept images the new model could not read")
+    orphaned: int = Field(0, description="identities without kept images, orphaned by the (forced) reload")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
 
     model_config = ConfigDict(protected_namespaces=())
 
 
 class GalleryInfo(BaseModel):
     centers: int
-    enrolled: int
+    enrolled: int = Field(description="identities enrolled by the served model (the ones identify matches)")
+    orphaned: int = Field(0, description="stored identities enrolled by another model: never matched")
 
 
 class BatchingInfo(BaseModel):

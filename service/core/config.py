@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,10 +31,31 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated keys accepted in X-API-Key for writes (enroll, delete, reload); "
-        "with none set, writes are refused",
+        description="comma-separated keys with every scope (read, write and admin), accepted in X-API-Key; "
+        "narrower keys go in IDEMBED_READ_KEYS / IDEMBED_WRITE_KEYS / IDEMBED_ADMIN_KEYS",
     )
-    require_key_for_reads: bool = Field(False, description="require a key for embed/identify/verify too")
+    read_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated keys with the read scope: embed, identify, verify, list/get identities, "
+        "model, /v2 inference",
+    )
+    write_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys with the write scope: enroll and delete"
+    )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys with the admin scope: reload and snapshot"
+    )
+    require_key_for_reads: bool = Field(
+        True,
+        description="reads need a key with the read scope (the default); false opens embed/identify/verify, "
+        "listing identities and the model card to anyone who can reach the port",
+    )
+    audit_log_path: Path | None = Field(
+        None,
+        description="append-only JSON-lines log of every write and admin call (key id, action, identity, "
+        "time, outcome; never a key or a vector); default: audit.jsonl beside the SQLite store, "
+        "or data/audit.jsonl with PostgreSQL",
+    )
 
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
     max_images_per_request: int = Field(64, ge=1, description="most images (or embeddings) in one request")
@@ -87,6 +110,26 @@ class Settings(BaseSettings):
         description="enrolled identities: sqlite:///path (WAL file) or postgresql://... (needs .[pg])",
     )
 
+    identify_sources: Literal["enrolled", "centers", "both"] = Field(
+        "enrolled",
+        description="what /v1/identify searches unless a request says otherwise: enrolled identities "
+        "(open-set deployments, where the bundle's training identities are not your users), centers "
+        "(the bundle's training identities only) or both (closed demos)",
+    )
+    on_model_change: Literal["refuse", "orphan"] = Field(
+        "refuse",
+        description="start-up with another model than the one that enrolled the store's identities: refuse "
+        "(exit naming how many would be orphaned) or orphan (start; those identities are never matched, "
+        "and are listed as stale, until re-enrolled). POST /v1/admin/reload refuses with 409 unless forced",
+    )
+
+    keep_enrollment_images: bool = Field(
+        False,
+        description="store enrollment images with each identity, so that another model can re-embed the "
+        "gallery (in the background on a reload, before serving at start-up) instead of orphaning it; "
+        "the images are biometric data kept in the store until the identity is deleted (docs/service.md)",
+    )
+
     gallery_index: Literal["exact", "hnsw", "auto"] = Field(
         "exact",
         description="search index for enrolled identities: exact (numpy), hnsw (usearch graph) or auto "
@@ -111,14 +154,14 @@ class Settings(BaseSettings):
         30.0, gt=0, description="how long shutdown waits for in-flight requests and batches"
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "read_keys", "write_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "read_keys", "write_keys", "admin_keys")
     @classmethod
     def _keys_long_enough(cls, keys: list[SecretStr]) -> list[SecretStr]:
         for key in keys:
@@ -159,3 +202,63 @@ class Settings(BaseSettings):
 
     def api_key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]
+
+    def key_scopes(self) -> dict[bytes, frozenset[str]]:
+        """Every configured key with the union of its scopes (a key may be listed in several variables)."""
+        lists = {
+            ("read", "write", "admin"): self.api_keys,
+            ("read",): self.read_keys,
+            ("write",): self.write_keys,
+            ("admin",): self.admin_keys,
+        }
+        out: dict[bytes, frozenset[str]] = {}
+        for scopes, keys in lists.items():
+            for key in keys:
+                secret = key.get_secret_value().encode()
+                out[secret] = out.get(secret, frozenset()) | frozenset(scopes)
+        return out
+
+    def audit_path(self) -> Path:
+        """Where the audit log is written: the setting, else beside the SQLite store file."""
+        if self.audit_log_path is not None:
+            return self.audit_log_path
+        url = self.store_url
+        if url.startswith(("postgresql://", "postgres://")):
+            return Path("data/audit.jsonl")
+        return Path(url.removeprefix("sqlite:///")).parent / "audit.jsonl"
+
+
+# Variables with the IDEMBED_ prefix that are not settings of the service but are read by other tools of the
+# project (docker-compose.yml, the deploy scripts): no warning for them.
+DEPLOYMENT_VARIABLES = {
+    "IDEMBED_IMAGE",
+    "IDEMBED_BASE_IMAGE",
+    "IDEMBED_TRAIN_IMAGE",
+    "IDEMBED_PG_IMAGE",
+    "IDEMBED_PG_LISTEN",
+    "IDEMBED_PG_PORT",
+    "IDEMBED_PG_PASSWORD",
+}
+
+
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> list[tuple[str, str | None]]:
+    """IDEMBED_* variables (in the environment or the `.env` file Settings reads) that no setting reads (a
+    typo is otherwise silently ignored), each with the closest setting's variable name, if any is close:
+    [("IDEMBED_BUNDLE", "IDEMBED_BUNDLE_PATH"), ...]."""
+    names = set(os.environ if environ is None else environ)
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values  # pydantic-settings' own .env reader
+
+        names |= set(dotenv_values(env_file))
+    known = {f"IDEMBED_{name.upper()}" for name in Settings.model_fields}
+    out = []
+    for name in sorted(names):
+        upper = name.upper()
+        if not upper.startswith("IDEMBED_") or upper in known or upper in DEPLOYMENT_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        prefixed = [k for k in sorted(known) if k.startswith(upper + "_") or upper.startswith(k)]
+        out.append((name, (close or prefixed or [None])[0]))
+    return out

@@ -136,9 +136,29 @@ class HnswIndex:
         return int(self._index.memory_usage)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write graph and vectors to one file: reloading is far faster than re-inserting (minutes at 1M)."""
+        """Write graph and vectors to one file: reloading is far faster than re-inserting (minutes at 1M).
+
+        Removed vectors are overwritten first, so the file holds no byte of a deleted identity's vector."""
         with self._lock:
+            self._scrub_removed()
             self._index.save(os.fspath(path))
+
+    def _scrub_removed(self) -> None:
+        # usearch's remove only marks a slot free: the vector's bytes stay in memory, and in every saved file,
+        # until an add reuses the slot. Adds fill free slots before growing, so adding one placeholder per
+        # free slot and removing them again overwrites every removed vector with the same constant vector
+        # (tested by scanning the file, tests/service/test_erasure.py). Cost: one insert per free slot.
+        free = int(self._index.stats.nodes) - len(self._index)
+        if free <= 0:
+            return
+        # Placeholder keys from the top of the int64 key space viewed as uint64 (negative int64 keys), which
+        # the stores never assign; any that happen to be present are skipped.
+        candidates = np.uint64(2**63) + np.arange(free * 2, dtype=np.uint64)
+        taken = np.asarray(self._index.contains(candidates), dtype=bool).reshape(-1)
+        keys = candidates[~taken][:free]
+        filler = np.full((len(keys), self.dim), 1.0 / np.sqrt(self.dim), dtype=np.float32)
+        self._index.add(keys, filler, threads=self.threads)
+        self._index.remove(keys)
 
     def graph_options(self) -> dict[str, object]:
         """The options the graph file depends on; search-time options (expansion_search, retry) do not."""
@@ -224,22 +244,30 @@ class HnswIndex:
         with self._lock:
             self._index.remove(keys.view(np.uint64))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, retry_below: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine. A query whose best match is below `retry_below` (this call's known/unknown line;
+        default: the index's own `retry_below`, off unless set) is searched again with `retry_expansion`."""
         q = as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
+        if retry_below is None:
+            retry_below = self.retry_below
+        elif not -1.0 <= retry_below <= 1.0:
+            raise ValueError(f"retry_below must be a cosine in [-1, 1], got {retry_below}")
         sims_out = np.full((len(q), k), -np.inf, dtype=np.float32)
         keys_out = np.full((len(q), k), PAD_KEY, dtype=np.int64)
         with self._lock:
             if len(self._index) == 0 or len(q) == 0:
                 return sims_out, keys_out
             self._fill(self._index.search(q, k, threads=self.threads), sims_out, keys_out)
-            if self.retry_below is not None:
+            if retry_below is not None:
                 # A probe of an enrolled person whose best match is below the threshold is usually a graph
                 # miss (the beam never reached the person's neighbourhood), not a stranger: searching those
                 # few queries again with a much wider beam buys the recall of a large expansion_search at the
                 # median cost of the small one (measured at 1M in docs/performance.md).
-                weak = np.flatnonzero(sims_out[:, 0] < self.retry_below)
+                weak = np.flatnonzero(sims_out[:, 0] < retry_below)
                 if len(weak):
                     normal = self._index.expansion_search
                     self._index.expansion_search = max(normal, self.retry_expansion)
@@ -345,9 +373,11 @@ class AutoIndex:
             if self._exact is not None:
                 self._exact.remove(keys)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, retry_below: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         exact = self._exact  # read once: add() may drop it concurrently
-        return (exact if exact is not None else self._hnsw).search(queries, k)
+        return (exact if exact is not None else self._hnsw).search(queries, k, retry_below=retry_below)
 
 
 def make_index(kind: IndexKind | str, dim: int, **options: object) -> VectorIndex:
@@ -355,8 +385,10 @@ def make_index(kind: IndexKind | str, dim: int, **options: object) -> VectorInde
 
     kind: "exact" (numpy, perfect recall; default for small galleries), "hnsw" (usearch graph; options
     connectivity, expansion_add, expansion_search, dtype, threads, retry_below, retry_expansion) or "auto"
-    (exact up to `threshold` vectors, then HNSW; takes the HNSW options too). Set retry_below to the
-    identify threshold so that a probe whose best match is weak is searched again with retry_expansion.
+    (exact up to `threshold` vectors, then HNSW; takes the HNSW options too). retry_below is only the
+    default known/unknown line of searches that pass none: the service's gallery passes the threshold of
+    each identify call (the served bundle's, or the request's), so a probe whose best match is weak is
+    searched again with retry_expansion against the line that decides it.
     For the gallery's `index_factory`, bind the kind and options:
     `functools.partial(make_index, "auto", threshold=50_000)`.
     """

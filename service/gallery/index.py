@@ -23,8 +23,13 @@ class VectorIndex(Protocol):
     def remove(self, keys: np.ndarray) -> None:
         """Drop these keys; unknown keys are ignored."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by cosine: (similarities [q, k] float32, descending; keys [q, k] int64, -1 pads)."""
+    def search(
+        self, queries: np.ndarray, k: int, *, retry_below: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine: (similarities [q, k] float32, descending; keys [q, k] int64, -1 pads).
+
+        `retry_below` is the caller's known/unknown line for this search: an approximate index may search a
+        query again, harder, when its best match falls below it; an exact index has nothing to retry."""
 
     def __len__(self) -> int: ...
 
@@ -109,7 +114,10 @@ class ExactIndex:
                     self._row_of[moved] = row
                 self._n = last
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, retry_below: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        del retry_below  # exact search never misses, so there is nothing to search again
         q = as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")

@@ -30,6 +30,8 @@ from service.gallery.store import (
     ChangeBatch,
     EnrolledIdentity,
     IdentityExistsError,
+    ModelHistory,
+    ServedModel,
     StoreError,
     check_embedding,
 )
@@ -58,6 +60,12 @@ def _schema(dim: int) -> list[str]:
             seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             key bigint NOT NULL,
             op  char(1) NOT NULL CHECK (op IN ('u', 'd'))
+        )""",
+        """CREATE TABLE IF NOT EXISTS identity_images (
+            key   bigint NOT NULL REFERENCES identities (key) ON DELETE CASCADE,
+            idx   integer NOT NULL,
+            image bytea NOT NULL,
+            PRIMARY KEY (key, idx)
         )""",
     ]
 
@@ -148,6 +156,7 @@ class PostgresIdentityStore:
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
         vec = check_embedding(embedding, self.dim)
         meta = dict(metadata or {})
@@ -173,8 +182,30 @@ class PostgresIdentityStore:
                 ).fetchone()
             assert row is not None
             record = self._record(row)
+            # Images kept from an earlier enrollment belong to the template being replaced: never keep those.
+            self._db.execute("DELETE FROM identity_images WHERE key = %s", (record.key,))
+            if images:
+                with self._db.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO identity_images (key, idx, image) VALUES (%s, %s, %s)",
+                        [(record.key, i, bytes(image)) for i, image in enumerate(images)],
+                    )
             self._log_change(record.key, "u")
+        if existing is not None:
+            self._erase_dead_rows()  # the replaced vector's old row version
         return record, existing is not None
+
+    def _erase_dead_rows(self) -> None:
+        """Rewrite the identities table so no dead row version (a deleted or replaced vector) stays in it.
+
+        A DELETE only marks the row dead; plain VACUUM frees the space but leaves the bytes where nothing
+        was moved over them (a page's most recently written row, measured), so only VACUUM FULL, which
+        writes a new table file and drops the old one, leaves no byte of the vector in the table. It holds an
+        exclusive lock while it copies the live rows (docs/service.md, Privacy: cost and what it cannot
+        reach: WAL segments, backups, freed filesystem blocks).
+        """
+        with self._lock:
+            self._db.execute("VACUUM FULL identities")
 
     def get(self, name: str) -> EnrolledIdentity | None:
         with self._lock:
@@ -201,6 +232,7 @@ class PostgresIdentityStore:
                 return None
             record = self._record(row)
             self._log_change(record.key, "d")
+        self._erase_dead_rows()
         return record
 
     def list(self, *, offset: int = 0, limit: int = 100) -> list[EnrolledIdentity]:
@@ -233,10 +265,72 @@ class PostgresIdentityStore:
             last = batch[-1].key
             yield batch
 
-    def names_by_key(self) -> dict[int, str]:
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
         with self._lock:
-            rows = self._db.execute("SELECT key, name FROM identities").fetchall()
+            if model_id is None:
+                rows = self._db.execute("SELECT key, name FROM identities").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT key, name FROM identities WHERE model_id = %s", (model_id,)
+                ).fetchall()
         return {int(key): name for key, name in rows}
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT model_id, count(*) FROM identities GROUP BY model_id").fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def model_history(self) -> ModelHistory:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT k, v FROM idembed_store_info WHERE k = 'served_model_id' OR k LIKE 'fingerprint:%'"
+            ).fetchall()
+        return ModelHistory.from_rows(rows)
+
+    def record_served_model(self, model: ServedModel) -> None:
+        with self._lock, self._db.transaction():
+            for k, v in model.info_rows():
+                self._db.execute(
+                    "INSERT INTO idembed_store_info (k, v) VALUES (%s, %s) "
+                    "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    (k, v),
+                )
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model_id, count(*) FROM identities i "
+                "WHERE EXISTS (SELECT 1 FROM identity_images m WHERE m.key = i.key) GROUP BY model_id"
+            ).fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        if not keys:
+            return {}
+        wanted = sorted({int(k) for k in keys})
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, image FROM identity_images WHERE key = ANY(%s) ORDER BY key, idx", (wanted,)
+            ).fetchall()
+        out: dict[int, list[bytes]] = {}
+        for key, image in rows:
+            out.setdefault(int(key), []).append(bytes(image))
+        return out
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        rows = [(int(k), check_embedding(v, self.dim)) for k, v in templates.items()]
+        updated: list[int] = []
+        with self._lock, self._db.transaction():
+            self._db.execute("LOCK TABLE identity_changes IN EXCLUSIVE MODE")
+            for key, vec in rows:
+                cur = self._db.execute(
+                    "UPDATE identities SET embedding = %s, model_id = %s WHERE key = %s AND model_id = %s",
+                    (vec, to_model, key, from_model),
+                )
+                if cur.rowcount:
+                    self._log_change(key, "u")
+                    updated.append(key)
+        return updated
 
     def change_cursor(self) -> int:
         """The newest change sequence number; take it BEFORE `iter_all` when (re)building an index, then

@@ -56,6 +56,8 @@ class SnapshotManifest(BaseModel):
     identities: int = Field(ge=0, description="vectors in the index file")
     cursor: int = Field(ge=0, description="store change cursor the index reflects")
     store_id: str
+    # The model whose identities the index holds (None: written before galleries were bound to a model).
+    model_id: str | None = None
     index_file: str = Field(pattern=r"^index-[0-9a-f]{16}\.usearch$")
     index_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     index_bytes: int = Field(ge=0)
@@ -170,6 +172,7 @@ def save_snapshot(directory: Path, gallery: Gallery, cursor_of: Callable[[], int
             identities=count,
             cursor=cursor,
             store_id=store_id,
+            model_id=gallery.model_id,
             index_file=index_file,
             index_sha256=sha,
             index_bytes=size,
@@ -201,7 +204,12 @@ def read_manifest(directory: Path) -> SnapshotManifest:
 
 
 def _check_fits(
-    manifest: SnapshotManifest, path: Path, probe: SnapshotIndex, store: IdentityStore, store_cursor: int
+    manifest: SnapshotManifest,
+    path: Path,
+    probe: SnapshotIndex,
+    store: IdentityStore,
+    store_cursor: int,
+    model_id: str | None,
 ) -> None:
     """Refuse a manifest that belongs to another format, configuration or store."""
     kind = index_kind(probe)
@@ -212,6 +220,9 @@ def _check_fits(
         ("index graph options", manifest.graph_options, probe.graph_options()),
         ("store id (a snapshot of another database)", manifest.store_id, store.store_id()),
     ]
+    if manifest.model_id is not None and model_id is not None:
+        # Its vectors are another model's embeddings: never to be searched with this model's queries.
+        expected.append(("model (whose identities it holds)", manifest.model_id, model_id))
     for what, found, wanted in expected:
         if found != wanted:
             raise SnapshotRefused(path, f"{what} is {found!r}, this service has {wanted!r}")
@@ -242,12 +253,18 @@ def _load_index(manifest: SnapshotManifest, directory: Path, probe: SnapshotInde
     return index
 
 
-def _names_for(index: SnapshotIndex, store: IdentityStore, batch_size: int) -> dict[int, str]:
-    """Key -> name from the store; a restored auto index still on exact search also gets its f32 vectors."""
+def _names_for(
+    index: SnapshotIndex, store: IdentityStore, batch_size: int, model_id: str | None
+) -> dict[int, str]:
+    """Key -> name from the store (identities `model_id` enrolled); a restored auto index still on exact
+    search also gets its f32 vectors."""
     if not (isinstance(index, AutoIndex) and index.needs_exact_fill):
-        return store.names_by_key()
+        return store.names_by_key(model_id)
     names: dict[int, str] = {}
-    for batch in store.iter_all(batch_size):
+    for records in store.iter_all(batch_size):
+        batch = [r for r in records if model_id is None or r.model_id == model_id]
+        if not batch:
+            continue
         keys = np.array([r.key for r in batch], dtype=np.int64)
         index.fill_exact(keys, np.stack([r.embedding for r in batch]))
         names.update((r.key, r.name) for r in batch)
@@ -255,7 +272,12 @@ def _names_for(index: SnapshotIndex, store: IdentityStore, batch_size: int) -> d
 
 
 def _replay(
-    index: SnapshotIndex, names: dict[int, str], store: ChangeFeedStore, cursor: int, path: Path
+    index: SnapshotIndex,
+    names: dict[int, str],
+    store: ChangeFeedStore,
+    cursor: int,
+    path: Path,
+    model_id: str | None,
 ) -> tuple[int, int]:
     """Apply the store's changes after `cursor` to index and names; returns (new cursor, changes applied)."""
     applied = 0
@@ -266,13 +288,17 @@ def _replay(
             raise SnapshotRefused(path, f"cannot catch up from change {cursor}: {exc}") from exc
         if batch.cursor == cursor:
             return cursor, applied
-        if batch.upserts:
-            keys = np.array([r.key for r in batch.upserts], dtype=np.int64)
-            index.add(keys, np.stack([r.embedding for r in batch.upserts]))
-            names.update((r.key, r.name) for r in batch.upserts)
-        if batch.deleted:
-            index.remove(np.asarray(batch.deleted, dtype=np.int64))
-            for key in batch.deleted:
+        mine = [r for r in batch.upserts if model_id is None or r.model_id == model_id]
+        # Re-enrolled by another model since the snapshot: no longer this model's identity.
+        moved = [r.key for r in batch.upserts if model_id is not None and r.model_id != model_id]
+        gone = batch.deleted + moved
+        if mine:
+            keys = np.array([r.key for r in mine], dtype=np.int64)
+            index.add(keys, np.stack([r.embedding for r in mine]))
+            names.update((r.key, r.name) for r in mine)
+        if gone:
+            index.remove(np.asarray(gone, dtype=np.int64))
+            for key in gone:
                 names.pop(int(key), None)
         applied += len(batch.upserts) + len(batch.deleted)
         cursor = batch.cursor
@@ -300,6 +326,7 @@ def restore_gallery(
     *,
     index_factory: IndexFactory,
     load_batch_size: int = 10_000,
+    model_id: str | None = None,
 ) -> GalleryStart:
     """A gallery from the snapshot in `directory`, brought up to date with the store; `SnapshotRefused` if
     anything does not fit (the caller then rebuilds from the store)."""
@@ -314,12 +341,12 @@ def restore_gallery(
             manifest_path, f"the store ({type(store).__name__}) has no change feed to catch up"
         )
     manifest = read_manifest(directory)
-    _check_fits(manifest, manifest_path, probe, store, store.change_cursor())
+    _check_fits(manifest, manifest_path, probe, store, store.change_cursor(), model_id)
     index = _load_index(manifest, directory, probe)
-    names = _names_for(index, store, load_batch_size)
-    cursor, replayed = _replay(index, names, store, manifest.cursor, manifest_path)
+    names = _names_for(index, store, load_batch_size, model_id)
+    cursor, replayed = _replay(index, names, store, manifest.cursor, manifest_path, model_id)
     _check_keys(index, names, manifest_path)
-    gallery = Gallery.with_index(centers, labels, store, index, names)
+    gallery = Gallery.with_index(centers, labels, store, index, names, model_id=model_id)
     return GalleryStart(gallery, cursor, "snapshot", replayed=replayed)
 
 
@@ -331,6 +358,7 @@ def open_gallery(
     *,
     index_factory: IndexFactory,
     load_batch_size: int = 10_000,
+    model_id: str | None = None,
 ) -> GalleryStart:
     """The gallery from the snapshot if one fits, else rebuilt from the store (with a warning saying why)."""
     refused: str | None = None
@@ -344,6 +372,7 @@ def open_gallery(
                 store,
                 index_factory=index_factory,
                 load_batch_size=load_batch_size,
+                model_id=model_id,
             )
         except SnapshotRefused as exc:
             refused = str(exc)
@@ -359,5 +388,12 @@ def open_gallery(
             return start
     # Cursor first: a write landing while the index is built is replayed again (idempotent), never missed.
     cursor = store.change_cursor() if isinstance(store, ChangeFeedStore) else None
-    gallery = Gallery(centers, labels, store, index_factory=index_factory, load_batch_size=load_batch_size)
+    gallery = Gallery(
+        centers,
+        labels,
+        store,
+        model_id=model_id,
+        index_factory=index_factory,
+        load_batch_size=load_batch_size,
+    )
     return GalleryStart(gallery, cursor, "store", refused=refused)

@@ -12,6 +12,7 @@ picks one from a URL so the service never names a backend class itself.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import uuid
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+log = logging.getLogger("idembed.store")
 
 
 class StoreError(Exception):
@@ -54,6 +57,35 @@ class EnrolledIdentity:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """Which model embeds against a store: its id (`name:version`, stored with every identity) and a
+    fingerprint of what makes its embeddings (model.onnx digest and preprocessing), which tells apart two
+    bundles given the same name:version (a retrain exported with the default version)."""
+
+    model_id: str
+    fingerprint: str
+
+    def info_rows(self) -> list[tuple[str, str]]:
+        """Store-info rows recording it (as served now, and as the model behind its id)."""
+        return [("served_model_id", self.model_id), (f"fingerprint:{self.model_id}", self.fingerprint)]
+
+
+@dataclass(frozen=True)
+class ModelHistory:
+    """What a store remembers of the models served from it (recorded by the service at start and reload)."""
+
+    served: str | None  # model id served last (None: a store from before this was recorded)
+    fingerprints: dict[str, str]  # model id -> fingerprint of the bundle that served under that id
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[Any, Any]]) -> ModelHistory:
+        values = {str(k): str(v) for k, v in rows}
+        prefix = "fingerprint:"
+        prints = {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+        return cls(values.get("served_model_id"), prints)
+
+
 @runtime_checkable
 class IdentityStore(Protocol):
     """What the gallery needs from durable storage. Implementations must be safe to call from several threads.
@@ -73,8 +105,11 @@ class IdentityStore(Protocol):
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
-        """Durably store one identity; returns (the stored record, True if an existing one was replaced)."""
+        """Durably store one identity; returns (the stored record, True if an existing one was replaced).
+        `images` (the enrollment images, kept only when the service is told to) are stored with it in the
+        same transaction and replace any kept before; deleting the identity deletes them."""
 
     def get(self, name: str) -> EnrolledIdentity | None:
         """The identity enrolled under `name`, or None."""
@@ -94,8 +129,29 @@ class IdentityStore(Protocol):
     def iter_all(self, batch_size: int = 10_000) -> Iterator[list[EnrolledIdentity]]:
         """Every identity, in batches, to (re)build the in-memory index."""
 
-    def names_by_key(self) -> dict[int, str]:
-        """Key -> name of every identity, without embeddings (names for an index loaded from disk)."""
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
+        """Key -> name of every identity (of those `model_id` enrolled, if given), without embeddings (names
+        for an index loaded from disk)."""
+
+    def count_by_model(self) -> dict[str, int]:
+        """How many identities each model enrolled (model id -> count; models with none are absent)."""
+
+    def model_history(self) -> ModelHistory:
+        """The model the service last served from this store and the fingerprint of every model served."""
+
+    def record_served_model(self, model: ServedModel) -> None:
+        """Remember the model now served, so that a start with another one knows what it would orphan."""
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        """Like `count_by_model`, counting only identities whose enrollment images are kept."""
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        """The kept enrollment images of these identities (keys without any are absent)."""
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        """Replace the templates of identities `from_model` enrolled with `to_model`'s (re-embedded from
+        their kept images), in one transaction; a key no longer of `from_model` (deleted, or re-enrolled
+        meanwhile) is left alone. Returns the keys updated."""
 
     def store_id(self) -> str:
         """A random id made when the store was created: tells a gallery snapshot which store it belongs to."""
@@ -164,6 +220,12 @@ CREATE TABLE IF NOT EXISTS identity_changes (
     key INTEGER NOT NULL,
     op  TEXT    NOT NULL CHECK (op IN ('u', 'd'))
 );
+CREATE TABLE IF NOT EXISTS identity_images (
+    key   INTEGER NOT NULL,
+    idx   INTEGER NOT NULL,
+    image BLOB    NOT NULL,
+    PRIMARY KEY (key, idx)
+);
 """
 # `CREATE TABLE IF NOT EXISTS` is also the migration of files written before the change feed existed: their
 # identities predate every change (cursor 0), which is exactly what an index built from them reflects.
@@ -205,6 +267,9 @@ class SQLiteIdentityStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Erasure: freed cells and pages are overwritten with zeros, so a deleted (or replaced) vector
+            # leaves no bytes in the file; `_erase_wal` then clears the older page copies from the WAL.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open identity store {self.path}: {exc}") from exc
@@ -239,6 +304,70 @@ class SQLiteIdentityStore:
     def _log_change(self, key: int, op: str) -> None:
         self._db.execute("INSERT INTO identity_changes (key, op) VALUES (?, ?)", (key, op))
 
+    def _keep_images(self, key: int, images: list[bytes] | None) -> None:
+        # Images kept from an earlier enrollment belong to the template being replaced: never keep those.
+        self._db.execute("DELETE FROM identity_images WHERE key = ?", (key,))
+        if images:
+            self._db.executemany(
+                "INSERT INTO identity_images (key, idx, image) VALUES (?, ?, ?)",
+                [(key, i, bytes(image)) for i, image in enumerate(images)],
+            )
+
+    def count_with_images_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model_id, COUNT(*) FROM identities WHERE key IN (SELECT key FROM identity_images) "
+                "GROUP BY model_id"
+            ).fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def images_of(self, keys: list[int]) -> dict[int, list[bytes]]:
+        if not keys:
+            return {}
+        wanted = sorted({int(k) for k in keys})
+        marks = ",".join("?" * len(wanted))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT key, image FROM identity_images WHERE key IN ({marks}) ORDER BY key, idx", wanted
+            ).fetchall()
+        out: dict[int, list[bytes]] = {}
+        for key, image in rows:
+            out.setdefault(int(key), []).append(bytes(image))
+        return out
+
+    def reembed(self, from_model: str, to_model: str, templates: dict[int, np.ndarray]) -> list[int]:
+        rows = [
+            (check_embedding(v, self.dim).tobytes(), to_model, int(k), from_model)
+            for k, v in templates.items()
+        ]
+        updated: list[int] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for blob, model, key, old in rows:
+                    cur = self._db.execute(
+                        "UPDATE identities SET embedding = ?, model_id = ? WHERE key = ? AND model_id = ?",
+                        (blob, model, key, old),
+                    )
+                    if cur.rowcount:
+                        self._log_change(key, "u")
+                        updated.append(key)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return updated
+
+    def _erase_wal(self) -> None:
+        """Copy the WAL into the file and truncate it to zero bytes: the WAL still holds the page images
+        written before a delete or replace, vector included. Costs one checkpoint (~1 ms at small sizes)."""
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            # A reader in another process holds an older snapshot; the next checkpoint finishes the job.
+            log.warning(
+                "identity store %s: WAL checkpoint blocked by a reader; erased on the next one", self.path
+            )
+
     def _row(self, row: tuple[Any, ...]) -> EnrolledIdentity:
         key, name, blob, dim, image_count, model_id, metadata, created_at = row
         return EnrolledIdentity(
@@ -260,6 +389,7 @@ class SQLiteIdentityStore:
         model_id: str,
         metadata: dict[str, Any] | None = None,
         replace: bool = False,
+        images: list[bytes] | None = None,
     ) -> tuple[EnrolledIdentity, bool]:
         vec = check_embedding(embedding, self.dim)
         meta = json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True)
@@ -287,11 +417,14 @@ class SQLiteIdentityStore:
                         "metadata = ?, created_at = ? WHERE key = ?",
                         (*values, key),
                     )
+                self._keep_images(key, images)
                 self._log_change(key, "u")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            if existing is not None:
+                self._erase_wal()  # the replaced vector's page images
         record = EnrolledIdentity(
             key=key,
             name=name,
@@ -326,11 +459,14 @@ class SQLiteIdentityStore:
                 row = self._db.execute(query, (name,)).fetchone()
                 if row is not None:
                     self._db.execute("DELETE FROM identities WHERE key = ?", (row[0],))
+                    self._db.execute("DELETE FROM identity_images WHERE key = ?", (row[0],))
                     self._log_change(int(row[0]), "d")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            if row is not None:
+                self._erase_wal()
         return None if row is None else self._row(row)
 
     def list(self, *, offset: int = 0, limit: int = 100) -> list[EnrolledIdentity]:
@@ -359,9 +495,38 @@ class SQLiteIdentityStore:
             last = batch[-1].key
             yield batch
 
-    def names_by_key(self) -> dict[int, str]:
+    def names_by_key(self, model_id: str | None = None) -> dict[int, str]:
         with self._lock:
-            return dict(self._db.execute("SELECT key, name FROM identities"))
+            if model_id is None:
+                return dict(self._db.execute("SELECT key, name FROM identities"))
+            return dict(self._db.execute("SELECT key, name FROM identities WHERE model_id = ?", (model_id,)))
+
+    def count_by_model(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT model_id, COUNT(*) FROM identities GROUP BY model_id").fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    def model_history(self) -> ModelHistory:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT k, v FROM store_info WHERE k = 'served_model_id' OR k LIKE 'fingerprint:%'"
+            ).fetchall()
+        return ModelHistory.from_rows(rows)
+
+    def record_served_model(self, model: ServedModel) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for k, v in model.info_rows():
+                    self._db.execute(
+                        "INSERT INTO store_info (k, v) VALUES (?, ?) "
+                        "ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                        (k, v),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def change_cursor(self) -> int:
         """The newest change sequence number (0 before the first write); see `PostgresIdentityStore`."""

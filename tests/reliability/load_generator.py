@@ -136,7 +136,13 @@ async def _client_loop(
 
 
 async def run_load(
-    url: str, *, concurrency: int, duration_s: float, images_per_request: int = 1, timeout_s: float = 30.0
+    url: str,
+    *,
+    concurrency: int,
+    duration_s: float,
+    images_per_request: int = 1,
+    timeout_s: float = 30.0,
+    api_key: str | None = None,
 ) -> LoadResult:
     """Saturate `url` with `concurrency` clients for `duration_s`, each request embedding N PNGs.
 
@@ -148,7 +154,8 @@ async def run_load(
     result = LoadResult(concurrency, duration_s, images_per_request)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+    auth = {"X-API-Key": api_key} if api_key else None  # reads need a key unless the server opened them
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=auth) as session:
         # One request first: connection set-up and any lazy server work are not part of the measurement.
         headers = {"Content-Type": "application/json"}
         async with session.post("/v1/embed", data=payload, headers=headers) as response:
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--images-per-request", type=int, default=1, help="images in each /v1/embed call")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    parser.add_argument(
+        "--api-key", help="X-API-Key with the read scope (the service requires one by default)"
+    )
     args = parser.parse_args(argv)
     for name in ("concurrency", "duration", "images_per_request"):
         if getattr(args, name) <= 0:
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             duration_s=args.duration,
             images_per_request=args.images_per_request,
+            api_key=args.api_key,
         )
     )
     summary = result.summary()

@@ -50,7 +50,7 @@ def slow_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
 @pytest.mark.slow
 def test_requests_beyond_queue_limit_get_503_with_retry_after(slow_model_server: ServerProcess) -> None:
     result = asyncio.run(
-        run_load(slow_model_server.url, concurrency=32, duration_s=4.0, images_per_request=8)
+        run_load(slow_model_server.url, concurrency=32, duration_s=4.0, images_per_request=8, api_key=API_KEY)
     )
     _report("overload", result)
 
@@ -64,7 +64,7 @@ def test_requests_beyond_queue_limit_get_503_with_retry_after(slow_model_server:
 
 @pytest.mark.slow
 def test_short_saturating_load_has_no_errors(live_server: ServerProcess) -> None:
-    result = asyncio.run(run_load(live_server.url, concurrency=16, duration_s=4.0))
+    result = asyncio.run(run_load(live_server.url, concurrency=16, duration_s=4.0, api_key=API_KEY))
     _report("short load", result)
 
     assert result.requests > 0
@@ -84,7 +84,9 @@ async def _load_with_reloads(url: str, duration_s: float) -> tuple[LoadResult, l
                 response = await client.post("/v1/admin/reload", json={"bundle": bundle})
                 outcomes.append((bundle, response.status_code))
 
-    result, _ = await asyncio.gather(run_load(url, concurrency=16, duration_s=duration_s), reloads())
+    result, _ = await asyncio.gather(
+        run_load(url, concurrency=16, duration_s=duration_s, api_key=API_KEY), reloads()
+    )
     return result, outcomes
 
 
@@ -113,9 +115,9 @@ def test_sixty_seconds_at_concurrency_64_has_no_errors_and_bounded_p99(tmp_path:
     server = ServerProcess(tmp_path, REPO / "models" / "default").start()
     try:
         # A short warm-up first, so the memory baseline includes allocator pools and connection buffers.
-        asyncio.run(run_load(server.url, concurrency=64, duration_s=3.0))
+        asyncio.run(run_load(server.url, concurrency=64, duration_s=3.0, api_key=API_KEY))
         rss_before = server.rss_mib()
-        result = asyncio.run(run_load(server.url, concurrency=64, duration_s=60.0))
+        result = asyncio.run(run_load(server.url, concurrency=64, duration_s=60.0, api_key=API_KEY))
         rss_after = server.rss_mib()
     finally:
         server.stop()

@@ -31,6 +31,8 @@ def make_settings(tiny: TinyBundle, tmp_path: Path) -> Callable[..., Settings]:
             "store_url": f"sqlite:///{tmp_path / 'identities.sqlite3'}",
             "api_keys": [API_KEY],
             "log_level": "WARNING",
+            # Reads opened explicitly: these tests are about other things; test_auth.py checks the default.
+            "require_key_for_reads": False,
         }
         fields.update(overrides)
         return Settings(_env_file=None, **fields)  # type: ignore[arg-type]
@@ -55,6 +57,7 @@ def server_env(tiny: TinyBundle, tmp_path: Path) -> dict[str, str]:
         "IDEMBED_BUNDLE_PATH": str(tiny.path),
         "IDEMBED_STORE_URL": f"sqlite:///{tmp_path / 'live.sqlite3'}",
         "IDEMBED_API_KEYS": API_KEY,
+        "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
     }
 
 
@@ -66,6 +69,7 @@ def live_server(tiny: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> I
         "IDEMBED_BUNDLE_PATH": str(tiny.path),
         "IDEMBED_STORE_URL": f"sqlite:///{tmp / 'live.sqlite3'}",
         "IDEMBED_API_KEYS": API_KEY,
+        "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
     }
     server = start_server(env, tmp / "server.log")
     yield server

@@ -274,3 +274,19 @@ def test_quantised_similarities_never_leave_the_cosine_range() -> None:
     index.add(np.arange(200), vectors)
     sims, _ = index.search(vectors, 5)
     assert np.all(sims <= 1.0) and np.all(sims >= -1.0)
+
+
+def test_each_search_may_bring_its_own_retry_line(gallery_vectors: np.ndarray) -> None:
+    """The line passed to `search` (an identify call's threshold) decides the retry, whatever the index was
+    built with; without one, the index's own `retry_below` (here: off) applies."""
+    keys = np.arange(len(gallery_vectors))
+    index = HnswIndex(DIM, dtype="f32", connectivity=4, expansion_search=1, retry_expansion=512)
+    index.add(keys, gallery_vectors)
+    queries = gallery_vectors[:300]
+    _, plain = index.search(queries, 1)
+    _, retried = index.search(queries, 1, retry_below=0.99)
+    assert np.mean(plain[:, 0] == keys[:300]) < 1.0 and np.array_equal(retried[:, 0], keys[:300])
+    _, never = index.search(queries, 1, retry_below=-1.0)  # nothing is below -1: no retry
+    assert np.array_equal(never, plain)
+    with pytest.raises(ValueError, match="retry_below"):
+        index.search(queries, 1, retry_below=1.5)

@@ -115,8 +115,10 @@ async def test_unknown_field_is_422(client: httpx.AsyncClient, tiny: TinyBundle)
 
 async def test_identify_image_finds_its_digit_center(client: httpx.AsyncClient, tiny: TinyBundle) -> None:
     idx = tiny.of_digit(3, 1)[0]
-    r = await client.post("/v1/identify", json={"images": [b64(tiny.png(idx))], "top_k": 3})
+    body = {"images": [b64(tiny.png(idx))], "top_k": 3, "sources": "centers"}
+    r = await client.post("/v1/identify", json=body)
     assert r.status_code == 200, r.text
+    assert r.json()["sources"] == "centers"
     result = r.json()["results"][0]
     assert len(result["matches"]) == 3 and result["matches"][0]["source"] == "center"
     sims = [m["similarity"] for m in result["matches"]]
@@ -126,7 +128,8 @@ async def test_identify_image_finds_its_digit_center(client: httpx.AsyncClient, 
 
 
 async def test_identify_below_threshold_is_unknown(client: httpx.AsyncClient, tiny: TinyBundle) -> None:
-    r = await client.post("/v1/identify", json={"images": [b64(tiny.png(0))], "threshold": 0.9999})
+    body = {"images": [b64(tiny.png(0))], "threshold": 0.9999, "sources": "both"}
+    r = await client.post("/v1/identify", json=body)
     result = r.json()["results"][0]
     assert result["identity"] is None and result["unknown"] is True and result["matches"]
 
@@ -134,9 +137,10 @@ async def test_identify_below_threshold_is_unknown(client: httpx.AsyncClient, ti
 async def test_identify_by_embedding_equals_identify_by_image(
     client: httpx.AsyncClient, tiny: TinyBundle
 ) -> None:
-    by_image = (await client.post("/v1/identify", json={"images": [b64(tiny.png(7))]})).json()
+    query = {"images": [b64(tiny.png(7))], "sources": "both"}
+    by_image = (await client.post("/v1/identify", json=query)).json()
     emb = tiny.reference([7])[0].tolist()
-    by_emb = (await client.post("/v1/identify", json={"embeddings": [emb]})).json()
+    by_emb = (await client.post("/v1/identify", json={"embeddings": [emb], "sources": "both"})).json()
     assert [m["identity"] for m in by_emb["results"][0]["matches"]] == [
         m["identity"] for m in by_image["results"][0]["matches"]
     ]
@@ -175,9 +179,11 @@ async def test_identify_needs_exactly_one_input_kind(client: httpx.AsyncClient, 
 
 async def test_identify_multipart_with_form_fields(client: httpx.AsyncClient, tiny: TinyBundle) -> None:
     files = [("images", ("q.png", tiny.png(1), "image/png"))]
-    r = await client.post("/v1/identify", files=files, data={"top_k": "2", "threshold": "0.1"})
+    data = {"top_k": "2", "threshold": "0.1", "sources": "centers"}
+    r = await client.post("/v1/identify", files=files, data=data)
     assert r.status_code == 200, r.text
     assert len(r.json()["results"][0]["matches"]) == 2 and r.json()["threshold"] == 0.1
+    assert r.json()["sources"] == "centers"
 
 
 async def test_verify_same_digit_images_against_embedding_similarity(
@@ -329,7 +335,8 @@ async def test_list_pages_and_get_and_delete(client: httpx.AsyncClient) -> None:
 async def test_model_endpoint_returns_manifest_and_gallery(client: httpx.AsyncClient) -> None:
     body = (await client.get("/v1/model")).json()
     assert body["model_id"] == "tiny-digits:1"
-    assert body["manifest"]["embedding"]["dim"] == 16 and body["gallery"] == {"centers": 8, "enrolled": 0}
+    assert body["manifest"]["embedding"]["dim"] == 16
+    assert body["gallery"] == {"centers": 8, "enrolled": 0, "orphaned": 0}
 
 
 async def test_probes(client: httpx.AsyncClient) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.gallery.gallery import Gallery, mean_embedding
+from service.gallery.gallery import Gallery, ModelChangedError, mean_embedding
+from service.gallery.index import ExactIndex
 from service.gallery.store import SQLiteIdentityStore
 
 
@@ -65,3 +66,59 @@ def test_new_centers_replace_old_ones_and_keep_enrolled(gallery: Gallery) -> Non
     gallery.set_centers(np.stack([basis(3)]), ["three"])
     names = {m.name for m in gallery.search(basis(3)[None], 5)[0]}
     assert names == {"three", "two"} and gallery.num_centers == 1
+
+
+def test_identify_searches_the_chosen_sources_and_decides_at_the_threshold(gallery: Gallery) -> None:
+    gallery.enroll("two", basis(2)[None], model_id="m:1")
+    query = np.array([[0.6, 0.0, 0.8, 0.0]], np.float32)
+    enrolled, centers, both = (
+        gallery.identify(query, 3, threshold=0.7, sources=s)[0] for s in ("enrolled", "centers", "both")
+    )
+    assert [(m.name, m.source) for m in enrolled.matches] == [("two", "enrolled")]
+    assert [m.name for m in centers.matches] == ["zero", "one"] and centers.identity is None
+    assert [m.name for m in both.matches] == ["two", "zero", "one"]
+    assert enrolled.identity == both.identity == "two" and enrolled.known
+    strict = gallery.identify(query, 3, threshold=0.9, sources="both")[0]
+    assert strict.identity is None and not strict.known and strict.best is not None
+    with pytest.raises(ValueError, match="sources"):
+        gallery.identify(query, 3, threshold=0.5, sources="all")  # type: ignore[arg-type]
+
+
+def test_a_gallery_bound_to_a_model_indexes_only_its_identities(tmp_path: Path) -> None:
+    store = SQLiteIdentityStore(tmp_path / "m.db", dim=4)
+    store.add("old", basis(2), image_count=1, model_id="m:1")
+    gallery = Gallery(np.stack([basis(0)]), ["zero"], store, model_id="m:2")
+    assert gallery.num_enrolled == 0
+    gallery.enroll("new", basis(3)[None], model_id="m:2")
+    assert [m.name for m in gallery.search(np.eye(4, dtype=np.float32), 4, sources="enrolled")[3]] == ["new"]
+    with pytest.raises(ModelChangedError):
+        gallery.enroll("late", basis(1)[None], model_id="m:1")  # embedded by the model served before
+    assert store.get("late") is None
+    with pytest.raises(ModelChangedError):
+        gallery.identify(basis(3)[None], 1, threshold=0.5, sources="enrolled", model_id="m:1")
+    # A follower applying another replica's writes: other models' identities are not indexed, and one
+    # re-enrolled by another model leaves the index.
+    other, _ = store.add("elsewhere", basis(1), image_count=1, model_id="m:1")
+    gallery.apply_changes([other], [])
+    assert gallery.num_enrolled == 1
+    moved, _ = store.add("new", basis(3), image_count=1, model_id="m:1", replace=True)
+    gallery.apply_changes([moved], [])
+    assert gallery.num_enrolled == 0
+
+
+def test_switching_models_swaps_centers_and_identities_together(tmp_path: Path) -> None:
+    store = SQLiteIdentityStore(tmp_path / "s.db", dim=4)
+    gallery = Gallery(np.stack([basis(0)]), ["zero"], store, model_id="m:1")
+    gallery.enroll("one", basis(1)[None], model_id="m:1")
+    store.add("two", basis(2), image_count=1, model_id="m:2")  # m:2's own, from an earlier time it served
+    assert gallery.prepare_model("m:2", np.stack([basis(3)]), ["three"], ExactIndex(4)) == 1
+    gallery.enroll("more", basis(1)[None], model_id="m:1")  # written while prepared: mirrored, filtered
+    assert gallery.model_id == "m:1" and {
+        m.name for m in gallery.search(np.eye(4), 4, sources="enrolled")[1]
+    } == {
+        "one",
+        "more",
+    }
+    gallery.commit_model()
+    assert gallery.model_id == "m:2" and gallery.num_centers == 1
+    assert {m.name for row in gallery.search(np.eye(4, dtype=np.float32), 4) for m in row} == {"three", "two"}

@@ -28,6 +28,7 @@ from service.gallery.snapshot import (
     GalleryStart,
     SnapshotError,
     open_gallery,
+    read_manifest,
     save_snapshot,
 )
 from service.gallery.store import SQLiteIdentityStore
@@ -119,7 +120,8 @@ def test_auto_index_under_its_threshold_restores_exact_search(
     start = open_from(directory, store, auto)
 
     assert start.source == "snapshot"
-    assert isinstance(start.gallery._enrolled, AutoIndex) and start.gallery._enrolled.active == "exact"
+    index = start.gallery.enrolled_index
+    assert isinstance(index, AutoIndex) and index.active == "exact"
     top = start.gallery.search(VECTORS[:5], 1)
     assert [m[0].similarity for m in top] == pytest.approx([1.0] * 5, abs=1e-6)  # f32, not the f16 graph
     assert results(start.gallery) == results(rebuilt(store, auto))
@@ -221,7 +223,8 @@ def test_search_options_may_change_without_a_rebuild(tmp_path: Path, store: SQLi
     directory = snapshot(tmp_path, enrolled(store, n=20))
     start = open_from(directory, store, partial(make_index, "hnsw", expansion_search=32, retry_below=0.4))
     assert start.source == "snapshot"
-    assert start.gallery._enrolled.expansion_search == 32 and start.gallery._enrolled.retry_below == 0.4
+    index = start.gallery.enrolled_index
+    assert index.expansion_search == 32 and index.retry_below == 0.4
 
 
 def test_snapshot_older_than_the_pruned_change_feed_is_refused(
@@ -364,3 +367,18 @@ def test_index_keys_that_disagree_with_the_store_are_refused(
 
     assert start.source == "store" and "keys the store does not" in (start.refused or "")
     assert start.gallery.num_enrolled == 19
+
+
+def test_a_snapshot_of_another_models_identities_is_refused(
+    tmp_path: Path, store: SQLiteIdentityStore
+) -> None:
+    gallery = Gallery(CENTERS, LABELS, store, model_id="m:1", index_factory=HNSW)
+    for i in range(5):
+        gallery.enroll(f"id-{i}", VECTORS[i][None], model_id="m:1")
+    directory = snapshot(tmp_path, gallery)
+    assert read_manifest(directory).model_id == "m:1"
+    same = open_gallery(directory, CENTERS, LABELS, store, index_factory=HNSW, model_id="m:1")
+    assert same.source == "snapshot" and same.gallery.num_enrolled == 5
+    other = open_gallery(directory, CENTERS, LABELS, store, index_factory=HNSW, model_id="m:2")
+    assert other.source == "store" and other.refused is not None and "model" in other.refused
+    assert other.gallery.num_enrolled == 0  # m:2 enrolled none of them

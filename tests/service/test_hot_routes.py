@@ -37,7 +37,7 @@ async def test_hot_routes_bypass_fastapi_routing_and_others_do_not(
     image = base64.b64encode(tiny.png(0)).decode()
     r = await client.post("/v1/embed", json={"images": [image]})
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
-    r = await client.post("/v1/identify", json={"images": [image], "top_k": 2})
+    r = await client.post("/v1/identify", json={"images": [image], "top_k": 2, "sources": "both"})
     assert r.status_code == 200 and len(r.json()["results"][0]["matches"]) == 2
     r = await client.post("/v1/verify", json={"image_a": image, "image_b": image})
     assert r.status_code == 200 and r.json()["same"] is True

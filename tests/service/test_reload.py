@@ -40,12 +40,18 @@ async def test_reload_swaps_model_and_keeps_enrolled(make_settings, models: Path
     ):
         await c.post("/v1/identities", json={"name": "kept", "embeddings": [[1.0] * 16]}, headers=AUTH)
         before = (await c.post("/v1/embed", json={"images": [png]})).json()
-        r = await c.post("/v1/admin/reload", json={"bundle": "v2"}, headers=AUTH)
+        # The same model again (a re-read of its bundle) keeps every identity it enrolled.
+        r = await c.post("/v1/admin/reload", json={"bundle": "current"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["orphaned"] == 0
+        assert (await c.get("/v1/model")).json()["gallery"]["enrolled"] == 1
+        # Another model would orphan "kept" (its template is tiny-digits:1's): forced, it is swapped in.
+        r = await c.post("/v1/admin/reload", json={"bundle": "v2", "force": True}, headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json()["model_id"] == "tiny-digits:2" and r.json()["previous_model_id"] == "tiny-digits:1"
+        assert r.json()["orphaned"] == 1
         after = (await c.post("/v1/embed", json={"images": [png]})).json()
         assert after["model_id"] == "tiny-digits:2" and after["embeddings"] != before["embeddings"]
-        assert (await c.get("/v1/model")).json()["gallery"]["enrolled"] == 1
+        assert (await c.get("/v1/model")).json()["gallery"] == {"centers": 8, "enrolled": 0, "orphaned": 1}
         assert 'idembed_model_info{model_id="tiny-digits:2"} 1.0' in (await c.get("/metrics")).text
 
 

@@ -191,3 +191,24 @@ def test_iter_all_includes_a_row_keyed_zero(store: SQLiteIdentityStore) -> None:
         )
     store.add("one", unit(1), image_count=1, model_id="m:1")
     assert [r.name for batch in store.iter_all(batch_size=1) for r in batch] == ["zero", "one"]
+
+
+def test_images_are_kept_with_their_identity_and_re_embedding_is_per_model(
+    store: SQLiteIdentityStore,
+) -> None:
+    a, _ = store.add("a", unit(1), image_count=2, model_id="m:1", images=[b"a1", b"a2"])
+    b, _ = store.add("b", unit(2), image_count=1, model_id="m:1")
+    assert store.images_of([a.key, b.key]) == {a.key: [b"a1", b"a2"]}
+    assert store.count_with_images_by_model() == {"m:1": 1} and store.count_by_model() == {"m:1": 2}
+    cursor = store.change_cursor()
+    assert store.reembed("m:1", "m:2", {a.key: unit(3), 12345: unit(3)}) == [a.key]
+    got = store.get("a")
+    assert got is not None and got.model_id == "m:2" and np.allclose(got.embedding, unit(3))
+    assert [r.key for r in store.changes_since(cursor).upserts] == [a.key]
+    assert store.reembed("m:1", "m:2", {a.key: unit(4)}) == []  # no longer m:1's: left alone
+    assert store.names_by_key("m:1") == {b.key: "b"}
+    store.add("a", unit(1), image_count=1, model_id="m:2", replace=True)  # its old images go with it
+    assert store.images_of([a.key]) == {}
+    c, _ = store.add("c", unit(1), image_count=1, model_id="m:2", images=[b"c"])
+    store.delete("c")
+    assert store.images_of([c.key]) == {}

@@ -58,7 +58,9 @@ def onnx_model(weights: np.ndarray, bias: np.ndarray, *, output_name: str = "emb
     return model.SerializeToString()
 
 
-def manifest_fields(*, version: str = "1", dim: int = DIM, num_classes: int = len(TRAIN_CLASSES)) -> dict:
+def manifest_fields(
+    *, version: str = "1", dim: int = DIM, num_classes: int = len(TRAIN_CLASSES), threshold: float = 0.8
+) -> dict:
     return {
         "name": "tiny-digits",
         "version": version,
@@ -74,9 +76,9 @@ def manifest_fields(*, version: str = "1", dim: int = DIM, num_classes: int = le
         "embedding": {"output_name": "embedding", "dim": dim},
         "num_classes": num_classes,
         "thresholds": {
-            "default": 0.8,
+            "default": threshold,
             "target_far": 0.01,
-            "at_target_far": {"threshold": 0.8, "far": 0.01, "tar": 0.9},
+            "at_target_far": {"threshold": threshold, "far": 0.01, "tar": 0.9},
             "eer": {"threshold": 0.7, "far": 0.05, "tar": 0.95},
             "num_genuine_pairs": 100,
             "num_impostor_pairs": 100,
@@ -105,8 +107,11 @@ def embed_reference(images: np.ndarray, weights: np.ndarray, bias: np.ndarray) -
     return l2_normalize(x @ weights + bias)
 
 
-def build(directory: Path, *, seed: int = 0, version: str = "1") -> tuple[np.ndarray, np.ndarray]:
-    """Write the tiny bundle to `directory`; returns (weights, bias) so tests can compute references."""
+def build(
+    directory: Path, *, seed: int = 0, version: str = "1", threshold: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write the tiny bundle to `directory`; returns (weights, bias) so tests can compute references.
+    The same seed gives the same model; `threshold` is its calibrated one (a recalibration)."""
     rng = np.random.default_rng(seed)
     weights = rng.normal(size=(SIDE * SIDE, DIM)).astype(np.float32)
     bias = rng.normal(scale=0.1, size=DIM).astype(np.float32)
@@ -115,7 +120,7 @@ def build(directory: Path, *, seed: int = 0, version: str = "1") -> tuple[np.nda
     centers = np.stack([feats[labels == int(c)].mean(axis=0) for c in TRAIN_CLASSES])
     write_bundle(
         directory,
-        manifest=manifest_fields(version=version),
+        manifest=manifest_fields(version=version, threshold=threshold),
         model_bytes=onnx_model(weights, bias),
         centers=centers,
         labels=TRAIN_CLASSES,

@@ -199,3 +199,23 @@ def test_keep_identities_relabels_in_dataset_order(pairs) -> None:
     assert np.array_equal(sub.parts[0], pairs.parts[first])
     with pytest.raises(DataError, match="unknown identities x"):
         keep_identities(pairs, ["x"])
+
+
+def test_builtin_digit_pairs_equals_the_written_folder_and_holds_out_its_balanced_30(tmp_path: Path) -> None:
+    # `--dataset digit-pairs` needs no folder: the same images and held-out list as the command writes.
+    from training.config import RunConfig
+    from training.data import load_dataset, split_indices
+
+    builtin = load_dataset("digit-pairs")
+    out = tmp_path / "digit-pairs"
+    assert main(["--out", str(out), "--seed", "0"]) == 0
+    written = load_folder_set(out)
+    assert builtin.class_names == written.class_names
+    assert np.array_equal(np.asarray(builtin.images), np.stack(written.images))
+    assert builtin.suggested_heldout == (out / HELDOUT_FILE).read_text().strip().split(",")
+    split = split_indices(RunConfig(dataset="digit-pairs"), builtin)
+    assert split.heldout_classes == builtin.suggested_heldout and len(split.train_classes) == 70
+    # An explicit choice still wins over the suggestion.
+    assert split_indices(RunConfig(dataset="digit-pairs", heldout_count=10), builtin).heldout_classes != (
+        builtin.suggested_heldout
+    )

@@ -406,3 +406,23 @@ def test_within_group_episodes_draw_every_identity_from_one_group():
         episode_report(emb, labels, ways=4, groups=groups, within_group=True)
     with pytest.raises(ValueError, match="need the group"):
         episode_report(emb, labels, ways=3, within_group=True)
+
+
+def test_identity_bootstrap_is_wide_when_one_identity_pair_makes_every_false_accept():
+    from training.evaluate import check_point
+
+    # 10 identities x 5 samples; every false accept is a pair between identities 0 and 1 (25 of the 1 125
+    # impostor pairs): whether a user meets FAR 0.022 or 0 depends on having such a look-alike pair, which
+    # the identity bootstrap shows (its interval reaches 0) and a binomial interval on pairs hides.
+    labels = np.repeat(np.arange(10), 5)
+    pairs = make_pairs(labels)
+    la, lb = labels[pairs.idx_a], labels[pairs.idx_b]
+    lookalike = (np.minimum(la, lb) == 0) & (np.maximum(la, lb) == 1)
+    scores = np.where(pairs.same, 0.9, np.where(lookalike, 0.8, 0.1))
+    binomial = check_point(scores, pairs.same, 0.5)
+    boot = check_point(scores, pairs.same, 0.5, ids=(la, lb), seed=0)
+    assert boot.far == binomial.far == pytest.approx(25 / 1125)
+    assert binomial.far_interval.low > 0.01
+    assert boot.far_interval.low == 0.0 and boot.far_interval.high > binomial.far_interval.high
+    assert boot.tar_interval.low == boot.tar_interval.high == 1.0
+    assert check_point(scores, pairs.same, 0.5, ids=(la, lb), seed=0) == boot

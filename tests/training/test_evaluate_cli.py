@@ -54,7 +54,33 @@ def test_build_bundle_names_an_unknown_heldout_class(tmp_path):
         "--work",
         str(tmp_path / "w"),
         "--heldout-classes",
-        "7,x",
+        "07,x",
     )
     assert code == 2
     assert "--heldout-classes: unknown class(es) x" in out
+
+
+def test_build_bundle_names_an_unknown_or_broken_recipe(tmp_path):
+    code, out = _run("build-bundle", "--recipe", "nope", "--out", str(tmp_path / "b"))
+    assert code == 2 and "--recipe nope: no such file" in out and "default" in out and "omniglot" in out
+    bad = tmp_path / "r.json"
+    bad.write_text('{"train": {"dataset": "digits"}, "evaluation": {"foldz": 3}}')
+    code, out = _run("build-bundle", "--recipe", str(bad), "--out", str(tmp_path / "b"))
+    assert code == 2 and "unknown evaluation setting(s) foldz" in out
+    bad.write_text('{"train": {"dataset": "digits", "widht": 3}}')
+    code, out = _run("build-bundle", "--recipe", str(bad), "--out", str(tmp_path / "b"))
+    assert code == 2 and "--widht" in out
+    assert not (tmp_path / "b").exists()
+
+
+def test_built_in_recipes_are_valid_run_configs():
+    from training.config import RunConfig
+    from training.evaluate import EvaluationSettings
+    from training.recipes import available, load_recipe
+
+    assert {"default", "omniglot"} <= set(available())
+    for name in available():
+        recipe = load_recipe(name)
+        config = RunConfig.model_validate(recipe.train)
+        assert config.center_lambda > 0, name
+        EvaluationSettings(**recipe.evaluation)

@@ -27,16 +27,28 @@ def bundle():
     return load_bundle(DEFAULT)
 
 
-def test_default_bundle_is_small_and_trained_on_digits_with_7_8_9_held_out(bundle):
-    total = sum(f.stat().st_size for f in DEFAULT.iterdir())
+def test_default_bundle_is_small_and_trained_on_digit_pairs_with_its_balanced_30_held_out(bundle):
+    total = sum(f.stat().st_size for f in DEFAULT.rglob("*") if f.is_file())
     assert total < 1_000_000
     recipe = bundle.manifest.training
-    assert recipe.dataset == "digits"
-    assert recipe.heldout_classes == ["7", "8", "9"]
+    assert recipe.dataset == "digit-pairs"
+    assert len(recipe.heldout_classes) == 30 and len(recipe.train_classes) == 70
     assert recipe.center_lambda > 0
     assert bundle.labels == recipe.train_classes
     ev = bundle.manifest.evaluation
     assert f"baseline_{SOFTMAX}" in ev and f"baseline_{PCA}" in ev
+
+
+def test_default_bundle_recognises_identities_it_never_saw_at_its_own_threshold(bundle):
+    # Issue 12's bar, on the 15 test identities (disjoint from training AND from the 15 that chose the
+    # threshold): TAR >= 0.5 at the threshold calibrated for FAR 1e-3.
+    th = bundle.manifest.thresholds
+    oos = th.out_of_sample
+    assert th.calibration_identities == 15 and oos is not None and oos.num_identities == 15
+    assert oos.at_default.threshold == th.default
+    assert oos.at_default.tar >= 0.5
+    assert oos.interval_method == "identity-bootstrap"
+    assert oos.at_default.far_interval.low <= oos.at_default.far <= oos.at_default.far_interval.high
 
 
 @pytest.mark.slow
@@ -44,6 +56,7 @@ def test_manifest_metrics_and_thresholds_are_reproduced_by_the_committed_onnx_mo
     check = check_bundle(DEFAULT)
     keys = {key for key, _, _ in check.rows}
     assert {"eer", "roc_auc", "kfold_accuracy_mean", "threshold_default.far", "threshold_eer.tar"} <= keys
+    assert {"test_default.far", "test_default.tar", "test_eer.far"} <= keys
     # float32 onnxruntime here vs float32 Keras at export: equal up to a few flipped near-tied pairs.
     assert check.ok, [row for row in check.rows if abs(row[1] - row[2]) > check.tolerance]
     th = bundle.manifest.thresholds
@@ -56,9 +69,16 @@ def test_rebuilding_with_the_documented_command_reproduces_the_evaluation(bundle
     # heavy tests are opt-in (`-m heavy`): this one trains two models for about a minute.
     if "heavy" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("heavy: run with `python -m pytest -m heavy tests/training`")
+    from training.recipes import load_recipe
+
     config = config_from_recipe(bundle.manifest.training)
+    recipe = load_recipe("default")
     result = build_bundle(
-        config, tmp_path / "bundle", work_dir=tmp_path / "work", settings=EvaluationSettings(), verbose=0
+        config,
+        tmp_path / "bundle",
+        work_dir=tmp_path / "work",
+        settings=EvaluationSettings(**recipe.evaluation),
+        verbose=0,
     )
     old, new = bundle.manifest.evaluation, result.manifest.evaluation
     for key in ("eer", "roc_auc", "kfold_accuracy_mean"):

@@ -85,10 +85,20 @@ def _heads(name: str = "arcface", **params):
 
 
 @pytest.mark.parametrize(
-    ("name", "params"), [("arcface", {"s": 16.0, "m": 0.5}), ("amsoftmax", {}), ("combined", {"m3": 0.1})]
+    ("name", "params"),
+    [
+        ("arcface", {"s": 16.0, "m": 0.5}),
+        ("amsoftmax", {}),
+        ("combined", {"m3": 0.1}),
+        ("arcface", {"warmup_epochs": 2.0}),  # margin phased in: compared half-way (ramp 0.5)
+    ],
 )
 def test_rate_one_logits_loss_and_gradient_equal_the_full_head(name: str, params: dict) -> None:
     full, pfc = _heads(name, **params)
+    if params.get("warmup_epochs"):
+        assert pfc.margin_ramp.numpy() == 0.0
+        full.margin_ramp.assign(0.5)
+        pfc.margin_ramp.assign(0.5)
     rng = np.random.default_rng(0)
     features = tf.constant(rng.normal(size=(B, D)).astype(np.float32))
     labels = tf.constant(rng.integers(0, K, B), tf.int32)

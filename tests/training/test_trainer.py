@@ -197,14 +197,26 @@ def test_the_guard_stops_a_diverging_run_naming_the_cause_and_does_not_save_it(t
     ("logs", "message"),
     [
         ({"loss": float("inf"), "center_norm": 1.0, "feature_norm": 1.0}, "loss not finite"),
-        ({"loss": 1.0, "center_norm": 11.0, "feature_norm": 1.0}, "center norm 11 is over 10x"),
+        ({"loss": 1.0, "center_norm": 21.0, "feature_norm": 0.1}, "center norm 21 is over 10x .* norm 2"),
     ],
 )
 def test_guard_trips_on_non_finite_losses_and_runaway_centers(logs, message):
-    guard = CenterDivergenceGuard("the cause")
-    guard.on_train_batch_end(0, {"loss": 1.0, "center_norm": 9.0, "feature_norm": 1.0})  # fine
+    guard = CenterDivergenceGuard("the cause", num_classes=7)
+    guard.on_train_batch_end(0, {"loss": 1.0, "center_norm": 1.0, "feature_norm": 2.0})  # largest so far: 2
+    guard.on_train_batch_end(
+        1, {"loss": 1.0, "center_norm": 19.0, "feature_norm": 0.01}
+    )  # features shrank: ok
     with pytest.raises(DivergenceError, match=message):
-        guard.on_train_batch_end(1, logs)
+        guard.on_train_batch_end(2, logs)
+
+
+def test_guard_stops_a_run_that_stays_at_chance_and_names_the_collapse():
+    guard = CenterDivergenceGuard("the cause", num_classes=100)
+    chance = float(np.log(100))
+    guard.on_epoch_end(0, {"softmax_loss": chance, "feature_norm": 0.01})  # one epoch at chance: allowed
+    guard.on_epoch_end(1, {"softmax_loss": 0.5 * chance, "feature_norm": 1.0})  # learning
+    with pytest.raises(DivergenceError, match=r"not learning: after 3 epochs .* ln K = 4.605;.*BatchNorm"):
+        guard.on_epoch_end(2, {"softmax_loss": chance, "feature_norm": 0.008})
 
 
 def test_margin_head_accuracy_is_measured_on_plain_logits(splits):

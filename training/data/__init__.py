@@ -12,7 +12,7 @@ from training.data.pipeline import (
     train_dataset,
 )
 from training.data.sources import DataError, ImageSet, load_dataset
-from training.data.splits import SplitIndices, choose_heldout, split_identities
+from training.data.splits import SplitIndices, choose_heldout, choose_heldout_groups, split_identities
 
 __all__ = [
     "DataError",
@@ -21,6 +21,7 @@ __all__ = [
     "Splits",
     "build_splits",
     "choose_heldout",
+    "choose_heldout_groups",
     "eval_dataset",
     "load_dataset",
     "model_input",

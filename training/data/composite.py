@@ -143,6 +143,21 @@ def balanced_heldout(
     return [n for n, ident in zip(names, identity_parts, strict=True) if sum(ident) % num_classes in chosen]
 
 
+def digit_pairs(seed: int = 0) -> ImageSet:
+    """The built-in `digit-pairs` data set: 100 identities "ab" x 64 images (8x16) from sklearn's digits, with
+    the balanced 30 held-out identities as its suggested split (the same as `python -m training.data.composite
+    --out D` writes, seed 0, in memory)."""
+    base = load_dataset("digits")
+    composite = build_composite_set(base, parts=2, per_identity=64, seed=seed)
+    images = composite.image_set
+    heldout = balanced_heldout(
+        composite.identity_parts, images.class_names, len(base.class_names), residues=3, seed=seed
+    )
+    return ImageSet(
+        images.images, images.labels, images.class_names, "digit-pairs", suggested_heldout=heldout
+    )
+
+
 def keep_identities(composite: CompositeSet, names: Sequence[str]) -> CompositeSet:
     """Only the images of `names` (kept in dataset order, relabelled); their images are unchanged, so a run
     with fewer training identities is scored on exactly the same held-out images."""

@@ -16,16 +16,19 @@ import tensorflow as tf
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
 from training.config import RunConfig
+from training.data.augment import Augmentation, augment_batch, batch_key
 from training.data.sources import ImageSet, idx_image_size, is_idx_source, load_dataset
-from training.data.splits import SplitIndices, choose_heldout, split_identities
+from training.data.splits import SplitIndices, choose_heldout, choose_heldout_groups, split_identities
 
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
-DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96}
+DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96, "conv4": 28}
 # issue 13: arcface_torch's 112x112 face crops.
 DEFAULT_IMAGE_SIZE.update(
     dict.fromkeys(("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"), 112)
 )
 DIGITS_IMAGE_SIZE = 8
+# 8x16 composites, resized (upsampled: nothing lost) to a square 16x16 input by the shared preprocessing.
+DIGIT_PAIRS_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Splits:
     heldout_class_names: list[str]
     input_spec: InputSpec
     preprocessing: Preprocessing
+    # group of each held-out identity (heldout_groups[k] for heldout_class_names[k]), when the data has groups
+    heldout_groups: list[str] | None = None
 
 
 def resolve_image_size(config: RunConfig) -> int:
@@ -54,6 +59,8 @@ def resolve_image_size(config: RunConfig) -> int:
         return config.image_size
     if config.dataset == "digits":
         return DIGITS_IMAGE_SIZE
+    if config.dataset == "digit-pairs":
+        return DIGIT_PAIRS_IMAGE_SIZE
     if is_idx_source(Path(config.dataset)):
         return idx_image_size(config.dataset)
     return DEFAULT_IMAGE_SIZE[config.backbone]
@@ -83,13 +90,26 @@ def preprocess_images(
 
 def split_indices(config: RunConfig, image_set: ImageSet) -> SplitIndices:
     """The identity-disjoint split a config defines on a dataset (seeded: the same config, the same split)."""
-    heldout = choose_heldout(
-        image_set.class_names,
-        names=config.heldout_classes,
-        count=config.heldout_count,
-        fraction=config.heldout_fraction,
-        seed=config.seed,
-    )
+    if config.heldout_groups is not None or config.heldout_group_count is not None:
+        heldout = choose_heldout_groups(
+            image_set.class_names,
+            image_set.groups,
+            names=config.heldout_groups,
+            count=config.heldout_group_count,
+            seed=config.seed,
+            source=image_set.source,
+        )
+    else:
+        names = config.heldout_classes
+        if names is None and config.heldout_count is None and image_set.suggested_heldout is not None:
+            names = image_set.suggested_heldout  # a built-in benchmark's own split (digit-pairs: balanced 30)
+        heldout = choose_heldout(
+            image_set.class_names,
+            names=names,
+            count=config.heldout_count,
+            fraction=config.heldout_fraction,
+            seed=config.seed,
+        )
     return split_identities(
         image_set.labels, image_set.class_names, heldout, val_fraction=config.val_fraction, seed=config.seed
     )
@@ -126,6 +146,9 @@ def build_splits(config: RunConfig, image_set: ImageSet | None = None) -> Splits
         heldout_class_names=idx.heldout_classes,
         input_spec=spec,
         preprocessing=prep,
+        heldout_groups=(
+            None if image_set.groups is None else [image_set.groups[pos[n]] for n in idx.heldout_classes]
+        ),
     )
 
 
@@ -134,13 +157,22 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_dataset(
-    x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, epochs: int, initial_epoch: int = 0
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    initial_epoch: int = 0,
+    augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
     """Shuffled batches for epochs `initial_epoch .. epochs-1`, in one stream for `fit(steps_per_epoch=...)`.
 
     Epoch e's order is a stateless function of (seed, e), not of an iterator's history, so a run resumed
     at epoch e sees exactly the batches the uninterrupted run saw (tf.data's own reshuffling restarts
-    from its first permutation whenever the dataset is rebuilt, which would break resume).
+    from its first permutation whenever the dataset is rebuilt, which would break resume). `augment` warps
+    each training image at random (training/data/augment.py) with draws keyed by (seed, epoch, batch index),
+    so augmented batches keep that property.
     """
     n = len(x)
     features = tf.constant(x)
@@ -149,10 +181,19 @@ def train_dataset(
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        if augment is None or augment.is_identity:
+            return batches
+        return batches.enumerate().map(lambda b, i: (i, batch_key(seed, epoch, b)))
 
     ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
-    ds = ds.map(lambda i: (tf.gather(features, i), tf.gather(labels, i)), num_parallel_calls=1)
+    if augment is None or augment.is_identity:
+        ds = ds.map(lambda i: (tf.gather(features, i), tf.gather(labels, i)), num_parallel_calls=1)
+    else:
+        ds = ds.map(
+            lambda i, key: (augment_batch(tf.gather(features, i), key, augment), tf.gather(labels, i)),
+            num_parallel_calls=1,
+        )
     return ds.prefetch(2)
 
 

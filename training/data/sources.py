@@ -28,10 +28,19 @@ class ImageSet:
     labels: np.ndarray  # int64 [N], index into class_names
     class_names: list[str]
     source: str
+    # Group of each class (`groups[k]` for `class_names[k]`, e.g. an Omniglot alphabet), or None when the
+    # dataset has no group level; `--heldout-groups` holds out whole groups.
+    groups: list[str] | None = None
+    # Files read once because their bytes equal a file already read for the same identity (pooled zips).
+    duplicates_skipped: int = 0
+    # Identities a built-in benchmark holds out unless told otherwise (digit-pairs: its balanced 30).
+    suggested_heldout: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
             raise DataError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+        if self.groups is not None and len(self.groups) != len(self.class_names):
+            raise DataError(f"{self.source}: {len(self.groups)} groups for {len(self.class_names)} classes")
         if len(self.class_names) < 2:
             raise DataError(f"{self.source}: {len(self.class_names)} class(es); need at least 2 identities")
 
@@ -158,13 +167,26 @@ def load_folder_set(path: Path | str, color_mode: str = "L") -> ImageSet:
     return ImageSet(images, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], str(root))
 
 
+# Data sets a fresh install has (built from scikit-learn's bundled digits), by name.
+BUILTIN_DATASETS = ("digits", "digit-pairs")
+
+
 def load_dataset(dataset: str, color_mode: str = "L") -> ImageSet:
-    """`digits`, an IDX folder/prefix, or an identity-folder tree (see `RunConfig.dataset`)."""
+    """`digits`, `digit-pairs`, an IDX folder/prefix, an identity-folder tree (flat or with a group level),
+    one zip of such a tree or a folder of zips (see `RunConfig.dataset` and `training.data.grouped`)."""
+    from training.data.grouped import is_grouped_folder, load_grouped_set, zip_paths
+
     if dataset == "digits":
         return load_digits_set()
+    if dataset == "digit-pairs":
+        from training.data.composite import digit_pairs  # composite builds on this module
+
+        return digit_pairs()
     path = Path(dataset)
     if is_idx_source(path):
         return load_idx_set(path)
+    if zip_paths(path) or is_grouped_folder(path):
+        return load_grouped_set(path, color_mode)
     if path.is_dir():
         return load_folder_set(path, color_mode)
-    raise DataError(f"{dataset}: not 'digits', an IDX folder/prefix, or an image folder")
+    raise DataError(f"{dataset}: not 'digits', an IDX folder/prefix, a .zip, or an image folder")

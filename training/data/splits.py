@@ -50,6 +50,52 @@ def choose_heldout(
     return [n for n in known if n in set(chosen)]
 
 
+def choose_heldout_groups(
+    class_names: Sequence[str],
+    groups: Sequence[str] | None,
+    *,
+    names: Sequence[str] | None,
+    count: int | None,
+    seed: int,
+    source: str = "dataset",
+) -> list[str]:
+    """Held-out identities: every class of the named groups, else of `count` groups drawn with `seed`.
+
+    Whole groups (e.g. Omniglot alphabets) go out, so held-out identities are new members of groups the
+    model never saw (new characters of unseen scripts), not new members of groups it trained on.
+    """
+    if groups is None:
+        raise DataError(
+            f"--heldout-groups/--heldout-group-count: {source} has no group level "
+            "(needs <group>/<identity>/<image> folders or zip members)"
+        )
+    known = sorted(set(groups))
+    if names is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataError(
+                f"--heldout-groups: unknown group(s) {', '.join(unknown)}; {source} has {', '.join(known)}"
+            )
+        chosen = set(names)
+    else:
+        k = 0 if count is None else count
+        if k >= len(known):
+            raise DataError(
+                f"--heldout-group-count {k}: {source} has only {len(known)} groups; at least one must train"
+            )
+        rng = np.random.default_rng(seed)
+        chosen = {known[i] for i in rng.choice(len(known), size=k, replace=False)}
+    if chosen == set(known):
+        raise DataError(f"--heldout-groups: holding out all {len(known)} groups leaves none to train on")
+    held = [c for c, g in zip(class_names, groups, strict=True) if g in chosen]
+    if len(class_names) - len(held) < 2:
+        raise DataError(
+            f"--heldout-groups: holding out {len(held)} of {len(class_names)} classes leaves fewer than 2 "
+            "to train on"
+        )
+    return held
+
+
 def split_identities(
     labels: np.ndarray,
     class_names: Sequence[str],

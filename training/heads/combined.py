@@ -27,6 +27,16 @@ def _check_range(value: float, option: str, high: float, high_open: bool, why: s
     return float(value)
 
 
+def check_warmup(value: float) -> float:
+    """Epochs over which the margin is phased in; 0 = the full margin from the first step."""
+    ok = (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    )
+    if not ok:
+        raise ValueError(f"head option 'warmup_epochs' must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_angular_margin(value: float, option: str = "m2") -> float:
     """ArcFace's additive angle must lie in [0, pi/2)."""
     return _check_range(
@@ -65,6 +75,7 @@ class CombinedMarginHead(CosineHead):
         m2: float = 0.5,
         m3: float = 0.0,
         easy_margin: bool = False,
+        warmup_epochs: float = 0.0,
         **kwargs: Any,
     ):
         super().__init__(num_classes, **kwargs)
@@ -75,9 +86,26 @@ class CombinedMarginHead(CosineHead):
         if easy_margin not in (True, False):
             raise ValueError(f"head option 'easy_margin' must be true or false, got {easy_margin!r}")
         self.easy_margin = bool(easy_margin)
+        self.warmup_epochs = check_warmup(warmup_epochs)
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        super().build(input_shape)
+        # The share r of the margin in force: target = (1 - r) cos + r * margined. `MarginWarmup` raises it
+        # from 0 to 1 over `warmup_epochs` (SphereFace anneals its margin the same way, with lambda); 1 = the
+        # plain margin formula, exactly.
+        self.margin_ramp = self.add_weight(
+            name="margin_ramp",
+            shape=(),
+            initializer=keras.initializers.Constant(0.0 if self.warmup_epochs > 0 else 1.0),
+            trainable=False,
+        )
 
     def _target_logit(self, cos_target: tf.Tensor) -> tf.Tensor:
-        return combined_margin(cos_target, m2=self.m2, m3=self.m3, easy_margin=self.easy_margin)
+        margined = combined_margin(cos_target, m2=self.m2, m3=self.m3, easy_margin=self.easy_margin)
+        if self.warmup_epochs == 0:
+            return margined
+        r = tf.cast(self.margin_ramp, cos_target.dtype)
+        return (1.0 - r) * cos_target + r * margined
 
     def _scale(self, cos: tf.Tensor, norm: tf.Tensor) -> tf.Tensor:
         return self.s * cos
@@ -89,6 +117,7 @@ class CombinedMarginHead(CosineHead):
             "m2": self.m2,
             "m3": self.m3,
             "easy_margin": self.easy_margin,
+            "warmup_epochs": self.warmup_epochs,
         }
 
 
@@ -97,10 +126,18 @@ class ArcFaceHead(CombinedMarginHead):
     """ArcFace (Deng et al. 2019): s * cos(theta + m); defaults s=64, m=0.5 as in the paper."""
 
     def __init__(
-        self, num_classes: int, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, **kwargs: Any
+        self,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        warmup_epochs: float = 0.0,
+        **kwargs: Any,
     ):
         check_angular_margin(m, "m")
-        super().__init__(num_classes, s=s, m2=m, m3=0.0, easy_margin=easy_margin, **kwargs)
+        super().__init__(
+            num_classes, s=s, m2=m, m3=0.0, easy_margin=easy_margin, warmup_epochs=warmup_epochs, **kwargs
+        )
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -113,9 +150,11 @@ class ArcFaceHead(CombinedMarginHead):
 class AMSoftmaxHead(CombinedMarginHead):
     """AM-Softmax / CosFace (Wang et al. 2018): s * (cos theta - m); AM-Softmax's defaults s=30, m=0.35."""
 
-    def __init__(self, num_classes: int, s: float = 30.0, m: float = 0.35, **kwargs: Any):
+    def __init__(
+        self, num_classes: int, s: float = 30.0, m: float = 0.35, warmup_epochs: float = 0.0, **kwargs: Any
+    ):
         check_cosine_margin(m, check_num_classes(num_classes), "m")
-        super().__init__(num_classes, s=s, m2=0.0, m3=m, **kwargs)
+        super().__init__(num_classes, s=s, m2=0.0, m3=m, warmup_epochs=warmup_epochs, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

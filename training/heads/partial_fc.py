@@ -103,6 +103,8 @@ class PartialFCHead(keras.layers.Layer):
         formula = make_head(margin_head, self.num_classes, **self.margin_params)
         assert isinstance(formula, CombinedMarginHead)
         self.s, self.m2, self.m3, self.easy_margin = formula.s, formula.m2, formula.m3, formula.easy_margin
+        # The margin warm-up of the margin heads (`warmup_epochs`, driven by the trainer's MarginWarmup).
+        self.warmup_epochs = float(getattr(formula, "warmup_epochs", 0.0))
         self.sample_rate = check_sample_rate(sample_rate)
         self.num_sample = num_sampled(self.num_classes, self.sample_rate)
         self.seed = int(seed)
@@ -128,6 +130,12 @@ class PartialFCHead(keras.layers.Layer):
             )
             for slot in SLOTS[self.optimizer_name]
         ]
+        self.margin_ramp = self.add_weight(
+            name="margin_ramp",
+            shape=(),
+            initializer=keras.initializers.Constant(0.0 if self.warmup_epochs > 0 else 1.0),
+            trainable=False,
+        )
         super().build(input_shape)
 
     def sample(self, global_labels: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
@@ -147,9 +155,11 @@ class PartialFCHead(keras.layers.Layer):
         cos = tf.clip_by_value(tf.matmul(x, w, transpose_b=True), -1.0, 1.0)
         if labels is not None:
             labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-            target = combined_margin(
-                target_cosine(cos, labels), m2=self.m2, m3=self.m3, easy_margin=self.easy_margin
-            )
+            plain = target_cosine(cos, labels)
+            target = combined_margin(plain, m2=self.m2, m3=self.m3, easy_margin=self.easy_margin)
+            if self.warmup_epochs > 0:
+                r = tf.convert_to_tensor(self.margin_ramp)
+                target = (1.0 - r) * plain + r * target
             cos = replace_target(cos, target, labels)
         return self.s * cos
 

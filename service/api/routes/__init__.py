@@ -1,6 +1,6 @@
 """One module per API area; `ROUTERS` is what the app mounts."""
 
-from service.api.routes import admin, embed, health, identify, identities, model, verify
+from service.api.routes import admin, embed, health, identify, identities, model, v2, verify
 
 ROUTERS = [
     health.router,
@@ -10,4 +10,5 @@ ROUTERS = [
     identities.router,
     model.router,
     admin.router,
+    v2.router,
 ]

@@ -1,4 +1,4 @@
-"""POST /v1/identify: top-k matches over class centers and enrolled identities, with unknown rejection."""
+"""POST /v1/identify: top-k matches over enrolled identities and/or class centers, with unknown rejection."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ FILES = {"images": "images", "image": "images"}
     "/identify",
     response_model=IdentifyResponse,
     summary="Identify faces against the gallery",
-    description="Each query (image or embedding) gets its top-k matches; the best one is the answer if its "
-    "similarity reaches `threshold` (default: the bundle's calibrated threshold), else `unknown: true`.",
+    description="Each query (image or embedding) gets its top-k matches among `sources` (enrolled "
+    "identities, the bundle's training-identity centers, or both; default IDEMBED_IDENTIFY_SOURCES); the "
+    "best one is the answer if its similarity reaches `threshold` (default: the bundle's calibrated "
+    "threshold), else `unknown: true`. Only identities enrolled by the served model are ever matched.",
     openapi_extra=request_body_doc(IdentifyRequest, FILES),
     responses=error_responses(400, 401, 413, 415, 422, 503),
 )
@@ -35,18 +37,20 @@ async def identify(request: Request) -> Response:
         )
     if body.embeddings is not None:
         check_count(len(body.embeddings), settings, "embeddings")
-    vectors, model_id = await runtime.query_vectors(files.get("images"), body.embeddings)
-    threshold = body.threshold if body.threshold is not None else runtime.default_threshold
-    results = []
-    for matches in await runtime.search(vectors, body.top_k):
-        best = matches[0] if matches else None
-        known = best is not None and best.similarity >= threshold
-        results.append(
-            Identification(
-                identity=best.name if known and best is not None else None,
-                unknown=not known,
-                similarity=best.similarity if best is not None else None,
-                matches=[Match(identity=m.name, similarity=m.similarity, source=m.source) for m in matches],
-            )
+    found = await runtime.identify(
+        files.get("images"), body.embeddings, top_k=body.top_k, threshold=body.threshold, sources=body.sources
+    )
+    results = [
+        Identification(
+            identity=r.identity,
+            unknown=not r.known,
+            similarity=r.best.similarity if r.best is not None else None,
+            matches=[Match(identity=m.name, similarity=m.similarity, source=m.source) for m in r.matches],
         )
-    return json_response(IdentifyResponse(model_id=model_id, threshold=threshold, results=results))
+        for r in found.results
+    ]
+    return json_response(
+        IdentifyResponse(
+            model_id=found.model_id, threshold=found.threshold, sources=found.sources, results=results
+        )
+    )

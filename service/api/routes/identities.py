@@ -8,7 +8,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from service.api.bodies import check_count, read_body, request_body_doc
-from service.api.deps import RuntimeDep, SettingsDep, require_read_key, require_write_key
+from service.api.deps import RuntimeDep, SettingsDep, audited, require_read_key, require_write_key
 from service.api.errors import error_responses
 from service.api.schemas import EnrollRequest, EnrollResponse, Identity, IdentityPage
 from service.errors import IdentityConflictError, IdentityNotFoundError
@@ -20,13 +20,14 @@ FILES = {"images": "images", "image": "images"}
 NameParam = Annotated[str, Path(description="the identity's name (URL-encoded)", max_length=512)]
 
 
-def to_schema(record: EnrolledIdentity) -> Identity:
+def to_schema(record: EnrolledIdentity, served_model_id: str) -> Identity:
     return Identity(
         name=record.name,
         image_count=record.image_count,
         model_id=record.model_id,
         metadata=record.metadata,
         created_at=record.created_at,
+        stale=record.model_id != served_model_id,
     )
 
 
@@ -48,28 +49,30 @@ async def enroll(request: Request, runtime: RuntimeDep, settings: SettingsDep) -
     )
     if body.embeddings is not None:
         check_count(len(body.embeddings), settings, "embeddings")
-    vectors, model_id = await runtime.query_vectors(files.get("images"), body.embeddings)
-    gallery = runtime.gallery
-    try:
-        # The store commits with fsync: keep that wait off the event loop.
-        record, replaced = await to_thread.run_sync(
-            lambda: gallery.enroll(
-                body.name, vectors, model_id=model_id, metadata=body.metadata, replace=body.replace
+    async with audited(request, "enroll", body.name, 201) as audit_detail:
+        try:
+            record, replaced = await runtime.enroll(
+                body.name,
+                files.get("images"),
+                body.embeddings,
+                metadata=dict(body.metadata),
+                replace=body.replace,
             )
-        )
-    except IdentityExistsError as exc:
-        raise IdentityConflictError(
-            f"identity {body.name!r} is already enrolled; send replace=true to overwrite it",
-            detail={"name": body.name},
-        ) from exc
-    return EnrollResponse(**to_schema(record).model_dump(), replaced=replaced)
+        except IdentityExistsError as exc:
+            raise IdentityConflictError(
+                f"identity {body.name!r} is already enrolled; send replace=true to overwrite it",
+                detail={"name": body.name},
+            ) from exc
+        audit_detail["replaced"] = replaced
+    return EnrollResponse(**to_schema(record, record.model_id).model_dump(), replaced=replaced)
 
 
 @router.get(
     "",
     response_model=IdentityPage,
     summary="List enrolled identities",
-    description="In enrollment order; page with `offset` and `limit`.",
+    description="In enrollment order; page with `offset` and `limit`. `stale: true` marks identities another "
+    "model enrolled (orphaned by a model change): they are kept but never matched until re-enrolled.",
     dependencies=[Depends(require_read_key)],
     responses=error_responses(401, 422, 503),
 )
@@ -81,7 +84,9 @@ async def list_identities(
     store = runtime.gallery.store
     records = await to_thread.run_sync(lambda: store.list(offset=offset, limit=limit))
     total = await to_thread.run_sync(store.count)
-    return IdentityPage(items=[to_schema(r) for r in records], total=total, offset=offset, limit=limit)
+    served = runtime.current.model_id
+    items = [to_schema(r, served) for r in records]
+    return IdentityPage(items=items, total=total, offset=offset, limit=limit)
 
 
 @router.get(
@@ -96,7 +101,7 @@ async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
     record = await to_thread.run_sync(store.get, name)
     if record is None:
         raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
-    return to_schema(record)
+    return to_schema(record, runtime.current.model_id)
 
 
 @router.delete(
@@ -107,9 +112,10 @@ async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
     dependencies=[Depends(require_write_key)],
     responses=error_responses(401, 404, 422, 503),
 )
-async def delete_identity(name: NameParam, runtime: RuntimeDep) -> Response:
+async def delete_identity(name: NameParam, request: Request, runtime: RuntimeDep) -> Response:
     gallery = runtime.gallery
-    record = await to_thread.run_sync(gallery.delete, name)
-    if record is None:
-        raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
+    async with audited(request, "delete", name, 204):
+        record = await to_thread.run_sync(gallery.delete, name)
+        if record is None:
+            raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
     return Response(status_code=204)

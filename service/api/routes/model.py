@@ -22,7 +22,11 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
         loaded_at=loaded.loaded_at,
         # The manifest holds no secrets (paths, keys); it is what an operator needs to audit the model.
         manifest=loaded.model.manifest.model_dump(mode="json"),
-        gallery=GalleryInfo(centers=runtime.gallery.num_centers, enrolled=runtime.gallery.num_enrolled),
+        gallery=GalleryInfo(
+            centers=runtime.gallery.num_centers,
+            enrolled=runtime.gallery.num_enrolled,
+            orphaned=await runtime.orphaned(),
+        ),
         batching=BatchingInfo(
             max_batch_size=engine.max_batch_size,
             batch_wait_ms=engine.batch_wait_s * 1000.0,
