@@ -262,7 +262,11 @@ def train(
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
 
     callbacks = [
-        CenterDivergenceGuard(_divergence_cause(config, frequencies), len(splits.class_names)),
+        # issue 13: Partial FC's softmax is over the sampled classes, so chance level is ln(num_sample).
+        CenterDivergenceGuard(
+            _divergence_cause(config, frequencies),
+            getattr(model.head, "num_sample", len(splits.class_names)),
+        ),
         *([MarginWarmup(model.head)] if getattr(model.head, "warmup_epochs", 0) > 0 else []),
         keras.callbacks.ModelCheckpoint(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
