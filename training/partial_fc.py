@@ -129,13 +129,14 @@ class PartialFCModel(CenterLossModel):
             rows = tf.gather(tf_variable(self.head.kernel), index)
             tape.watch(rows)
             features = tf.cast(self.backbone(x, training=True), tf.float32)
-            logits = self.head.sampled_logits(features, rows, local)
+            cos = self.head.sampled_cosines(features, rows)
+            logits = self.head.margin_logits(cos, local)
             ce, cl, total = self._objective(features, logits, local, self._center_rows(y))
             loss = tf.reduce_sum(total) / global_batch
             if self.losses:
                 loss += tf.add_n(self.losses) / replicas
             scaled = self.optimizer.scale_loss(loss)
-        plain = self.head.sampled_logits(features, rows)  # no margin: the accuracy of the classifier
+        plain = self.head.margin_logits(cos)  # no margin: the accuracy of the classifier (same cosines)
         *grads, row_grad = tape.gradient(scaled, [*variables, rows])
         if replicas > 1:
             # Same index on every replica: summing the [S, D] rows is the all-reduce of the full gradient.

@@ -144,15 +144,15 @@ class PartialFCHead(keras.layers.Layer):
         index, _ = sample_classes(global_labels, self.num_classes, self.num_sample, seed)
         return index
 
-    def sampled_logits(
-        self, features: tf.Tensor, rows: tf.Tensor, labels: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """`[B, S]` logits of features against weight rows `[S, D]`; margin on `labels` (indices into the
-        rows) when given. Computed in float32 whatever the features' dtype."""
+    def sampled_cosines(self, features: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """`[B, S]` cosines of features against weight rows `[S, D]`, in float32 whatever the inputs."""
         x = tf.cast(features, tf.float32)
         x = x / tf.expand_dims(tf.sqrt(tf.reduce_sum(x * x, axis=1) + _NORM_EPS), 1)
         w = tf.nn.l2_normalize(tf.cast(rows, tf.float32), axis=1, epsilon=_NORM_EPS)
-        cos = tf.clip_by_value(tf.matmul(x, w, transpose_b=True), -1.0, 1.0)
+        return tf.clip_by_value(tf.matmul(x, w, transpose_b=True), -1.0, 1.0)
+
+    def margin_logits(self, cos: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """Scaled logits from `[B, S]` cosines; the margin on `labels` (indices into the rows) when given."""
         if labels is not None:
             labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
             plain = target_cosine(cos, labels)
@@ -162,6 +162,12 @@ class PartialFCHead(keras.layers.Layer):
                 target = (1.0 - r) * plain + r * target
             cos = replace_target(cos, target, labels)
         return self.s * cos
+
+    def sampled_logits(
+        self, features: tf.Tensor, rows: tf.Tensor, labels: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """`[B, S]` logits of features against weight rows `[S, D]`; margin on `labels` when given."""
+        return self.margin_logits(self.sampled_cosines(features, rows), labels)
 
     def call(self, features: tf.Tensor, labels: tf.Tensor | None = None, training: bool | None = None):
         # Full logits over all K classes without margin (evaluation); training uses the sampled path.
