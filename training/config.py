@@ -58,8 +58,9 @@ class RunConfig(BaseModel):
         default="digits",
         description="'digits' (bundled sklearn digits), 'digit-pairs' (100 identities built from them), an "
         "IDX folder/prefix (MNIST format), an image folder with one sub-folder per identity (or "
-        "<group>/<identity>/), one .zip of such a tree, or a folder of .zip files pooled into one dataset "
-        "(training/data/grouped.py)",
+        "<group>/<identity>/), one .zip of such a tree, a folder of .zip files pooled into one dataset "
+        "(training/data/grouped.py), an insightface train.rec (with train.idx), or a folder of TFRecord "
+        "shards written by `idembed-train pack`",
     )
     image_size: int | None = Field(
         default=None,
@@ -112,6 +113,28 @@ class RunConfig(BaseModel):
         description="pixels warped in from outside: nearest | reflect | wrap (edge modes) or a constant "
         "pixel value 0..255 (255 = white paper)",
     )
+    # --- streaming input and pair verification (training/data/streaming.py, training/verification_bin.py)
+    streaming: bool = Field(
+        default=False,
+        description="stream an identity folder from disk (listed once, decoded per batch) instead of loading "
+        "it into memory; .rec files and TFRecord shard folders always stream",
+    )
+    shuffle_buffer: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="streamed TFRecord records are shuffled in seeded blocks of this many",
+    )
+    deterministic: bool = Field(
+        default=True, description="streamed input keeps its order through parallel decoding (reproducible)"
+    )
+    verify_pairs: list[str] = Field(
+        default_factory=list, description="insightface .bin pair files verified during training"
+    )
+    verify_every: int = Field(
+        default=0, ge=0, description="verify --verify-pairs every N training steps (0 = at each epoch end)"
+    )
+    # --- end streaming input and pair verification
     # model
     backbone: Literal[
         "lenetpp", "facecnn", "conv4", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
@@ -210,6 +233,20 @@ class RunConfig(BaseModel):
         if not path.exists() and not any(path.parent.glob(path.name + "-*")):
             raise ValueError(f"{v!r} is neither 'digits', an existing folder, nor an IDX file prefix")
         return v
+
+    @field_validator("verify_pairs")
+    @classmethod
+    def _pair_files_exist(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not Path(f).is_file():
+                raise ValueError(f"{f!r}: no such pair file (insightface .bin, e.g. lfw.bin)")
+        return v
+
+    @model_validator(mode="after")
+    def _streaming_source(self) -> RunConfig:
+        if self.streaming and (self.dataset == "digits" or not Path(self.dataset).is_dir()):
+            raise ValueError("--streaming reads an identity folder; .rec and TFRecord shards always stream")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

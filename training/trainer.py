@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,10 @@ def train(
         # Before the run folder too: a head option that depends on the class count (CosFace's m limit) is
         # refused here, and must not leave a config.json that makes the corrected retry fail "folder exists".
         model = build_model(config, splits)
+    # Before the run folder as well: an unreadable --verify-pairs file must not leave a folder behind.
+    from training.verification_bin import load_pair_sets, verification_callbacks, verification_summary
+
+    pair_sets = load_pair_sets(config)
     paths = prepare_run_dir(scratch or out, config, resume=resume and scratch is None)
 
     initial_epoch = 0
@@ -286,13 +291,19 @@ def train(
     validation = (
         eval_dataset(splits.x_val, splits.y_val, batch_size=EVAL_BATCH_SIZE) if len(splits.x_val) else None
     )
+    # --- streaming input and pair verification (training/data/streaming.py, training/verification_bin.py)
+    stream = getattr(splits, "train_stream", None)
+    num_train = stream.num_examples if stream is not None else len(splits.x_train)
+    make_input = (
+        stream.dataset if stream is not None else partial(train_dataset, splits.x_train, splits.y_train)
+    )
+    callbacks += verification_callbacks(config, paths, model.backbone, splits, pair_sets)
+    # --- end streaming input and pair verification
     started = time.monotonic()
     history: dict[str, list[float]] = {}
     if initial_epoch < config.epochs:
         fit = model.fit(
-            train_dataset(
-                splits.x_train,
-                splits.y_train,
+            make_input(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 epochs=config.epochs,
@@ -301,7 +312,7 @@ def train(
             ),
             epochs=config.epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch(len(splits.x_train), config.batch_size),
+            steps_per_epoch=steps_per_epoch(num_train, config.batch_size),
             validation_data=validation,
             callbacks=callbacks,
             shuffle=False,
@@ -317,7 +328,7 @@ def train(
         "resumed_from_epoch": initial_epoch,
         "seconds": round(time.monotonic() - started, 2),
         "final": {k: float(v[-1]) for k, v in history.items()},
-        "num_train": len(splits.x_train),
+        "num_train": num_train,
         "num_val": len(splits.x_val),
         "num_heldout": len(splits.x_heldout),
         "versions": {
@@ -326,6 +337,7 @@ def train(
             "keras": keras.__version__,
         },
     }
+    summary.update(verification_summary(callbacks, stream))
     # issue 13: the saved/exported embedding model is float32 whatever the training precision.
     save_final(paths, float32_copy(model.backbone), model.centers.numpy(), splits, summary)
     if scratch is not None:

@@ -6,12 +6,15 @@ a conftest module (the whole suite imports whichever came first).
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +89,20 @@ def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float =
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready within {timeout} s:\n{server.log()}")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@asynccontextmanager
+async def serving(settings: object) -> AsyncIterator[httpx.AsyncClient]:
+    """The app of `settings` in-process (lifespan run as uvicorn would), through httpx.ASGITransport."""
+    from service.app import create_app
+
+    app = create_app(settings)  # type: ignore[arg-type]
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        yield c

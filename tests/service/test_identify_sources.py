@@ -7,10 +7,8 @@ retried with a wide beam: never a value frozen when the index was built.
 
 from __future__ import annotations
 
-import base64
 import shutil
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle, b64, serving
 
 from service.app import create_app
 from service.client import AsyncIdembedClient
@@ -29,20 +27,6 @@ from service.runtime import ServiceRuntime
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
-    ):
-        yield c
 
 
 async def enroll_eights(c: httpx.AsyncClient, tiny: TinyBundle) -> list[int]:

@@ -9,20 +9,16 @@ model that enrolled them is served again. A restart with another bundle is refus
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle, b64, serving
 
 from service.app import create_app
 from service.client import AsyncIdembedClient, IdembedError
-from service.core.config import Settings
 from service.gallery.store import StoreError
 
 pytestmark = pytest.mark.asyncio
@@ -37,20 +33,6 @@ def models(tmp_path: Path, tiny: TinyBundle) -> Path:
     tiny_bundle.build(root / "v2", seed=1, version="2")  # the same 16-d, another model
     tiny_bundle.build(root / "retrained", seed=2)  # tiny-digits:1 again, with other weights
     return root
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
-    ):
-        yield c
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes) -> dict:

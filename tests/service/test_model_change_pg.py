@@ -9,14 +9,14 @@ import base64
 import itertools
 import shutil
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle, serving
 
 pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
@@ -24,7 +24,6 @@ pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip 
 import psycopg
 
 from service.app import create_app
-from service.core.config import Settings
 from service.gallery.pg_store import PostgresIdentityStore
 from service.gallery.store import ServedModel, StoreError
 
@@ -59,16 +58,6 @@ def models(tmp_path: Path, tiny: TinyBundle) -> Path:
     shutil.copytree(tiny.path, root / "v1")
     tiny_bundle.build(root / "v2", seed=1, version="2")
     return root
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
-    ):
-        yield c
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes) -> None:

@@ -5,22 +5,17 @@ orphaning it: in the background on a reload (the old model serves until one swap
 from __future__ import annotations
 
 import asyncio
-import base64
 import shutil
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
+from service_testkit import API_KEY, TinyBundle, b64, serving
 
 from service import runtime as runtime_module
-from service.app import create_app
-from service.core.config import Settings
 from service.gallery.gallery import Gallery
 from service.gallery.index import ExactIndex
 from service.gallery.store import SQLiteIdentityStore
@@ -36,20 +31,6 @@ def models(tmp_path: Path, tiny: TinyBundle) -> Path:
     shutil.copytree(tiny.path, root / "v1")
     tiny_bundle.build(root / "v2", seed=1, version="2")
     return root
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
-    ):
-        yield c
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes, **extra: object) -> httpx.Response:

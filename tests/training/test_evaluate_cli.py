@@ -84,3 +84,18 @@ def test_built_in_recipes_are_valid_run_configs():
         config = RunConfig.model_validate(recipe.train)
         assert config.center_lambda > 0, name
         EvaluationSettings(**recipe.evaluation)
+
+
+@pytest.mark.slow
+def test_evaluate_says_when_it_trains_the_twin_and_how_long_it_took(tmp_path):
+    run = tmp_path / "run"
+    tiny = ["--width", "2", "--feature-dim", "2", "--epochs", "1", "--heldout-classes", "6,7,8,9", "--quiet"]
+    code, out = _run("train", "--out", str(run), "--lambda", "0.1", *tiny)
+    assert code == 0, out
+    fast = ["--max-genuine", "500", "--max-impostor", "2000", "--trials", "1", "--episodes", "0"]
+    code, out = _run("evaluate", str(run), "--pca-components", "0", *fast)
+    assert code == 0, out
+    assert f"training the lambda-0 twin of {run}" in out and "about as long as the run took" in out
+    assert "twin trained in" in out and (tmp_path / "run-softmax" / "embedding.keras").is_file()
+    code, out = _run("evaluate", str(run), "--pca-components", "0", *fast)
+    assert code == 0 and "reusing the finished lambda-0 twin" in out and "training the" not in out

@@ -117,6 +117,12 @@ def split_indices(config: RunConfig, image_set: ImageSet) -> SplitIndices:
 
 def build_splits(config: RunConfig, image_set: ImageSet | None = None) -> Splits:
     """Load (unless given), split and preprocess the dataset of `config`; rebuilds a finished run's splits."""
+    # --- streaming input (.rec, TFRecord shards, folder + --streaming): training images are not loaded
+    from training.data.streaming import build_streaming_splits, is_streaming
+
+    if image_set is None and is_streaming(config):
+        return build_streaming_splits(config)
+    # --- end streaming input
     if image_set is None:
         image_set = load_dataset(config.dataset, config.color_mode)
     idx = split_indices(config, image_set)
