@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # 2 added `Thresholds.calibration_identities` and `Thresholds.out_of_sample` (optional: v1 still loads).
-SCHEMA_VERSION = 2
+# 3 added `Preprocessing.channel_order`, `provenance` (imported models) and `quantization` (all optional with
+# defaults, so v1/v2 manifests still load; `training.epochs` may be 0 for a model not trained here).
+SCHEMA_VERSION = 3
 
 MODEL_FILE = "model.onnx"
 CENTERS_FILE = "centers.npy"
@@ -42,10 +44,14 @@ class Preprocessing(_Strict):
     """How an image becomes a model input; `bundle.preprocess` is the one implementation of it.
 
     Steps, in order: decode -> convert to `color_mode` (Pillow) -> resize to (width, height) of the input with
-    `resample` -> float32 -> `* scale` -> `(x - mean) / std` per channel -> layout.
+    `resample` -> float32 -> channels reordered to `channel_order` (RGB images only) -> `* scale` ->
+    `(x - mean) / std` per channel (in `channel_order`: with BGR, mean[0] is blue's) -> layout.
+    insightface's ArcFace convention is `color_mode=RGB, scale=1, mean=[127.5], std=[127.5]`, NCHW input.
     """
 
     color_mode: Literal["L", "RGB"]
+    # The order the model wants its 3 channels in (OpenCV-trained models often want BGR); ignored for L.
+    channel_order: Literal["RGB", "BGR"] = "RGB"
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bilinear"
     scale: float = Field(default=1.0 / 255.0, gt=0)
     mean: list[float] = Field(default_factory=lambda: [0.0])
@@ -134,7 +140,8 @@ class TrainingRecipe(_Strict):
     center_update: Literal["paper", "facenet", "gradient", "none"]
     center_lambda: float = Field(ge=0.0)
     center_alpha: float = Field(gt=0.0, le=1.0)
-    epochs: int = Field(ge=1)
+    # 0: not trained here (an imported model, see `BundleManifest.provenance`).
+    epochs: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     seed: int
     dataset: str
@@ -151,8 +158,40 @@ class FileDigest(_Strict):
     bytes: int = Field(ge=0)
 
 
+class Provenance(_Strict):
+    """Where a model not trained by idembed came from (`idembed-train import`)."""
+
+    kind: Literal["imported"] = "imported"
+    source_file: str = Field(min_length=1)
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source_bytes: int = Field(ge=0)
+    original_input_name: str
+    original_output_name: str
+    # Graph shapes as the source file declared them (symbolic dims by name), e.g. ["N", 3, 112, 112].
+    original_input_shape: list[int | str]
+    original_output_shape: list[int | str]
+    opset: int | None = None
+    producer: str = ""
+    # What import changed in the graph (e.g. a fixed batch axis made dynamic); empty: served byte for byte.
+    changes: list[str] = Field(default_factory=list)
+
+
+class Quantization(_Strict):
+    """model.onnx is an int8 version of an fp32 graph, accepted because its held-out EER stayed in bounds."""
+
+    method: Literal["dynamic-int8", "static-int8"]
+    weight_type: Literal["int8", "uint8"] = "int8"
+    fp32_eer: float = Field(ge=0.0, le=1.0)
+    int8_eer: float = Field(ge=0.0, le=1.0)
+    max_eer_increase: float = Field(ge=0.0)
+    fp32_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    fp32_bytes: int = Field(ge=0)
+    # Held-out images both models embedded for the gate.
+    num_images: int = Field(ge=1)
+
+
 class BundleManifest(_Strict):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     created_at: str
@@ -166,6 +205,8 @@ class BundleManifest(_Strict):
     evaluation: dict[str, float | int | str | dict[str, float | int | str]] = Field(default_factory=dict)
     files: dict[str, FileDigest]
     tool_versions: dict[str, str] = Field(default_factory=dict)
+    provenance: Provenance | None = None
+    quantization: Quantization | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -174,6 +215,8 @@ class BundleManifest(_Strict):
                 f"preprocessing.color_mode={self.preprocessing.color_mode!r} gives "
                 f"{self.preprocessing.channels} channel(s) but input.channels={self.input.channels}"
             )
+        if self.preprocessing.color_mode == "L" and self.preprocessing.channel_order != "RGB":
+            raise ValueError("preprocessing.channel_order=BGR needs color_mode RGB (3 channels)")
         for field in ("mean", "std"):
             n = len(getattr(self.preprocessing, field))
             if n not in (1, self.input.channels):

@@ -28,6 +28,8 @@ def preprocess_pil(image: Image.Image, spec: Preprocessing, input_spec: InputSpe
     x = np.asarray(img, dtype=np.float32)
     if x.ndim == 2:
         x = x[:, :, None]
+    elif spec.channel_order == "BGR":
+        x = x[:, :, ::-1]
     x = x * np.float32(spec.scale)
     x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     if input_spec.layout == "NCHW":

@@ -378,6 +378,21 @@ _TargetFar = Annotated[
 ]
 
 
+_Quantize = Annotated[
+    str | None,
+    typer.Option(
+        help="int8: also quantize the model (onnxruntime); refused unless the held-out EER stays within "
+        "+0.005 of fp32"
+    ),
+]
+_QuantizeMethod = Annotated[
+    str,
+    typer.Option(
+        help="static (QDQ, activation ranges from 128 training-identity images) | dynamic (weights only)"
+    ),
+]
+
+
 _CalibrationFraction = Annotated[
     float,
     typer.Option(
@@ -592,9 +607,12 @@ def export(
     shots: _Shots = 1,
     episodes: _Episodes = 400,
     within_group: _WithinGroup = True,
+    quantize: _Quantize = None,
+    quantize_method: _QuantizeMethod = "static",
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
     from training.pipeline import compare, export_run, twin_dir
+    from training.quantize import QuantizationError
     from training.run import load_run
 
     try:
@@ -616,11 +634,24 @@ def export(
         has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
         baseline = load_run(twin) if has_twin else None
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
+        if quantize_method not in ("static", "dynamic"):
+            raise ValueError(f"--quantize-method must be static or dynamic, got {quantize_method!r}")
         manifest = export_run(
-            trained, out, result, target_far=target_far, name=name, version=version, tolerance=tolerance
+            trained,
+            out,
+            result,
+            target_far=target_far,
+            name=name,
+            version=version,
+            tolerance=tolerance,
+            quantize=quantize,
+            quantize_method=quantize_method,
         )
-    except _pipeline_errors() as exc:
+    except (QuantizationError, *_pipeline_errors()) as exc:
         raise _fail(str(exc)) from exc
+    if manifest.quantization is not None:
+        qr = manifest.quantization
+        typer.echo(f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}")
     th = manifest.thresholds
     typer.echo(
         f"bundle {out}: {manifest.model_id}, dim {manifest.embedding.dim}, {manifest.num_classes} classes; "
@@ -802,6 +833,104 @@ def figures(
     except _pipeline_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"wrote {path}")
+
+
+def _floats(option: str, value: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise _fail(f"{option} {value!r}: expected a number or comma-separated numbers, e.g. 127.5") from None
+    return out
+
+
+@app.command("import")
+def import_(
+    model: Annotated[
+        Path, typer.Argument(help="the ONNX embedding model (one image input, [N, dim] output)")
+    ],
+    dataset: Annotated[
+        str,
+        typer.Option(help="labelled identity folder (one sub-folder per identity), or any `train --dataset`"),
+    ],
+    out: Annotated[Path, typer.Option(help="bundle folder to write (replaced atomically)")],
+    layout: Annotated[str, typer.Option(help="NCHW ([N, C, H, W], insightface/PyTorch) | NHWC")] = "NCHW",
+    size: Annotated[int | None, typer.Option(help="input height and width (square)")] = None,
+    height: Annotated[int | None, typer.Option(help="input height [default: --size, else 112]")] = None,
+    width: Annotated[int | None, typer.Option(help="input width [default: --size, else 112]")] = None,
+    channels: Annotated[int, typer.Option(help="3 (colour) | 1 (grayscale)")] = 3,
+    channel_order: Annotated[str, typer.Option(help="RGB | BGR (the order the model wants)")] = "RGB",
+    scale: Annotated[float, typer.Option(help="pixel (0..255) * scale, before (x - mean) / std")] = 1.0,
+    mean: Annotated[str, typer.Option(help="per-channel mean, one value or C comma-separated")] = "127.5",
+    std: Annotated[str, typer.Option(help="per-channel std, one value or C comma-separated")] = "127.5",
+    resample: Annotated[str, typer.Option(help="nearest | bilinear | bicubic | lanczos | box")] = "bilinear",
+    output_name: Annotated[
+        str | None, typer.Option(help="graph output that is the embedding [default: the only output]")
+    ] = None,
+    heldout_classes: Annotated[
+        str | None, typer.Option(help="comma-separated identities kept out of the centers for calibration")
+    ] = None,
+    heldout_fraction: Annotated[
+        float, typer.Option(help="fraction of identities held out (evaluation, thresholds) when not named")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option(help="seed of the held-out draw and the pair sample")] = 0,
+    target_far: _TargetFar = 1e-3,
+    pca_components: Annotated[
+        int, typer.Option(help="components of a PCA-on-pixels baseline in the manifest (0 = skip)")
+    ] = 0,
+    name: Annotated[str, typer.Option(help="model name in the manifest")] = "imported",
+    version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
+    quantize: _Quantize = None,
+    quantize_method: _QuantizeMethod = "static",
+) -> None:
+    """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
+    from training.import_onnx import ImportOptions, ModelImportError, import_model
+    from training.quantize import QuantizationError
+
+    for option, value in (("--size", size), ("--height", height), ("--width", width)):
+        if value is not None and not 0 < value <= 4096:
+            raise _fail(f"{option} must be in 1..4096, got {value}")
+    if resample not in ("nearest", "bilinear", "bicubic", "lanczos", "box"):
+        raise _fail(f"--resample must be nearest, bilinear, bicubic, lanczos or box, got {resample!r}")
+    if quantize_method not in ("static", "dynamic"):
+        raise _fail(f"--quantize-method must be static or dynamic, got {quantize_method!r}")
+    opts = ImportOptions(
+        model=model,
+        dataset=dataset,
+        layout=layout,
+        height=height or size or 112,
+        width=width or size or 112,
+        channels=channels,
+        channel_order=channel_order,
+        scale=scale,
+        mean=_floats("--mean", mean),
+        std=_floats("--std", std),
+        resample=resample,
+        output_name=output_name,
+        heldout_fraction=heldout_fraction,
+        heldout_classes=None if heldout_classes is None else tuple(_split_names(heldout_classes) or ()),
+        seed=seed,
+        target_far=target_far,
+        pca_components=pca_components or None,
+        name=name,
+        version=version,
+        quantize=quantize,
+        quantize_method=quantize_method,
+    )
+    started = time.perf_counter()
+    try:
+        result = import_model(out, opts)
+    except (ModelImportError, QuantizationError, *_pipeline_errors()) as exc:
+        raise _fail(str(exc)) from exc
+    m, th = result.manifest, result.manifest.thresholds
+    q = m.quantization
+    typer.echo(
+        f"bundle {out}: {m.model_id} from {model.name} (sha256 {m.provenance.source_sha256[:12]}...), "
+        f"{m.input.layout} {m.input.height}x{m.input.width}x{m.input.channels}, dim {m.embedding.dim}, "
+        f"{m.num_classes} centers; held-out EER {m.evaluation['eer']:.4f}; threshold {th.default:.4f} "
+        f"(FAR {th.at_target_far.far:.2g}, TAR {th.at_target_far.tar:.3f})"
+        + ("" if q is None else f"; int8 EER {q.int8_eer:.4f} vs fp32 {q.fp32_eer:.4f}")
+        + f"; {time.perf_counter() - started:.1f} s"
+    )
 
 
 @app.command("check-bundle")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -22,6 +22,11 @@ import tf2onnx
 
 from bundle.files import write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Thresholds, TrainingRecipe
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from training.quantize import Quantized
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
@@ -168,11 +173,14 @@ def export_bundle(
     output_name: str = "embedding",
     opset: int = DEFAULT_OPSET,
     tolerance: float = PARITY_TOLERANCE,
+    quantize: Callable[[bytes], Quantized] | None = None,
 ) -> BundleManifest:
     """Convert, verify parity, and write `model.onnx`, `centers.npy`, `labels.json`, `manifest.json`.
 
     `centers` are the class centers in the model's raw feature space, row k = `labels[k]`; `write_bundle`
     stores them L2-normalised (the space the service searches). Nothing is written if any check fails.
+    `quantize` (fp32 ONNX bytes -> `Quantized`) runs after the parity check; its int8 graph, thresholds and
+    evaluation replace the fp32 ones (see `training.quantize`), or it raises and nothing is written.
     """
     centers = np.asarray(centers, dtype=np.float32)
     model_bytes = keras_to_onnx(model, input_spec, output_name=output_name, opset=opset)
@@ -183,6 +191,12 @@ def export_bundle(
     evaluation = dict(evaluation or {})
     evaluation["export_parity_max_abs_diff"] = float(f"{max_diff:.3g}")
     evaluation["export_parity_batch"] = len(parity_batch)
+    quantization = None
+    if quantize is not None:
+        done = quantize(model_bytes)
+        model_bytes, thresholds, quantization = done.model_bytes, done.thresholds, done.record
+        # The parity figures are the fp32 graph's (int8 is checked by its EER gate instead).
+        evaluation = {**done.evaluation, **{k: evaluation[k] for k in evaluation if k.startswith("export_")}}
     recipe_model = (
         recipe if isinstance(recipe, TrainingRecipe) else TrainingRecipe.model_validate(dict(recipe))
     )
@@ -198,5 +212,6 @@ def export_bundle(
         "training": recipe_model.model_dump(),
         "evaluation": evaluation,
         "tool_versions": {**tool_versions(), "onnx_opset": str(opset)},
+        "quantization": None if quantization is None else quantization.model_dump(),
     }
     return write_bundle(out_dir, manifest=manifest, model_bytes=model_bytes, centers=centers, labels=labels)

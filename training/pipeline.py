@@ -286,10 +286,20 @@ def export_run(
     version: str = "1",
     tolerance: float = PARITY_TOLERANCE,
     splits: Splits | None = None,
+    quantize: str | None = None,
+    quantize_method: str = "static",
 ) -> BundleManifest:
-    """Calibrate on the comparison's held-out pairs and write the run as a bundle (parity-checked)."""
+    """Calibrate on the comparison's held-out pairs and write the run as a bundle (parity-checked).
+
+    `quantize="int8"`: the bundle holds an int8 graph, written only if its held-out EER is within
+    `training.quantize.MAX_EER_INCREASE` of fp32; its thresholds and evaluation are the int8 model's."""
     splits = splits if splits is not None else run.splits()
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize must be int8 (or omitted), got {quantize!r}")
     thresholds = calibrate(comparison.main, target_far, comparison.settings.min_errors)
+    hook = None
+    if quantize == "int8":
+        hook = _int8_hook(run, comparison, splits, target_far=target_far, method=quantize_method)
     rng = np.random.default_rng(comparison.settings.seed)
     pick = rng.choice(len(splits.x_heldout), min(PARITY_BATCH, len(splits.x_heldout)), replace=False)
     return export_bundle(
@@ -306,7 +316,43 @@ def export_run(
         name=name,
         version=version,
         tolerance=tolerance,
+        quantize=hook,
     )
+
+
+def _int8_hook(run: TrainedRun, comparison: Comparison, splits: Splits, *, target_far: float, method: str):
+    """fp32 ONNX bytes -> the int8 graph with its own evaluation and thresholds (or a refusal)."""
+    from dataclasses import replace
+
+    from training import quantize as q
+
+    settings = comparison.settings
+    labels = splits.y_heldout
+    gate_settings = replace(settings, calibration_repeats=1, episodes=0)
+
+    def hook(fp32: bytes) -> q.Quantized:
+        rng = np.random.default_rng(settings.seed)
+        pick = rng.choice(len(splits.x_train), min(q.CALIBRATION_IMAGES, len(splits.x_train)), replace=False)
+        gate = q.quantize_gated(
+            fp32,
+            heldout=splits.x_heldout,
+            fp32_eer=comparison.main.verification.eer,
+            eer_of=lambda emb: evaluate_embeddings("int8", emb, labels, gate_settings).verification.eer,
+            input_name=run.input_spec.name,
+            method=method,
+            calibration=splits.x_train[np.sort(pick)],
+            max_eer_increase=q.MAX_EER_INCREASE,
+        )
+        main = next(iter(comparison.evaluations))
+        ev8 = evaluate_embeddings(main, gate.int8_embeddings, labels, settings, groups=splits.heldout_groups)
+        as_int8 = replace(comparison, evaluations={**comparison.evaluations, main: ev8}, seen={})
+        evaluation = as_int8.manifest_evaluation()
+        evaluation["quantized_from_fp32_eer"] = round(gate.fp32_eer, 6)
+        return q.Quantized(
+            gate.int8_bytes, calibrate(ev8, target_far, settings.min_errors), evaluation, gate.record
+        )
+
+    return hook
 
 
 def roc_title(dataset: str) -> str:
@@ -528,9 +574,16 @@ def check_bundle(path: Path, *, tolerance: float = 1e-3) -> BundleCheck:
     m = bundle.manifest
     recorded = m.evaluation.get("protocol_settings")
     settings = EvaluationSettings(**recorded) if isinstance(recorded, dict) else EvaluationSettings()
-    splits = build_splits(config_from_recipe(m.training))
-    features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
-    ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
+    if m.provenance is not None:  # imported: no training recipe to re-run, its folder split instead
+        from training.import_onnx import heldout_inputs
+
+        x_held, y_held = heldout_inputs(m)
+        features = onnx_embed(bundle.model_bytes, x_held, m.input.name)
+        ev = evaluate_embeddings(CENTER, features, y_held, settings)
+    else:
+        splits = build_splits(config_from_recipe(m.training))
+        features = onnx_embed(bundle.model_bytes, splits.x_heldout, m.input.name)
+        ev = evaluate_embeddings(CENTER, features, splits.y_heldout, settings, groups=splits.heldout_groups)
     measured = ev.summary()
     rows = [
         (key, float(m.evaluation[key]), float(measured[key]))

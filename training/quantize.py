@@ -1,0 +1,185 @@
+"""fp32 ONNX embedding model -> int8 (onnxruntime.quantization), kept only if held-out EER stays in bounds.
+
+Used by `idembed-train export --quantize int8` and `idembed-train import --quantize int8`. No TensorFlow:
+both models run in onnxruntime on CPU, as the service runs them, on the same held-out identities and pairs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bundle.files import l2_normalize, sha256_bytes
+from bundle.manifest import Quantization, Thresholds
+
+# The accuracy gate: int8 may cost at most this much EER (absolute) on the held-out identities.
+MAX_EER_INCREASE = 0.005
+METHODS = ("static", "dynamic")
+DEFAULT_METHOD = "static"
+# Calibration images for static quantization (activation ranges), drawn from the training identities.
+CALIBRATION_IMAGES = 128
+_EMBED_BATCH = 64
+
+
+class QuantizationError(ValueError):
+    """The model cannot be quantized, or int8 loses too much accuracy (the message has both EERs)."""
+
+
+class QuantizationRefused(QuantizationError):
+    def __init__(self, fp32_eer: float, int8_eer: float, max_increase: float) -> None:
+        self.fp32_eer, self.int8_eer, self.max_increase = fp32_eer, int8_eer, max_increase
+        super().__init__(
+            f"--quantize int8 refused: held-out EER {int8_eer:.4f} (int8) vs {fp32_eer:.4f} (fp32), "
+            f"+{int8_eer - fp32_eer:.4f} is over the allowed +{max_increase:g}; no bundle written "
+            "(try --quantize-method dynamic/static, or keep fp32)"
+        )
+
+
+def session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def embed(
+    model_bytes: bytes, batch: np.ndarray, input_name: str, output_name: str | None = None
+) -> np.ndarray:
+    """Raw features of a float32 batch, in chunks (as the service would run them)."""
+    sess = session(model_bytes)
+    outputs = None if output_name is None else [output_name]
+    chunks = [
+        sess.run(outputs, {input_name: np.ascontiguousarray(batch[i : i + _EMBED_BATCH], np.float32)})[0]
+        for i in range(0, len(batch), _EMBED_BATCH)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over preprocessed images."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int = 16) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            {input_name: np.ascontiguousarray(images[i : i + batch], np.float32)}
+            for i in range(0, len(images), batch)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(
+    model_bytes: bytes,
+    *,
+    method: str = DEFAULT_METHOD,
+    calibration: np.ndarray | None = None,
+    input_name: str = "input",
+) -> bytes:
+    """An int8 version of the graph: `static` (QLinear ops, per-channel int8 weights, activation ranges from
+    the `calibration` images) or `dynamic` (int8 weights, activations quantized per call)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if method not in METHODS:
+        raise QuantizationError(f"--quantize-method must be one of {', '.join(METHODS)}, got {method!r}")
+    with tempfile.TemporaryDirectory(prefix="idembed-quant-") as tmp:
+        src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model_bytes)
+        try:
+            # Shape inference + graph folding first, as onnxruntime recommends (fuses Conv+BN etc.).
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        except Exception:  # pre-processing is an optimisation; a graph it cannot fold is quantized as is
+            pre = src
+        try:
+            if method == "dynamic":
+                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+            else:
+                if calibration is None or len(calibration) == 0:
+                    raise QuantizationError("static int8 quantization needs calibration images")
+                quantize_static(
+                    str(pre),
+                    str(dst),
+                    _Reader(calibration, input_name),
+                    # QOperator (QLinearConv/QLinearMatMul) with uint8 activations and int8 weights: on
+                    # x86 it ran 642 img/s vs 312 for the QDQ form of the same graph (facecnn 112x112,
+                    # 1 thread; fp32 170), see docs/performance.md.
+                    quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+        except QuantizationError:
+            raise
+        except Exception as exc:  # onnxruntime.quantization raises assorted types on graphs it cannot do
+            raise QuantizationError(f"onnxruntime cannot quantize the model ({method}): {exc}") from exc
+        out = dst.read_bytes()
+    onnx.checker.check_model(onnx.load_from_string(out))
+    return out
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What replaces the fp32 parts of a bundle being written: the int8 graph and what it measured."""
+
+    model_bytes: bytes
+    thresholds: Thresholds
+    evaluation: dict
+    record: Quantization
+
+
+@dataclass(frozen=True)
+class GateResult:
+    int8_bytes: bytes
+    fp32_eer: float
+    int8_eer: float
+    record: Quantization
+    # L2-normalised int8 embeddings of the held-out images (for the manifest's evaluation and thresholds).
+    int8_embeddings: np.ndarray
+
+
+def quantize_gated(
+    model_bytes: bytes,
+    *,
+    heldout: np.ndarray,
+    fp32_eer: float,
+    eer_of,
+    input_name: str,
+    output_name: str | None = None,
+    method: str = DEFAULT_METHOD,
+    calibration: np.ndarray | None = None,
+    max_eer_increase: float = MAX_EER_INCREASE,
+) -> GateResult:
+    """Quantize, embed the held-out images with the int8 model and accept it only if
+    `eer_of(int8 embeddings) <= fp32_eer + max_eer_increase`; else `QuantizationRefused` naming both EERs.
+
+    `eer_of` maps L2-normalised held-out embeddings to their EER under the caller's protocol (same pairs as
+    the fp32 figure)."""
+    int8 = quantize_int8(model_bytes, method=method, calibration=calibration, input_name=input_name)
+    emb = l2_normalize(embed(int8, heldout, input_name, output_name))
+    if not np.all(np.isfinite(emb)):
+        raise QuantizationError("the int8 model gives non-finite embeddings on the held-out images")
+    int8_eer = float(eer_of(emb))
+    if int8_eer > fp32_eer + max_eer_increase:
+        raise QuantizationRefused(fp32_eer, int8_eer, max_eer_increase)
+    record = Quantization(
+        method=f"{method}-int8",
+        fp32_eer=round(fp32_eer, 6),
+        int8_eer=round(int8_eer, 6),
+        max_eer_increase=max_eer_increase,
+        fp32_sha256=sha256_bytes(model_bytes),
+        fp32_bytes=len(model_bytes),
+        num_images=len(heldout),
+    )
+    return GateResult(int8, fp32_eer, int8_eer, record, emb)
