@@ -100,13 +100,26 @@ BACKBONES: dict[str, Callable[..., keras.Model]] = {
 
 
 def build_backbone(
-    name: str, input_shape: tuple[int, int, int], feature_dim: int, width: int = 32
+    name: str,
+    input_shape: tuple[int, int, int],
+    feature_dim: int,
+    width: int = 32,
+    precision: str = "fp32",
 ) -> keras.Model:
-    """The embedding model registered under `name` (see `BACKBONES`)."""
+    """The embedding model registered under `name`, its layers under the `precision` dtype policy."""
     try:
         builder = BACKBONES[name]
     except KeyError:
         raise ValueError(
             f"--backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
         ) from None
-    return builder(input_shape, feature_dim=feature_dim, width=width)
+    from training.precision import precision_policy
+
+    with precision_policy(precision):
+        return builder(input_shape, feature_dim=feature_dim, width=width)
+
+
+# --- issue 13: arcface_torch face backbones (training/face_backbones.py) and mixed precision ---------------
+from training.face_backbones import FACE_BACKBONES  # noqa: E402
+
+BACKBONES.update(FACE_BACKBONES)

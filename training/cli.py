@@ -144,8 +144,27 @@ def train(
     ] = "paper",
     center_lr: Annotated[float, typer.Option(help="learning rate of the centers with --rule gradient")] = 0.5,
     backbone: Annotated[
-        str, typer.Option(help="lenetpp (paper's toy CNN) | facecnn (face crops)")
+        str,
+        typer.Option(
+            help="lenetpp (paper's toy CNN) | facecnn (face crops) | iresnet18/34/50/100 | mobilefacenet "
+            "(arcface_torch, 112x112 RGB, 512-d)"
+        ),
     ] = "lenetpp",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 | mixed_bfloat16 (CPU) | mixed_float16 (GPU, loss-scaled): the backbone's compute "
+            "dtype; head, centers and losses stay float32 (face backbones only)"
+        ),
+    ] = "fp32",
+    sample_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Partial FC: per step the batch's classes plus a seeded sample of the others, "
+            "max(rate*K, positives) in all, for 100k+ classes (arcface | amsoftmax | combined) "
+            "\\[default: full head]"
+        ),
+    ] = None,
     feature_dim: Annotated[int, typer.Option(help="embedding size (2 to plot features)")] = 32,
     width: Annotated[int, typer.Option(help="filters of the first conv stage (doubles per stage)")] = 32,
     head: Annotated[
@@ -168,7 +187,7 @@ def train(
         int | None,
         typer.Option(
             help="square input size \\[default: the dataset's (8 digits, 28 IDX), "
-            "else 28 lenetpp, 96 facecnn]"
+            "else 28 lenetpp, 96 facecnn, 112 iresnet/mobilefacenet]"
         ),
     ] = None,
     color_mode: Annotated[str, typer.Option(help="L (grayscale) | RGB")] = "L",
@@ -284,6 +303,8 @@ def train(
                     augment_fill,
                 ),
                 backbone=backbone,
+                precision=precision,
+                sample_rate=sample_rate,
                 feature_dim=feature_dim,
                 width=width,
                 head=head,

@@ -9,7 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
 
-BACKBONES = ("lenetpp", "facecnn", "conv4")
+BACKBONES = (
+    "lenetpp",
+    "facecnn",
+    "conv4",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "mobilefacenet",
+)
+# issue 13: arcface_torch backbones (training/face_backbones.py), mixed precision, Partial FC.
+FACE_BACKBONES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
+PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
+PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
 RULES = UPDATE_RULES
 OPTIMIZERS = ("adam", "sgd")
 
@@ -123,11 +136,24 @@ class RunConfig(BaseModel):
     )
     # --- end streaming input and pair verification
     # model
-    backbone: Literal["lenetpp", "facecnn", "conv4"] = "lenetpp"
+    backbone: Literal[
+        "lenetpp", "facecnn", "conv4", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
+    ] = "lenetpp"
     feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
     width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
     head: str = Field(default="softmax", min_length=1)
     head_params: dict[str, float] = Field(default_factory=dict)
+    # issue 13: precision of the backbone; Partial FC (sampled class weights) when sample_rate is set
+    precision: Literal["fp32", "mixed_bfloat16", "mixed_float16"] = Field(
+        default="fp32", description="backbone compute dtype (head, centers and losses stay float32)"
+    )
+    sample_rate: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Partial FC: per step the batch's classes plus a seeded sample of the others, "
+        "max(rate * K, positives) in all; None = the full head",
+    )
     # center loss
     center_lambda: float = Field(default=0.01, ge=0.0, description="weight of the center loss; 0 = softmax")
     alpha: float = Field(
@@ -249,6 +275,21 @@ class RunConfig(BaseModel):
             raise ValueError("--rule none keeps centers at zero; it needs --lambda 0 (softmax only)")
         if self.backbone == "lenetpp" and self.image_size is not None and self.image_size < 8:
             raise ValueError("--image-size must be >= 8 for lenetpp (three 2x2 poolings)")
+        # issue 13
+        if self.backbone in FACE_BACKBONES and self.image_size is not None and self.image_size % 16:
+            raise ValueError(
+                f"--image-size must be a multiple of 16 for {self.backbone} (112 as arcface_torch)"
+            )
+        if self.precision != "fp32" and self.backbone not in FACE_BACKBONES:
+            raise ValueError(
+                f"--precision {self.precision} needs one of {', '.join(FACE_BACKBONES)} (their embedding "
+                "layer computes in float32)"
+            )
+        if self.sample_rate is not None and self.head not in PARTIAL_FC_HEADS:
+            raise ValueError(
+                f"--sample-rate (Partial FC) needs a margin head on normalised weights: "
+                f"--head {' | '.join(PARTIAL_FC_HEADS)}"
+            )
         return self
 
     @classmethod

@@ -110,6 +110,10 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         cl = center_loss_per_example(features, labels, tf.stop_gradient(tf.convert_to_tensor(self.centers)))
         return ce, cl, ce + self.center_lambda * cl
 
+    def _center_rows(self, labels: tf.Tensor) -> tf.Tensor:
+        # issue 13: PartialFCModel overrides this with a row gather that never reads all K centers.
+        return tf.gather(tf.convert_to_tensor(self.centers), labels)
+
     def _update_metrics(
         self,
         ce: tf.Tensor,
@@ -119,6 +123,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         logits: tf.Tensor,
         features: tf.Tensor,
         margin_logits: tf.Tensor | None = None,
+        center_labels: tf.Tensor | None = None,
     ) -> dict:
         # Per-example values: the Mean metrics then average over the global batch across replicas exactly.
         self.loss_tracker.update_state(total)
@@ -129,7 +134,8 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
             self.margin_accuracy_tracker.update_state(
                 labels, logits if margin_logits is None else margin_logits
             )
-        centers = tf.gather(tf.convert_to_tensor(self.centers), labels)
+        # issue 13: Partial FC's logits index the step's sampled classes; its centers the true ones.
+        centers = self._center_rows(labels if center_labels is None else center_labels)
         self.center_norm_tracker.update_state(tf.norm(centers, axis=-1))
         self.feature_norm_tracker.update_state(tf.norm(tf.cast(features, tf.float32), axis=-1))
         return worker_logs({m.name: m.result() for m in self.metrics})
@@ -147,6 +153,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
             if self.losses:
                 # Layer regularisers are per-model, not per-example: split them evenly over the replicas.
                 loss += tf.add_n(self.losses) / ctx.num_replicas_in_sync
+            loss = self.optimizer.scale_loss(loss)  # issue 13: loss scaling (mixed_float16), else identity
         # The plain logits of the same forward pass (before the step moves the head), outside the tape.
         plain = self.head(features, None, training=True) if self.has_margin else logits
         grads = tape.gradient(loss, self.trainable_variables)

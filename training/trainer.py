@@ -27,6 +27,8 @@ from training.data.augment import augmentation_from_config
 from training.distributed import is_chief
 from training.heads import make_head
 from training.model import CenterLossModel
+from training.partial_fc import build_partial_fc
+from training.precision import float32_copy, wrap_optimizer
 from training.run import (
     RunError,
     RunPaths,
@@ -44,25 +46,38 @@ EVAL_BATCH_SIZE = 256
 def build_model(config: RunConfig, splits: Splits) -> CenterLossModel:
     """The compiled training model of `config` (call inside a strategy scope to distribute it)."""
     shape = (splits.input_spec.height, splits.input_spec.width, splits.input_spec.channels)
-    backbone = build_backbone(config.backbone, shape, config.feature_dim, config.width)
+    try:
+        backbone = build_backbone(
+            config.backbone, shape, config.feature_dim, config.width, precision=config.precision
+        )
+    except ValueError as exc:  # an input size the backbone cannot take (e.g. digits' 8x8 for IResNet)
+        raise ConfigError(str(exc)) from exc
     try:
         head = make_head(config.head, len(splits.class_names), **config.head_params)
     except ValueError as exc:
         # Some limits depend on the number of classes (CosFace's K/(K-1)), known only once data is read.
         raise ConfigError(f"--head {config.head}: {exc}") from exc
-    model = CenterLossModel(
-        backbone,
-        head,
-        len(splits.class_names),
-        center_lambda=config.center_lambda,
-        alpha=config.alpha,
-        rule=config.rule,
-        center_lr=config.center_lr,
+    center_options = dict(
+        center_lambda=config.center_lambda, alpha=config.alpha, rule=config.rule, center_lr=config.center_lr
     )
+    if config.sample_rate is not None:  # issue 13: Partial FC head (training/partial_fc.py)
+        model = build_partial_fc(
+            backbone,
+            len(splits.class_names),
+            head=config.head,
+            head_params=config.head_params,
+            sample_rate=config.sample_rate,
+            seed=config.seed,
+            optimizer=config.optimizer,
+            **center_options,
+        )
+    else:
+        model = CenterLossModel(backbone, head, len(splits.class_names), **center_options)
     if config.optimizer == "adam":
         optimizer = keras.optimizers.Adam(config.lr)
     else:
         optimizer = keras.optimizers.SGD(config.lr, momentum=0.9)
+    optimizer = wrap_optimizer(optimizer, config.precision)  # issue 13: loss scaling for mixed_float16
     model.compile(optimizer=optimizer)
     # Create the optimizer's slots now so a checkpoint (which holds them) can be loaded before training.
     optimizer.build(model.trainable_variables)
@@ -256,7 +271,11 @@ def train(
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
 
     callbacks = [
-        CenterDivergenceGuard(_divergence_cause(config, frequencies), len(splits.class_names)),
+        # issue 13: Partial FC's softmax is over the sampled classes: chance is 1 / num_sample, not 1 / K.
+        CenterDivergenceGuard(
+            _divergence_cause(config, frequencies),
+            getattr(model.head, "num_sample", len(splits.class_names)),
+        ),
         *([MarginWarmup(model.head)] if getattr(model.head, "warmup_epochs", 0) > 0 else []),
         keras.callbacks.ModelCheckpoint(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
@@ -319,7 +338,8 @@ def train(
         },
     }
     summary.update(verification_summary(callbacks, stream))
-    save_final(paths, model.backbone, model.centers.numpy(), splits, summary)
+    # issue 13: the saved/exported embedding model is float32 whatever the training precision.
+    save_final(paths, float32_copy(model.backbone), model.centers.numpy(), splits, summary)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return out

@@ -22,6 +22,10 @@ from training.data.splits import SplitIndices, choose_heldout, choose_heldout_gr
 
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
 DEFAULT_IMAGE_SIZE = {"lenetpp": 28, "facecnn": 96, "conv4": 28}
+# issue 13: arcface_torch's 112x112 face crops.
+DEFAULT_IMAGE_SIZE.update(
+    dict.fromkeys(("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"), 112)
+)
 DIGITS_IMAGE_SIZE = 8
 # 8x16 composites, resized (upsampled: nothing lost) to a square 16x16 input by the shared preprocessing.
 DIGIT_PAIRS_IMAGE_SIZE = 16
