@@ -247,8 +247,8 @@ class ServiceRuntime:
         lone_model = None
         if lone_threads is not None:
             # The same verified bundle, a second session: every core, for batches that run alone (engine doc).
-            # Its threads spin between parallel sections (onnxruntime's default): a lone batch has the cores to
-            # itself, and sleeping threads woken per operator cost 0.3 ms per 112x112 image (docs/service.md).
+            # Its threads spin between parallel sections (onnxruntime's default): a lone batch has the cores
+            # to itself; waking sleeping threads costs 0.3 ms per 112x112 image (docs/service.md, Speed).
             lone_options = replace(
                 options, intra_op_threads=lone_threads, allow_spinning=True, warmup_concurrency=1
             )

@@ -73,5 +73,6 @@ def test_lone_batch_session_only_when_each_call_gets_fewer_than_all_cores(
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     assert Settings(_env_file=None).lone_batch_threads() is None  # one worker already uses every core
     assert Settings(_env_file=None, inference_workers=2).lone_batch_threads() == 0  # 4 each: all 8 alone
-    assert Settings(_env_file=None, inference_workers=2, lone_batch_session=False).lone_batch_threads() is None
+    off = Settings(_env_file=None, inference_workers=2, lone_batch_session=False)
+    assert off.lone_batch_threads() is None
     assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=8).lone_batch_threads() is None
