@@ -22,7 +22,8 @@ _RESAMPLE = {
 
 def preprocess_pil(image: Image.Image, spec: Preprocessing, input_spec: InputSpec) -> np.ndarray:
     """One decoded image -> float32 array shaped for the model without the batch axis (HWC or CHW)."""
-    img = image.convert(spec.color_mode)
+    # convert() to the mode the image already has would only copy it.
+    img = image if image.mode == spec.color_mode else image.convert(spec.color_mode)
     if img.size != (input_spec.width, input_spec.height):
         img = img.resize((input_spec.width, input_spec.height), _RESAMPLE[spec.resample])
     x = np.asarray(img, dtype=np.float32)
@@ -30,8 +31,11 @@ def preprocess_pil(image: Image.Image, spec: Preprocessing, input_spec: InputSpe
         x = x[:, :, None]
     elif spec.channel_order == "BGR":
         x = x[:, :, ::-1]
-    x = x * np.float32(spec.scale)
-    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    # In place on the fresh float32 array: the same float32 operations in the same order as
+    # `(x * scale - mean) / std`, without two temporary arrays.
+    x *= np.float32(spec.scale)
+    x -= np.asarray(spec.mean, dtype=np.float32)
+    x /= np.asarray(spec.std, dtype=np.float32)
     if input_spec.layout == "NCHW":
         x = np.transpose(x, (2, 0, 1))
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -26,6 +26,11 @@ def decode_base64(text: str, *, where: str = "image") -> bytes:
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
+        # Most clients send one unbroken line: decode it as is (strict), without copying the string first.
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
         # `base64 file` wraps lines at 76 columns; whitespace carries no data, anything else is an error.
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:

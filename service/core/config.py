@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         "call gets a share of the cores, so cores run separate batches instead of splitting one call "
         "(more throughput under load, slower lone requests; docs/service.md, Speed)",
     )
+    lone_batch_session: bool = Field(
+        True,
+        description="with several inference workers, run a batch that starts while no other batch runs or "
+        "waits on a second onnxruntime session that uses every core (a lone request is then as fast as with "
+        "one worker; costs one more copy of the model in memory; docs/service.md, Speed)",
+    )
     ort_intra_op_threads: int = Field(
         0,
         ge=0,
@@ -199,6 +205,15 @@ class Settings(BaseSettings):
         if self.ort_intra_op_threads or self.inference_workers == 1:
             return self.ort_intra_op_threads
         return max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
+
+    def lone_batch_threads(self) -> int | None:
+        """Intra-op threads of the lone-batch session (0: every core), or None when there is none."""
+        if not self.lone_batch_session or self.inference_workers == 1:
+            return None
+        threads = self.intra_op_threads()
+        if threads == 0 or threads >= len(os.sched_getaffinity(0)):
+            return None  # each call already gets every core
+        return 0
 
     def api_key_values(self) -> list[bytes]:
         return [k.get_secret_value().encode() for k in self.api_keys]

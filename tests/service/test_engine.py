@@ -201,3 +201,25 @@ async def test_stop_drains_every_running_batch_of_several_workers() -> None:
 def test_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="workers"):
         BatchingEngine(RecordingModel(), workers=0)
+
+
+@pytest.mark.asyncio
+async def test_lone_batches_use_lone_run_and_concurrent_ones_the_worker_run() -> None:
+    shared = OverlapModel(delay_s=0.03)  # the per-worker session: a share of the cores
+    lone = RecordingModel()  # the all-cores session
+    engine = BatchingEngine(shared, max_batch_size=1, workers=2, lone_run=lone)
+    engine.start()
+    # Sequential requests: each batch starts with nothing else running or queued.
+    for i in range(3):
+        out = await engine.embed(np.full((1, 2), i, np.float32))
+        np.testing.assert_array_equal(out, np.full((1, 2), 2.0 * i))
+    assert lone.batch_sizes == [1, 1, 1]
+    assert shared.threads == set()
+    # Four at once with max_batch_size 1: the first batch starts while three wait, so none is lone.
+    inputs = [np.full((1, 2), 10 + i, np.float32) for i in range(4)]
+    outputs = await asyncio.gather(*(engine.embed(x) for x in inputs))
+    await engine.stop()
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(y, x * 2.0)
+    assert lone.batch_sizes == [1, 1, 1], "a batch with others queued or running must use the worker run"
+    assert shared.most_active == 2

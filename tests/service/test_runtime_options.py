@@ -43,3 +43,31 @@ def test_onnxruntime_spinning_can_be_allowed(tiny: TinyBundle) -> None:
     # Allowed = onnxruntime's own default: the entry is simply not set.
     with pytest.raises(RuntimeError, match="allow_spinning"):
         model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+@pytest.mark.asyncio
+async def test_several_workers_get_a_lone_batch_session_on_every_core_with_the_same_embeddings(
+    make_settings: Callable[..., Settings], tiny: TinyBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    import httpx
+    import numpy as np
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    app = create_app(make_settings(inference_workers=2))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        loaded = app.state.runtime.current
+        lone = loaded.engine._lone_run.__self__
+        assert lone is not loaded.model and lone.bundle is loaded.model.bundle  # verified once, two sessions
+        assert lone.session.get_session_options().intra_op_num_threads == 0  # onnxruntime's all cores
+        assert loaded.model.session.get_session_options().intra_op_num_threads == 1  # 2 cores / 2 workers
+        r = await client.post("/v1/embed", json={"images": [base64.b64encode(tiny.png(3)).decode()]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), tiny.reference([3]), atol=1e-5)
+    app = create_app(make_settings(inference_workers=2, lone_batch_session=False))
+    async with app.router.lifespan_context(app):
+        assert app.state.runtime.current.engine._lone_run is None

@@ -65,3 +65,14 @@ def test_several_workers_share_the_cores_unless_threads_are_set(monkeypatch: pyt
     assert Settings(_env_file=None, inference_workers=2).intra_op_threads() == 4
     assert Settings(_env_file=None, inference_workers=16).intra_op_threads() == 1
     assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=3).intra_op_threads() == 3
+
+
+def test_lone_batch_session_only_when_each_call_gets_fewer_than_all_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert Settings(_env_file=None).lone_batch_threads() is None  # one worker already uses every core
+    assert Settings(_env_file=None, inference_workers=2).lone_batch_threads() == 0  # 4 each: all 8 alone
+    off = Settings(_env_file=None, inference_workers=2, lone_batch_session=False)
+    assert off.lone_batch_threads() is None
+    assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=8).lone_batch_threads() is None
