@@ -235,9 +235,10 @@ def train(
     if splits is None:
         # Before the run folder exists: a held-out name the dataset lacks must not leave a folder behind.
         splits = build_splits(config)
-    frequencies = (
-        np.bincount(splits.y_train, minlength=len(splits.class_names)) / len(splits.y_train)
-    ).tolist()
+    # Class shares over ALL training images: a streamed split's `y_train` is only its small in-memory sample.
+    stream = getattr(splits, "train_stream", None)
+    train_labels = stream.train_labels if stream is not None else splits.y_train
+    frequencies = (np.bincount(train_labels, minlength=len(splits.class_names)) / len(train_labels)).tolist()
     try:
         warning = check_update_rule(
             config.rule,
@@ -292,7 +293,6 @@ def train(
         eval_dataset(splits.x_val, splits.y_val, batch_size=EVAL_BATCH_SIZE) if len(splits.x_val) else None
     )
     # --- streaming input and pair verification (training/data/streaming.py, training/verification_bin.py)
-    stream = getattr(splits, "train_stream", None)
     num_train = stream.num_examples if stream is not None else len(splits.x_train)
     make_input = (
         stream.dataset if stream is not None else partial(train_dataset, splits.x_train, splits.y_train)
