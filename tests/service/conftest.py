@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
     weights, bias = tiny_bundle.build(root / "default")
     images, labels = tiny_bundle.digits()
     return TinyBundle(root / "default", weights, bias, images, labels)
+
+
+@pytest.fixture
+def models(tmp_path: Path, tiny: TinyBundle) -> Path:
+    """A models folder with two same-dimension bundles of different models: `v1` (tiny-digits:1, the session's
+    tiny bundle) and `v2` (tiny-digits:2, other weights), for reloads and restarts between models."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny.path, root / "v1")
+    tiny_bundle.build(root / "v2", seed=1, version="2")
+    return root
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ model that enrolled them is served again. A restart with another bundle is refus
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle, b64, serving
+from service_testkit import API_KEY, b64, serving
 
 from service.app import create_app
 from service.client import AsyncIdembedClient, IdembedError
@@ -27,11 +26,10 @@ V1, V2 = "tiny-digits:1", "tiny-digits:2"
 
 
 @pytest.fixture
-def models(tmp_path: Path, tiny: TinyBundle) -> Path:
-    root = tmp_path / "models"
-    shutil.copytree(tiny.path, root / "v1")
-    tiny_bundle.build(root / "v2", seed=1, version="2")  # the same 16-d, another model
-    tiny_bundle.build(root / "retrained", seed=2)  # tiny-digits:1 again, with other weights
+def models(models: Path) -> Path:
+    """conftest's v1 and v2, plus tiny-digits:1 again with other weights."""
+    root = models
+    tiny_bundle.build(root / "retrained", seed=2)
     return root
 
 

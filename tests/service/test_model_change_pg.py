@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle, serving
+from service_testkit import API_KEY, serving
 
 pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
@@ -50,14 +49,6 @@ def pg_url(pg_server: str) -> str:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return pg_server.rsplit("/", 1)[0] + "/" + name
-
-
-@pytest.fixture
-def models(tmp_path: Path, tiny: TinyBundle) -> Path:
-    root = tmp_path / "models"
-    shutil.copytree(tiny.path, root / "v1")
-    tiny_bundle.build(root / "v2", seed=1, version="2")
-    return root
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes) -> None:

@@ -5,7 +5,6 @@ orphaning it: in the background on a reload (the old model serves until one swap
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from pathlib import Path
 
@@ -23,14 +22,6 @@ from service.gallery.store import SQLiteIdentityStore
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
 V1, V2 = "tiny-digits:1", "tiny-digits:2"
-
-
-@pytest.fixture
-def models(tmp_path: Path, tiny: TinyBundle) -> Path:
-    root = tmp_path / "models"
-    shutil.copytree(tiny.path, root / "v1")
-    tiny_bundle.build(root / "v2", seed=1, version="2")
-    return root
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes, **extra: object) -> httpx.Response:
