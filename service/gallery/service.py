@@ -25,7 +25,7 @@ from service.errors import (
     SnapshotFailedError,
     SnapshotUnavailableError,
 )
-from service.gallery.follower import ChangeFollower
+from service.gallery.follower import DEFAULT_POLL_S, ChangeFollower
 from service.gallery.gallery import Gallery, IndexFactory
 from service.gallery.index import ExactIndex
 from service.gallery.recognition import Identification, Sources
@@ -115,6 +115,8 @@ class ModelChange:
 class GalleryService:
     """Store, gallery and change follower of one service process; `open` at start-up, `close` at shutdown."""
 
+    follow_poll_s = DEFAULT_POLL_S  # how often the change feed is polled without a wake-up (NOTIFY)
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._store: IdentityStore | None = None
@@ -130,6 +132,11 @@ class GalleryService:
     @property
     def loaded(self) -> bool:
         return self._gallery is not None
+
+    @property
+    def follower(self) -> ChangeFollower | None:
+        """What keeps the index in step with the writes of other processes (None before start-up)."""
+        return self._follower
 
     @property
     def problem(self) -> str | None:
@@ -175,7 +182,11 @@ class GalleryService:
         self._gallery = start.gallery
         if start.cursor is not None and isinstance(store, ChangeFeedStore):
             self._follower = ChangeFollower(
-                store, self._apply, cursor=start.cursor, rebuild=self._rebuild
+                store,
+                self._apply,
+                cursor=start.cursor,
+                rebuild=self._rebuild,
+                poll_interval_s=self.follow_poll_s,
             ).start()
         return start, orphaned
 
