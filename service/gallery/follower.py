@@ -47,6 +47,7 @@ class ChangeFollower:
         self._rebuild = rebuild
         self._poll = float(poll_interval_s)
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one round at a time: the thread's, or a caller's `poll`
         self._waiter = store.change_waiter()
         self._thread = threading.Thread(target=self._run, name="idembed-change-follower", daemon=True)
 
@@ -57,6 +58,10 @@ class ChangeFollower:
     def sync_once(self) -> int:
         """Apply every pending change now; returns how many identities were upserted or deleted. Raises
         `FeedPrunedError` when the feed no longer reaches the cursor."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> int:
         applied = 0
         while True:
             batch = self.store.changes_since(self.cursor)
@@ -68,8 +73,12 @@ class ChangeFollower:
 
     def poll(self) -> None:
         """One round: catch up with the feed, or, when it cannot, rebuild from the store."""
+        with self._lock:
+            self._poll_once()
+
+    def _poll_once(self) -> None:
         try:
-            self.sync_once()
+            self._sync()
         except FeedPrunedError as exc:
             if self.problem is None:
                 log.error("index fell behind the store's change feed, rebuilding it from the store: %s", exc)
@@ -79,7 +88,7 @@ class ChangeFollower:
             self.rebuilds += 1
             self.problem = None
             log.info("gallery index rebuilt from the store", extra={"cursor": self.cursor})
-            self.sync_once()  # writes made while it was rebuilt
+            self._sync()  # writes made while it was rebuilt
 
     def _run(self) -> None:
         while not self._stop.is_set():

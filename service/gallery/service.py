@@ -300,15 +300,20 @@ class GalleryService:
         if not snapshots_index(self.settings.gallery_index):
             raise SnapshotUnavailableError(f"the {EXACT_NOT_SNAPSHOTTED}")
         gallery = self.gallery
+        if self._follower is not None:
+            # Catch up first: the snapshot then holds everything written until now, by any process.
+            await in_thread(self._follower.poll)
         try:
             manifest = await in_thread(save_snapshot, directory, gallery, self._snapshot_cursor)
         except SnapshotError as exc:
             raise SnapshotFailedError(str(exc)) from exc
         # The feed only has to reach back to the newest snapshot (and to processes that lag); without
-        # pruning it grows by one row per write forever.
+        # pruning it grows by one row per write forever. Never past this snapshot's cursor (which this
+        # process's follower has reached): both must be able to catch up from it.
         pruned = 0
         if isinstance(self._store, ChangeFeedStore):
-            pruned = await in_thread(self._store.prune_changes, self.settings.change_feed_keep)
+            keep = self.settings.change_feed_keep
+            pruned = await in_thread(self._store.prune_changes, keep, not_past=manifest.cursor)
         logger.info(
             "gallery snapshot written",
             extra={

@@ -208,8 +208,9 @@ class ChangeFeedStore(Protocol):
     def changes_since(self, cursor: int, limit: int = 10_000) -> ChangeBatch:
         """Net changes after `cursor`; raises `FeedPrunedError` if the feed was pruned past it."""
 
-    def prune_changes(self, keep_last: int = 100_000) -> int:
-        """Drop all but the newest `keep_last` change rows; returns how many were dropped."""
+    def prune_changes(self, keep_last: int = 100_000, *, not_past: int | None = None) -> int:
+        """Drop all but the newest `keep_last` change rows, and none after change `not_past` (a cursor that
+        must stay reachable); returns how many were dropped."""
 
     def change_waiter(self) -> ChangeWaiter:
         """What a follower of this store's feed sleeps on between polls."""
@@ -485,8 +486,9 @@ class SqlIdentityStore:
             current = self._records_of([key for _, key in changes])
         return ChangeBatch.net(cursor, [(int(s), int(k)) for s, k in changes], current)
 
-    def prune_changes(self, keep_last: int = 100_000) -> int:
-        """Drop all but the newest `keep_last` change rows; returns how many were dropped.
+    def prune_changes(self, keep_last: int = 100_000, *, not_past: int | None = None) -> int:
+        """Drop all but the newest `keep_last` change rows, and none after change `not_past` (a cursor that
+        must stay reachable); returns how many were dropped.
 
         An index whose cursor is older than what was pruned can no longer catch up from the feed
         (`changes_since` raises `FeedPrunedError`) and must be rebuilt from the identities.
@@ -495,7 +497,7 @@ class SqlIdentityStore:
             raise ValueError("keep_last must be >= 0")
         with self._write():
             row = self._run("SELECT coalesce(max(seq), 0) - ? FROM identity_changes", (keep_last,)).fetchone()
-            through = int(row[0])
+            through = int(row[0]) if not_past is None else min(int(row[0]), int(not_past))
             if through <= 0:
                 return 0
             dropped = self._run("DELETE FROM identity_changes WHERE seq <= ?", (through,)).rowcount
