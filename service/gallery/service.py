@@ -298,7 +298,7 @@ class GalleryService:
                 "no gallery snapshot folder is configured (IDEMBED_GALLERY_SNAPSHOT_PATH)"
             )
         if not snapshots_index(self.settings.gallery_index):
-            raise SnapshotUnavailableError(f"the {EXACT_NOT_SNAPSHOTTED}")
+            raise SnapshotUnavailableError(EXACT_NOT_SNAPSHOTTED)
         gallery = self.gallery
         if self._follower is not None:
             # Catch up first: the snapshot then holds everything written until now, by any process.

@@ -359,6 +359,8 @@ async def test_admin_snapshot_without_a_snapshot_to_take_is_409(
     ):
         r = await c.post("/v1/admin/snapshot", headers={"X-API-Key": API_KEY})
     assert r.status_code == 409 and r.json()["error"]["code"] == "snapshot_unavailable"
+    expected = "an exact index rebuilds from the store" if overrides else "IDEMBED_GALLERY_SNAPSHOT_PATH"
+    assert expected in r.json()["error"]["message"]
 
 
 @pytest.mark.slow
