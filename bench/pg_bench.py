@@ -24,7 +24,7 @@ from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 from service.gallery.ann import DEFAULT_CONNECTIVITY, DEFAULT_EXPANSION_SEARCH, HnswIndex
-from service.gallery.pg_store import PostgresIdentityStore
+from service.gallery.store.postgres import PostgresIdentityStore
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from bundle.errors import BundleError
 from service.api.auth import KeyRing
 from service.api.errors import install_error_handlers
-from service.api.hot_routes import HotRoutes
+from service.api.hot_routes import HotRoutes, hot_endpoints
 from service.api.metrics import ServiceMetrics
 from service.api.middleware import RequestContextMiddleware
 from service.api.pages import install_pages
@@ -42,10 +42,12 @@ Errors are `{"error": {"code", "message", "detail"}}`.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, hot_routes: bool = True) -> FastAPI:
     """An app serving `settings.bundle_path`; the bundle is loaded and warmed in the lifespan start-up.
 
     Start-up fails (and the server exits) with the bundle or store problem named, rather than serving errors.
+    `hot_routes=False` sends the hot read routes through FastAPI's routing too (the same answers, slower:
+    the tests compare the two).
     """
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -109,8 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     install_pages(app)
     install_error_handlers(app)
-    # Added first, so it runs inside RequestContextMiddleware (the last added is the outermost).
-    app.add_middleware(HotRoutes, fastapi=app, routers=ROUTERS)
+    if hot_routes:
+        hot_endpoints(app)  # refuses, now, a hot route that would answer differently from FastAPI
+        # Added first, so it runs inside RequestContextMiddleware (the last added is the outermost).
+        app.add_middleware(HotRoutes, fastapi=app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_payload_bytes)
     return app
 

@@ -97,35 +97,6 @@ def _options(**values: object) -> dict[str, Any]:
     return {names.get(k, k): v for k, v in values.items()}
 
 
-@app.callback(invoke_without_command=True)
-def main(
-    ctx: typer.Context,
-    bundle: BundleOpt = None,
-    host: HostOpt = None,
-    port: PortOpt = None,
-    store_url: StoreOpt = None,
-    max_batch_size: BatchOpt = None,
-    batch_wait_ms: WaitOpt = None,
-    log_level: LevelOpt = None,
-    log_format: FormatOpt = None,
-) -> None:
-    """With no command, `serve` (settings from the options, else the environment)."""
-    given = _options(
-        bundle=bundle,
-        host=host,
-        port=port,
-        store_url=store_url,
-        max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms,
-        log_level=log_level,
-        log_format=log_format,
-    )
-    ctx.obj = given
-    if ctx.invoked_subcommand is None:
-        _run(given)
-
-
-@app.command()
 def serve(
     ctx: typer.Context,
     bundle: BundleOpt = None,
@@ -138,7 +109,7 @@ def serve(
     log_format: FormatOpt = None,
 ) -> None:
     """Start the service; it is ready when GET /readyz returns 200."""
-    mine = _options(
+    given = _options(
         bundle=bundle,
         host=host,
         port=port,
@@ -148,9 +119,23 @@ def serve(
         log_level=log_level,
         log_format=log_format,
     )
-    # Options before the command (`idembed-serve --port 9000 serve`) count too; the command's own win.
-    before = ctx.obj or {}
-    _run({k: mine[k] if mine[k] is not None else before.get(k) for k in mine})
+    if ctx.parent is None:  # called as the app itself: `idembed-serve [OPTIONS] [COMMAND]`
+        ctx.obj = given
+        if ctx.invoked_subcommand is not None:
+            return  # the command runs with these options as its defaults
+    else:
+        # Options before the command (`idembed-serve --port 9000 serve`) count too; the command's own win.
+        before = ctx.parent.obj or {}
+        given = {k: v if v is not None else before.get(k) for k, v in given.items()}
+    _run(given)
+
+
+# One option list: the same function is the app's callback (no command: serve) and the `serve` command.
+app.callback(
+    invoke_without_command=True,
+    help="With no command, `serve` (settings from the options, else the environment).",
+)(serve)
+app.command("serve")(serve)
 
 
 @app.command()

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from anyio import to_thread
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
@@ -22,6 +21,7 @@ from service.core.audit import AuditLog
 from service.core.config import Settings
 from service.core.logging import request_id_var
 from service.errors import AuthenticationError, ForbiddenError, ServiceError
+from service.offload import in_thread
 from service.runtime import ServiceRuntime
 
 api_key_header = APIKeyHeader(
@@ -66,16 +66,15 @@ async def audit(
 ) -> None:
     log: AuditLog = request.app.state.audit
     key_id = getattr(request.state, "key_id", None)
-    await to_thread.run_sync(
-        lambda: log.record(
-            action,
-            key_id=key_id,
-            identity=identity,
-            outcome=outcome,
-            status=status,
-            request_id=request_id_var.get(),
-            detail=detail,
-        )
+    await in_thread(
+        log.record,
+        action,
+        key_id=key_id,
+        identity=identity,
+        outcome=outcome,
+        status=status,
+        request_id=request_id_var.get(),
+        detail=detail,
     )
 
 

@@ -3,7 +3,7 @@
 Centers and enrolled identities live in two indexes: centers are few and replaced on every hot reload (exact
 search), enrolled identities can be many (any `VectorIndex`, exact by default) and outlive reloads of the
 same model. A query searches the sources it asks for and merges their top-k lists, so every match says
-where it came from; `identify` also makes the known/unknown decision, in this one place.
+where it came from; `identify` returns them with the known/unknown decision (`recognition.Identification`).
 
 Embeddings of two models are never compared. A gallery serves one model (`model_id`): its enrolled index
 holds only identities that model embedded; identities another model enrolled stay in the store, unmatched
@@ -18,48 +18,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
 from bundle.files import l2_normalize
+from service.gallery.enrolled import EnrolledIndex
 from service.gallery.index import ExactIndex, VectorIndex
+from service.gallery.recognition import SOURCES, Identification, Match, Sources
 from service.gallery.store import EnrolledIdentity, IdentityStore
 
-Source = Literal["center", "enrolled"]
-# What identify searches: the bundle's class centers (the training identities), enrolled identities, or both.
-Sources = Literal["enrolled", "centers", "both"]
-SOURCES: tuple[str, ...] = get_args(Sources)
 IndexFactory = Callable[[int], VectorIndex]
-
-
-@dataclass(frozen=True)
-class Match:
-    name: str
-    similarity: float
-    source: Source
-
-
-@dataclass(frozen=True)
-class Identification:
-    """One query's top-k matches and the decision: the best match is the identity iff it reaches threshold."""
-
-    matches: list[Match]
-    threshold: float
-
-    @property
-    def best(self) -> Match | None:
-        return self.matches[0] if self.matches else None
-
-    @property
-    def known(self) -> bool:
-        best = self.best
-        return best is not None and best.similarity >= self.threshold
-
-    @property
-    def identity(self) -> str | None:
-        best = self.best
-        return best.name if best is not None and self.known else None
 
 
 class ModelChangedError(Exception):
@@ -80,11 +49,7 @@ class GalleryView:
     model_id: str | None
     centers: ExactIndex
     labels: list[str]
-    enrolled: VectorIndex
-    names: dict[int, str]
-
-    def accepts(self, record: EnrolledIdentity) -> bool:
-        return self.model_id is None or record.model_id == self.model_id
+    enrolled: EnrolledIndex
 
 
 def centers_index(centers: np.ndarray, labels: list[str], dim: int) -> ExactIndex:
@@ -154,7 +119,8 @@ class Gallery:
         self.store = store
         self._lock = threading.Lock()
         center_index = centers_index(centers, labels, self.dim)
-        self._view = GalleryView(model_id, center_index, list(labels), index, names)
+        enrolled = EnrolledIndex(index, names, model_id=model_id)
+        self._view = GalleryView(model_id, center_index, list(labels), enrolled)
         # A view being prepared for another model (`prepare_model`): writes are mirrored into it too, and
         # the keys they touch are noted, so a re-embedding can redo those at `commit_reembedded`.
         self._pending: GalleryView | None = None
@@ -162,10 +128,7 @@ class Gallery:
         self._reembedded: dict[int, np.ndarray] = {}  # key -> new model's template, not yet stored
 
     def _load(self, view: GalleryView, batch_size: int) -> int:
-        loaded = 0
-        for batch in self.store.iter_all(batch_size):
-            loaded += self._index_into(view, batch)
-        return loaded
+        return view.enrolled.load(self.store, batch_size)
 
     @property
     def model_id(self) -> str | None:
@@ -194,7 +157,8 @@ class Gallery:
         that model enrolled (usually none). Searches go on against the current view; writes wait while the
         store is read, then are mirrored into both views until `commit_model` or `abort_model`. Returns how
         many identities the new view holds."""
-        view = GalleryView(model_id, centers_index(centers, labels, self.dim), list(labels), index, {})
+        enrolled = EnrolledIndex(index, model_id=model_id)
+        view = GalleryView(model_id, centers_index(centers, labels, self.dim), list(labels), enrolled)
         with self._lock:
             loaded = self._load(view, load_batch_size)
             self._pending = view
@@ -223,12 +187,8 @@ class Gallery:
             if view is None:
                 raise RuntimeError("no model view was prepared")
             fresh = [(r, t) for r, t in zip(records, templates, strict=True) if r.key not in self._touched]
-            if fresh:
-                keys = np.array([r.key for r, _ in fresh], dtype=np.int64)
-                view.enrolled.add(keys, np.stack([t for _, t in fresh]))
-                for r, t in fresh:
-                    view.names[r.key] = r.name
-                    self._reembedded[r.key] = t
+            view.enrolled.add_templates([r for r, _ in fresh], [t for _, t in fresh])
+            self._reembedded.update((r.key, t) for r, t in fresh)
         return len(fresh)
 
     def commit_reembedded(
@@ -255,19 +215,18 @@ class Gallery:
                 self._reembedded.pop(key, None)
                 record = current.get(key)
                 if record is not None and record.model_id == view.model_id:
-                    self._index_into(view, [record])
+                    view.enrolled.apply([record])
                 elif key in made:
                     assert record is not None
-                    view.enrolled.add(np.array([key], dtype=np.int64), made[key][None])
-                    view.names[key] = record.name
+                    view.enrolled.add_templates([record], [made[key]])
                     self._reembedded[key] = made[key]
-                elif key in view.names:
-                    self._drop(view, [key])
+                else:
+                    view.enrolled.drop([key])
             updated = set(self.store.reembed(from_model, view.model_id, self._reembedded))
             # Not updated: deleted or re-enrolled by another replica since; never serve a stale template.
             lost = [k for k in self._reembedded if k not in updated]
             if lost:
-                self._drop(view, lost)
+                view.enrolled.drop(lost)
             self._view, self._pending = view, None
             self._touched, self._reembedded = set(), {}
         return len(updated), len(touched)
@@ -275,37 +234,18 @@ class Gallery:
     def _views(self) -> list[GalleryView]:
         return [self._view] if self._pending is None else [self._view, self._pending]
 
-    @staticmethod
-    def _index_into(view: GalleryView, records: list[EnrolledIdentity]) -> int:
-        """Index the records `view`'s model made; drop from it any other record of the same key (an identity
-        re-enrolled by another model); returns how many were indexed."""
-        if not records:
-            return 0
-        mine = [r for r in records if view.accepts(r)]
-        others = [r.key for r in records if not view.accepts(r) and r.key in view.names]
-        if others:
-            view.enrolled.remove(np.asarray(others, dtype=np.int64))
-            for key in others:
-                view.names.pop(key, None)
-        if mine:
-            keys = np.array([r.key for r in mine], dtype=np.int64)
-            view.enrolled.add(keys, np.stack([r.embedding for r in mine]))
-            for r in mine:
-                view.names[r.key] = r.name
-        return len(mine)
-
     @contextmanager
     def frozen(self) -> Iterator[VectorIndex]:
         """The enrolled index with enrollments, deletions and followed changes held off, so it can be saved
         whole at one point of the store's change feed. Searches go on, except while the index's own lock is
         held by its save (0.3 s at 1M, docs/performance.md)."""
         with self._lock:
-            yield self._view.enrolled
+            yield self._view.enrolled.index
 
     @property
     def enrolled_index(self) -> VectorIndex:
         """The index of the served model's enrolled identities."""
-        return self._view.enrolled
+        return self._view.enrolled.index
 
     @property
     def num_centers(self) -> int:
@@ -346,7 +286,7 @@ class Gallery:
                 images=images,
             )
             for view in self._views():
-                self._index_into(view, [record])
+                view.enrolled.apply([record])
             if self._pending is not None:
                 self._touched.add(record.key)
         return record, replaced
@@ -356,25 +296,30 @@ class Gallery:
         Identities another model enrolled (a replica still serving it) are not indexed here."""
         with self._lock:
             for view in self._views():
-                self._index_into(view, upserts)
-                if deleted:
-                    self._drop(view, deleted)
+                view.enrolled.apply(upserts, deleted)
             if self._pending is not None:
                 self._touched.update(r.key for r in upserts)
                 self._touched.update(int(k) for k in deleted)
 
-    @staticmethod
-    def _drop(view: GalleryView, keys: list[int]) -> None:
-        view.enrolled.remove(np.asarray(keys, dtype=np.int64))
-        for key in keys:
-            view.names.pop(int(key), None)
+    def rebuild_enrolled(self, index_factory: IndexFactory, batch_size: int = 10_000) -> int:
+        """Replace the served model's enrolled index with one rebuilt from the store (a follower that can no
+        longer catch up from the change feed). Searches and writes go on meanwhile against the old index;
+        the caller replays the feed from a cursor taken before this call, so writes made meanwhile land too.
+        Returns how many identities the new index holds."""
+        model_id = self._view.model_id
+        fresh = EnrolledIndex(index_factory(self.dim), model_id=model_id)
+        loaded = fresh.load(self.store, batch_size)
+        with self._lock:
+            if self._view.model_id == model_id:  # a reload swapped models meanwhile: its view is fresh
+                self._view = replace(self._view, enrolled=fresh)
+        return loaded
 
     def delete(self, name: str) -> EnrolledIdentity | None:
         with self._lock:
             record = self.store.delete(name)
             if record is not None:
                 for view in self._views():
-                    self._drop(view, [record.key])
+                    view.enrolled.drop([record.key])
                 if self._pending is not None:
                     self._touched.add(record.key)
         return record
@@ -408,12 +353,13 @@ class Gallery:
                     if key >= 0
                 )
         if sources in ("enrolled", "both"):
-            e_sims, e_keys = view.enrolled.search(queries, k, retry_below=retry_below)
+            e_sims, e_keys = view.enrolled.index.search(queries, k, retry_below=retry_below)
+            names = view.enrolled.names
             # Reduced-precision ANN storage (f16/i8) can give 1.0001 for an exact match: keep cosine's range.
             e_sims = np.clip(e_sims, -1.0, 1.0)
             for qi, row in enumerate(results):
                 for sim, key in zip(e_sims[qi], e_keys[qi], strict=True):
-                    name = view.names.get(int(key))
+                    name = names.get(int(key))
                     # A key removed between search and lookup (concurrent delete) is simply dropped.
                     if key >= 0 and name is not None:
                         row.append(Match(name, float(sim), "enrolled"))

@@ -30,9 +30,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.gallery.ann import AutoIndex, HnswIndex
+from service.gallery.enrolled import EnrolledIndex
 from service.gallery.gallery import Gallery, IndexFactory
 from service.gallery.index import VectorIndex
-from service.gallery.store import ChangeFeedStore, IdentityStore, StoreError
+from service.gallery.store import ChangeFeedStore, FeedPrunedError, IdentityStore
 
 log = logging.getLogger("idembed.gallery.snapshot")
 
@@ -69,6 +70,21 @@ class SnapshotError(Exception):
     """A snapshot cannot be written (no graph index, or the folder is not writable)."""
 
 
+class NotSnapshotted(SnapshotError):
+    """The index is exact: it is rebuilt from the store, never snapshotted."""
+
+
+EXACT_NOT_SNAPSHOTTED = (
+    "an exact index rebuilds from the store in seconds, so it is not snapshotted; snapshots are for "
+    "IDEMBED_GALLERY_INDEX=hnsw or auto"
+)
+
+
+def snapshots_index(kind: str) -> bool:
+    """Whether an index of this kind (IDEMBED_GALLERY_INDEX) is snapshotted: graphs are, exact is not."""
+    return kind != "exact"
+
+
 class SnapshotRefused(Exception):
     """A snapshot exists (or was looked for) but does not fit this store and configuration."""
 
@@ -89,12 +105,13 @@ class GalleryStart:
     refused: str | None = None  # why a configured snapshot was not used
 
 
-def index_kind(index: VectorIndex) -> Literal["hnsw", "auto"] | None:
+def index_kind(index: VectorIndex) -> Literal["hnsw", "auto"]:
+    """The snapshot kind of a graph index; `NotSnapshotted` for any other index."""
     if isinstance(index, AutoIndex):
         return "auto"
     if isinstance(index, HnswIndex):
         return "hnsw"
-    return None
+    raise NotSnapshotted(EXACT_NOT_SNAPSHOTTED)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -150,11 +167,6 @@ def save_snapshot(directory: Path, gallery: Gallery, cursor_of: Callable[[], int
         try:
             with gallery.frozen() as index:
                 kind = index_kind(index)
-                if kind is None:
-                    raise SnapshotError(
-                        f"gallery snapshot {directory}: an exact index rebuilds from the store in seconds, "
-                        "so it is not snapshotted; snapshots are for IDEMBED_GALLERY_INDEX=hnsw or auto"
-                    )
                 assert isinstance(index, HnswIndex | AutoIndex)
                 cursor, count, options = cursor_of(), len(index), index.graph_options()
                 index.save(tmp)
@@ -212,7 +224,7 @@ def _check_fits(
     model_id: str | None,
 ) -> None:
     """Refuse a manifest that belongs to another format, configuration or store."""
-    kind = index_kind(probe)
+    kind = index_kind(probe)  # the caller checked that it is a graph index
     expected: list[tuple[str, object, object]] = [
         ("format version", manifest.format_version, FORMAT_VERSION),
         ("embedding dim", manifest.dim, store.dim),
@@ -271,42 +283,26 @@ def _names_for(
     return names
 
 
-def _replay(
-    index: SnapshotIndex,
-    names: dict[int, str],
-    store: ChangeFeedStore,
-    cursor: int,
-    path: Path,
-    model_id: str | None,
-) -> tuple[int, int]:
-    """Apply the store's changes after `cursor` to index and names; returns (new cursor, changes applied)."""
+def _replay(enrolled: EnrolledIndex, store: ChangeFeedStore, cursor: int, path: Path) -> tuple[int, int]:
+    """Apply the store's changes after `cursor` to the index; returns (new cursor, changes applied)."""
     applied = 0
     while True:
         try:
             batch = store.changes_since(cursor)
-        except StoreError as exc:
+        except FeedPrunedError as exc:
             raise SnapshotRefused(path, f"cannot catch up from change {cursor}: {exc}") from exc
         if batch.cursor == cursor:
             return cursor, applied
-        mine = [r for r in batch.upserts if model_id is None or r.model_id == model_id]
-        # Re-enrolled by another model since the snapshot: no longer this model's identity.
-        moved = [r.key for r in batch.upserts if model_id is not None and r.model_id != model_id]
-        gone = batch.deleted + moved
-        if mine:
-            keys = np.array([r.key for r in mine], dtype=np.int64)
-            index.add(keys, np.stack([r.embedding for r in mine]))
-            names.update((r.key, r.name) for r in mine)
-        if gone:
-            index.remove(np.asarray(gone, dtype=np.int64))
-            for key in gone:
-                names.pop(int(key), None)
+        enrolled.apply(batch.upserts, batch.deleted)
         applied += len(batch.upserts) + len(batch.deleted)
         cursor = batch.cursor
 
 
-def _check_keys(index: SnapshotIndex, names: dict[int, str], path: Path) -> None:
+def _check_keys(enrolled: EnrolledIndex, path: Path) -> None:
     """Last line of defence: every indexed key is a stored identity and every stored identity is indexed."""
-    indexed = index.keys()
+    assert isinstance(enrolled.index, HnswIndex | AutoIndex)
+    indexed = enrolled.index.keys()
+    names = enrolled.names
     stored = np.fromiter(names.keys(), dtype=np.int64, count=len(names))
     unknown = np.setdiff1d(indexed, stored, assume_unique=True)
     missing = np.setdiff1d(stored, indexed, assume_unique=True)
@@ -332,10 +328,11 @@ def restore_gallery(
     anything does not fit (the caller then rebuilds from the store)."""
     manifest_path = directory / MANIFEST_NAME
     probe = index_factory(store.dim)
-    if not isinstance(probe, HnswIndex | AutoIndex):
-        raise SnapshotRefused(
-            manifest_path, "the exact index rebuilds from the store (snapshots: hnsw, auto)"
-        )
+    try:
+        index_kind(probe)
+    except NotSnapshotted as exc:
+        raise SnapshotRefused(manifest_path, str(exc)) from exc
+    assert isinstance(probe, HnswIndex | AutoIndex)
     if not isinstance(store, ChangeFeedStore):
         raise SnapshotRefused(
             manifest_path, f"the store ({type(store).__name__}) has no change feed to catch up"
@@ -343,10 +340,10 @@ def restore_gallery(
     manifest = read_manifest(directory)
     _check_fits(manifest, manifest_path, probe, store, store.change_cursor(), model_id)
     index = _load_index(manifest, directory, probe)
-    names = _names_for(index, store, load_batch_size, model_id)
-    cursor, replayed = _replay(index, names, store, manifest.cursor, manifest_path, model_id)
-    _check_keys(index, names, manifest_path)
-    gallery = Gallery.with_index(centers, labels, store, index, names, model_id=model_id)
+    enrolled = EnrolledIndex(index, _names_for(index, store, load_batch_size, model_id), model_id=model_id)
+    cursor, replayed = _replay(enrolled, store, manifest.cursor, manifest_path)
+    _check_keys(enrolled, manifest_path)
+    gallery = Gallery.with_index(centers, labels, store, index, enrolled.names, model_id=model_id)
     return GalleryStart(gallery, cursor, "snapshot", replayed=replayed)
 
 

@@ -105,7 +105,7 @@ def pg_url() -> Iterator[str]:
 def test_deleted_identity_leaves_no_vector_bytes_in_the_postgres_table(pg_url: str) -> None:
     import psycopg
 
-    from service.gallery.pg_store import PostgresIdentityStore
+    from service.gallery.store.postgres import PostgresIdentityStore
 
     store = PostgresIdentityStore(pg_url, DIM)
     vectors = {f"p{i}": np.asarray(distinctive(100 + i), dtype=np.float32) for i in range(50)}

@@ -23,6 +23,7 @@ from service.client import IdembedClient
 from service.core.config import Settings
 from service.gallery.ann import AutoIndex, make_index
 from service.gallery.gallery import Gallery, IndexFactory
+from service.gallery.service import GalleryService
 from service.gallery.snapshot import (
     MANIFEST_NAME,
     GalleryStart,
@@ -313,6 +314,38 @@ async def test_a_snapshot_prunes_the_change_feed_to_the_configured_length(
 
 
 @pytest.mark.asyncio
+async def test_a_snapshot_keeps_the_feed_back_to_its_cursor_while_the_follower_lags(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The follower has not polled since start-up (30 s) when the snapshot is taken, with nothing kept.
+    monkeypatch.setattr(GalleryService, "follow_poll_s", 30.0)
+    settings = make_settings(
+        gallery_index="hnsw", gallery_snapshot_path=tmp_path / "snap", change_feed_keep=0
+    )
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
+        for i in range(3):
+            body = {"name": f"person-{i}", "embeddings": [[1.0, float(i)] + [0.0] * 14]}
+            r = await c.post("/v1/identities", json=body, headers={"X-API-Key": API_KEY})
+            assert r.status_code == 201, r.text
+        r = await c.post("/v1/admin/snapshot", headers={"X-API-Key": API_KEY})
+        assert r.status_code == 200 and r.json()["cursor"] == 3, r.text
+        galleries = app.state.runtime.galleries
+        galleries.follower.poll()  # reaches the cursor the prune kept: nothing to rebuild
+        assert galleries.problem is None and galleries.follower.rebuilds == 0
+        assert (await c.get("/readyz")).status_code == 200
+    reopened = SQLiteIdentityStore(tmp_path / "identities.sqlite3", 16)
+    try:
+        start = open_from(tmp_path / "snap", reopened)
+        assert start.source == "snapshot" and start.gallery.num_enrolled == 3
+    finally:
+        reopened.close()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("overrides", [{}, {"gallery_snapshot_path": "SNAP"}], ids=["unset", "exact-index"])
 async def test_admin_snapshot_without_a_snapshot_to_take_is_409(
     make_settings: Callable[..., Settings], tmp_path: Path, overrides: dict[str, str]
@@ -326,6 +359,8 @@ async def test_admin_snapshot_without_a_snapshot_to_take_is_409(
     ):
         r = await c.post("/v1/admin/snapshot", headers={"X-API-Key": API_KEY})
     assert r.status_code == 409 and r.json()["error"]["code"] == "snapshot_unavailable"
+    expected = "an exact index rebuilds from the store" if overrides else "IDEMBED_GALLERY_SNAPSHOT_PATH"
+    assert expected in r.json()["error"]["message"]
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip 
 import psycopg
 
 from service.app import create_app
-from service.gallery.pg_store import PostgresIdentityStore
 from service.gallery.store import ServedModel, StoreError
+from service.gallery.store.postgres import PostgresIdentityStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from pg_local import LocalPostgresUnavailable, local_postgres

@@ -18,8 +18,9 @@ pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip 
 import psycopg
 
 from service.gallery.ann import HnswIndex
-from service.gallery.pg_store import ChangeBatch, ChangeFollower, PostgresIdentityStore
-from service.gallery.store import IdentityExistsError, IdentityStore, StoreError, open_store
+from service.gallery.follower import ChangeFollower
+from service.gallery.store import ChangeBatch, IdentityExistsError, IdentityStore, StoreError, open_store
+from service.gallery.store.postgres import PostgresIdentityStore
 
 # The server launcher is shared with the benchmarks, which live outside the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -170,7 +171,7 @@ def test_pruned_feed_tells_a_lagging_replica_to_rebuild(store: PostgresIdentityS
     assert store.prune_changes(keep_last=2) == 3
     latest = store.change_cursor()
     assert len(store.changes_since(latest - 2).upserts) == 2
-    with pytest.raises(StoreError, match="restart this replica"):
+    with pytest.raises(StoreError, match="rebuilt from the store"):
         store.changes_since(0)
 
 

@@ -58,6 +58,8 @@ def test_options_work_without_the_serve_command_and_errors_show_absolute_path_an
     # Options before the command count too; the command's own win.
     result = runner.invoke(app, ["--bundle", "first", "serve", "--bundle", "second"])
     assert result.exit_code == 2 and str(tmp_path / "second") in result.output
+    result = runner.invoke(app, ["--bundle", "first", "serve"])
+    assert result.exit_code == 2 and str(tmp_path / "first") in result.output
 
 
 def test_misnamed_idembed_variables_are_named_with_a_suggestion(tmp_path: Path, monkeypatch) -> None:

@@ -127,7 +127,7 @@ def test_concurrent_enrollments_from_threads_all_land_once(store: SQLiteIdentity
 
 
 def test_change_feed_reports_net_upserts_and_deletes_after_a_cursor(store: SQLiteIdentityStore) -> None:
-    assert isinstance(store, ChangeFeedStore) and not store.shared_by_replicas
+    assert isinstance(store, ChangeFeedStore)
     assert store.change_cursor() == 0
     a, _ = store.add("a", unit(1), image_count=1, model_id="m:1")
     cursor = store.change_cursor()

@@ -9,7 +9,7 @@ from service.api.bodies import json_body_doc, read_optional_json
 from service.api.deps import RuntimeDep, audited, require_admin_key
 from service.api.errors import error_responses
 from service.api.schemas import ErrorResponse, ReembedStatus, ReloadRequest, ReloadResponse, SnapshotResponse
-from service.runtime import ReembedJob
+from service.gallery.service import ReembedJob
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
 

@@ -21,14 +21,13 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    summary="Readiness: a verified, warmed-up model is serving",
+    summary="Readiness: a verified, warmed-up model serves an up-to-date gallery",
     responses=error_responses(503),
 )
 async def readyz(runtime: RuntimeDep) -> Health:
-    if not runtime.ready:
-        raise NotReadyError(
-            runtime.startup_error or "the model is not loaded, or the service is shutting down"
-        )
+    reason = runtime.readiness()
+    if reason is not None:
+        raise NotReadyError(reason)
     return Health(status="ready", model_id=runtime.current.model_id)
 
 

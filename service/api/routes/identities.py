@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from service.api.bodies import check_count, read_body, request_body_doc
@@ -81,9 +80,7 @@ async def list_identities(
     offset: Annotated[int, Query(ge=0, le=2**53)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> IdentityPage:
-    store = runtime.gallery.store
-    records = await to_thread.run_sync(lambda: store.list(offset=offset, limit=limit))
-    total = await to_thread.run_sync(store.count)
+    records, total = await runtime.galleries.page(offset, limit)
     served = runtime.current.model_id
     items = [to_schema(r, served) for r in records]
     return IdentityPage(items=items, total=total, offset=offset, limit=limit)
@@ -97,8 +94,7 @@ async def list_identities(
     responses=error_responses(401, 404, 422, 503),
 )
 async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
-    store = runtime.gallery.store
-    record = await to_thread.run_sync(store.get, name)
+    record = await runtime.galleries.get(name)
     if record is None:
         raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
     return to_schema(record, runtime.current.model_id)
@@ -113,9 +109,8 @@ async def get_identity(name: NameParam, runtime: RuntimeDep) -> Identity:
     responses=error_responses(401, 404, 422, 503),
 )
 async def delete_identity(name: NameParam, request: Request, runtime: RuntimeDep) -> Response:
-    gallery = runtime.gallery
     async with audited(request, "delete", name, 204):
-        record = await to_thread.run_sync(gallery.delete, name)
+        record = await runtime.galleries.delete(name)
         if record is None:
             raise IdentityNotFoundError(f"no identity named {name!r} is enrolled", detail={"name": name})
     return Response(status_code=204)

@@ -31,8 +31,8 @@ from service import errors as e
 from service.api.bodies import check_count
 from service.api.deps import authorize
 from service.api.errors import status_of
-from service.engine import EngineClosedError
-from service.runtime import LoadedModel, ServiceRuntime
+from service.model_slot import LoadedModel
+from service.runtime import ServiceRuntime
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
@@ -94,11 +94,9 @@ async def live() -> Response:
     responses={200: {"description": "a verified, warm model is serving"}, 503: _ERROR_DOC},
 )
 async def ready(request: Request) -> Response:
-    runtime = _runtime(request)
-    if not runtime.ready:
-        return _error(
-            503, runtime.startup_error or "the model is not loaded, or the service is shutting down"
-        )
+    reason = _runtime(request).readiness()
+    if reason is not None:
+        return _error(503, reason)
     return JSONResponse({"ready": True})
 
 
@@ -336,8 +334,8 @@ async def _embed(request: Request, inputs: dict[str, Any]) -> tuple[np.ndarray, 
         return await runtime.embed_images(images)
     tensor: np.ndarray = inputs[TENSOR]
     check_count(len(tensor), settings)
-    while True:
-        loaded = runtime.current
+
+    def fits(loaded: LoadedModel) -> None:
         want = tuple(loaded.model.input_shape)
         if tensor.ndim != 1 + len(want) or tuple(tensor.shape[1:]) != want or len(tensor) == 0:
             dims = ", ".join(map(str, want))
@@ -346,12 +344,9 @@ async def _embed(request: Request, inputs: dict[str, Any]) -> tuple[np.ndarray, 
             )
         if not np.all(np.isfinite(tensor)):
             raise ProtocolError(f"input {TENSOR!r} contains NaN or infinite values")
-        try:
-            return await loaded.engine.embed(np.ascontiguousarray(tensor)), loaded.model_id
-        except EngineClosedError:
-            # Swapped by a hot reload while queued: redo on the new model, as the runtime does for images.
-            if not runtime.ready or runtime.current is loaded:
-                raise e.NotReadyError("the service is shutting down") from None
+
+    vectors, loaded = await runtime.models.embed_tensor(tensor, fits)
+    return vectors, loaded.model_id
 
 
 def _infer_response(

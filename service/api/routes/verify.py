@@ -32,9 +32,13 @@ async def verify(request: Request) -> Response:
         (side, files[f"image_{side}"][0] if emb is None else None, emb)
         for side, emb in (("a", body.embedding_a), ("b", body.embedding_b))
     ]
-    similarity, threshold, model_id = await runtime.verify(sides, body.threshold)
+    found = await runtime.verify(sides, body.threshold)
+    decision = found.verification
     return json_response(
         VerifyResponse(
-            model_id=model_id, similarity=similarity, threshold=threshold, same=similarity >= threshold
+            model_id=found.model_id,
+            similarity=decision.similarity,
+            threshold=decision.threshold,
+            same=decision.same,
         )
     )

@@ -22,8 +22,8 @@ from service.app import create_app
 from service.client import AsyncIdembedClient
 from service.core.config import Settings
 from service.gallery.ann import make_index
+from service.gallery.service import GalleryService
 from service.gallery.store import SQLiteIdentityStore
-from service.runtime import ServiceRuntime
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
@@ -150,7 +150,7 @@ def narrow_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """An HNSW gallery with a beam of 1: it misses about one probe in ten, each found again only by the
     wide retry, which runs only for probes whose best match is below the line the gallery passes."""
     factory = partial(make_index, "hnsw", connectivity=4, expansion_add=16, expansion_search=1, dtype="f32")
-    monkeypatch.setattr(ServiceRuntime, "_index_factory", lambda self: factory)
+    monkeypatch.setattr(GalleryService, "index_factory", lambda self: factory)
 
 
 def prefill(store_path: Path, vectors: np.ndarray) -> None:

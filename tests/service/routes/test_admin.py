@@ -1,4 +1,5 @@
-"""Hot reload: a good bundle is swapped in without failing requests in flight; a bad one is refused."""
+"""POST /v1/admin/reload (service/api/routes/admin.py): a good bundle is swapped in without failing requests
+in flight; a bad one, or a bad body, is refused."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
+from http_checks import AUTH, assert_error
+from service_testkit import TinyBundle
 
 from service.app import create_app
 
 pytestmark = pytest.mark.asyncio
-AUTH = {"X-API-Key": API_KEY}
 
 
 @pytest.fixture
@@ -98,3 +99,14 @@ async def test_requests_in_flight_during_reload_all_succeed(
         assert (await reload).status_code == 200
     assert [r.status_code for r in responses] == [200] * 40
     assert {r.json()["model_id"] for r in responses} <= {"tiny-digits:1", "tiny-digits:2"}
+
+
+async def test_reload_with_malformed_or_foreign_body_is_a_client_error(client: httpx.AsyncClient) -> None:
+    bad_json = await client.post(
+        "/v1/admin/reload", content=b"\xff{", headers={**AUTH, "content-type": "application/json"}
+    )
+    assert_error(bad_json, 422, "validation_error")
+    text = await client.post(
+        "/v1/admin/reload", content=b"default", headers={**AUTH, "content-type": "text/plain"}
+    )
+    assert_error(text, 415)
