@@ -1,7 +1,10 @@
-"""RunConfig: every training option in one pydantic model, validated before data is read or a model built."""
+"""The config models: RunConfig (every training option, one pydantic model, validated before data is read or a
+model built) and EvaluationSettings (the open-set protocol's knobs). The CLI takes its option defaults and
+help texts from them (training/cli.py), so each default is written here and nowhere else."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -323,3 +326,161 @@ def describe_errors(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{option_name(loc[0])}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+# ------------------------------------------------------------ export defaults (the CLI shows them as is)
+
+# FAR the default threshold is calibrated for.
+DEFAULT_TARGET_FAR = 1e-3
+# Largest |Keras - ONNX| feature difference the export parity check allows.
+PARITY_TOLERANCE = 1e-4
+# int8 (training/quantize.py): the accuracy gate (absolute held-out EER it may cost), the methods, and the
+# training-identity images static quantization reads activation ranges from.
+MAX_EER_INCREASE = 0.005
+QUANTIZE_METHODS = ("static", "dynamic")
+DEFAULT_QUANTIZE_METHOD = "static"
+CALIBRATION_IMAGES = 128
+
+
+# --------------------------------------------------------------------------------- the evaluation protocol
+
+DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+
+
+def _cli(name: str, help: str | None = None) -> dict[str, str]:
+    """Field metadata: the option's command-line name (`--<name>`) and, for the options `evaluate` and
+    `export` take (training/cli.py `evaluation_options`), its help text."""
+    return {"cli": name} if help is None else {"cli": name, "help": help}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Knobs of the open-set protocol; defaults work for the bundled digits and Fashion-MNIST splits."""
+
+    max_genuine: int | None = field(
+        default=50_000,
+        metadata=_cli(
+            "max_genuine", "genuine pairs: all of them when fewer, else a seeded sample of this many"
+        ),
+    )
+    max_impostor: int | None = field(
+        default=200_000,
+        metadata=_cli(
+            "max_impostor", "impostor pairs: all of them when fewer, else a seeded sample of this many"
+        ),
+    )
+    fars: tuple[float, ...] = DEFAULT_FARS
+    folds: int = field(
+        default=10, metadata=_cli("folds", "folds of the LFW-style accuracy (threshold chosen on k-1 folds)")
+    )
+    min_errors: int = field(
+        default=1,
+        metadata=_cli(
+            "min_errors",
+            "a FAR is reported only if the impostor count gives at least this many false accepts",
+        ),
+    )
+    unknown_fraction: float = field(default=0.3, metadata=_cli("unknown_fraction"))
+    ident_fars: tuple[float, ...] = (1e-2, 1e-1)
+    ident_trials: int = field(
+        default=10, metadata=_cli("trials", "open-set identification trials (gallery image / unknowns drawn)")
+    )
+    calibration_fraction: float = field(
+        default=0.5,
+        metadata=_cli(
+            "calibration_fraction",
+            "share of the held-out identities that choose the thresholds; the rest measure them "
+            "(0 = no out-of-sample calibration; export then refuses)",
+        ),
+    )
+    # Further seeded calibration/test splits whose results are reported as a spread (1 = only the main one).
+    calibration_repeats: int = field(default=5, metadata=_cli("calibration_repeats"))
+    episode_ways: int = field(
+        default=20, metadata=_cli("ways", "N of the N-way K-shot episodes among held-out identities")
+    )
+    episode_shots: int = field(
+        default=1, metadata=_cli("shots", "K of the N-way K-shot episodes (support samples per identity)")
+    )
+    episodes: int = field(default=400, metadata=_cli("episodes", "number of seeded episodes (0 = skip them)"))
+    episode_within_group: bool = field(
+        default=True,
+        metadata=_cli(
+            "within_group",
+            "draw each episode's identities from one group (e.g. one alphabet) when the data has them",
+        ),
+    )
+    seed: int = field(default=0, metadata=_cli("eval_seed", "seed of the pair sample and the trials"))
+
+    def __post_init__(self) -> None:
+        # Messages use the CLI spelling of each option, so a user knows what to change.
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{evaluation_option(name)} must be {rule}, got {getattr(self, name)}")
+
+        for name in ("max_genuine", "max_impostor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name, ">= 1")
+        if self.folds < 2:
+            raise bad("folds", ">= 2")
+        if self.min_errors < 1:
+            raise bad("min_errors", ">= 1")
+        if not 0.0 < self.unknown_fraction < 1.0:
+            raise bad("unknown_fraction", "in (0, 1)")
+        if self.ident_trials < 1:
+            raise bad("ident_trials", ">= 1")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise bad("calibration_fraction", "in [0, 1)")
+        if self.calibration_repeats < 1:
+            raise bad("calibration_repeats", ">= 1")
+        if self.episode_ways < 2:
+            raise bad("episode_ways", ">= 2")
+        if self.episode_shots < 1:
+            raise bad("episode_shots", ">= 1")
+        if self.episodes < 0:
+            raise bad("episodes", ">= 0 (0 = skip)")
+        for far in (*self.fars, *self.ident_fars):
+            if not 0.0 < far < 1.0:
+                raise ConfigError(f"false-accept rates must be in (0, 1), got {far}")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluation_option(name: str) -> str:
+    """The command-line spelling of an EvaluationSettings field (`ident_trials` -> `--trials`)."""
+    meta = next(f.metadata for f in fields(EvaluationSettings) if f.name == name)
+    return "--" + meta.get("cli", name).replace("_", "-")
+
+
+# ------------------------------------------------------------------- importing an existing ONNX model
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """`idembed-train import` (training/import_onnx.py): how to feed the model, which identities to hold out
+    and what to write. Checked against the graph and the data by `import_model`."""
+
+    model: Path
+    dataset: str
+    layout: str = "NCHW"
+    height: int = 112
+    width: int = 112
+    channels: int = 3
+    channel_order: str = "RGB"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (127.5,)
+    std: tuple[float, ...] = (127.5,)
+    resample: str = "bilinear"
+    output_name: str | None = None
+    heldout_fraction: float = 0.3
+    heldout_classes: tuple[str, ...] | None = None
+    # Hold out every identity of these groups (or of this many, drawn by seed), as `train` does.
+    heldout_groups: tuple[str, ...] | None = None
+    heldout_group_count: int | None = None
+    seed: int = 0
+    target_far: float = DEFAULT_TARGET_FAR
+    pca_components: int | None = None
+    name: str = "imported"
+    version: str = "1"
+    quantize: str | None = None
+    quantize_method: str = DEFAULT_QUANTIZE_METHOD
