@@ -24,6 +24,7 @@ import typer
 # instead of ~5 s). Each command imports what it runs (training.data and training.run pull in TensorFlow).
 from bundle.manifest import Preprocessing
 from training.baselines import DEFAULT_PCA_COMPONENTS  # numpy only (sklearn is imported lazily)
+from training.center_rules import DEFAULT_ALPHA, RULE_HELP
 from training.config import (
     CALIBRATION_IMAGES,
     DEFAULT_QUANTIZE_METHOD,
@@ -156,14 +157,15 @@ def train(
         float | None,
         typer.Option(
             help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa (centers move by "
-            "1 - alfa per example) \\[default: the rule's own: paper 0.5, facenet 0.95]"
+            "1 - alfa per example) \\[default: the rule's own: "
+            + ", ".join(f"{r} {DEFAULT_ALPHA[r]:g}" for r in ("paper", "facenet"))
+            + "]"
         ),
     ] = None,
     rule: Annotated[
         str,
         typer.Option(
-            help="center update: paper (Eq. 4) | facenet (scatter_sub) | gradient (SGD, --center-lr) "
-            "| none (centers stay 0; needs --lambda 0)"
+            help="center update: " + " | ".join(f"{rule} ({what})" for rule, what in RULE_HELP.items())
         ),
     ] = _RUN["rule"],
     center_lr: Annotated[
@@ -685,7 +687,11 @@ def build_bundle(
     backbone: Annotated[str | None, typer.Option(help="backbone of both runs")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of weights, split and batch order")] = None,
     target_far: Annotated[
-        float | None, typer.Option(help="FAR the default threshold is calibrated for \\[recipe: 1e-3]")
+        float | None,
+        typer.Option(
+            help="FAR the default threshold is calibrated for "
+            f"\\[default: the recipe's, else {DEFAULT_TARGET_FAR:g}]"
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="model name in the manifest")] = None,
     version: Annotated[str | None, typer.Option(help="model version in the manifest")] = None,
@@ -694,10 +700,11 @@ def build_bundle(
     ] = None,
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     eval_seed: Annotated[
-        int | None, typer.Option("--eval-seed", help="seed of pairs, splits, trials")
+        int | None, typer.Option("--eval-seed", help=_evaluation_help("seed") + " \\[default: the recipe's]")
     ] = None,
     calibration_fraction: Annotated[
-        float | None, typer.Option(help="share of held-out identities that choose the thresholds")
+        float | None,
+        typer.Option(help=_evaluation_help("calibration_fraction") + " \\[default: the recipe's]"),
     ] = None,
     retrain: Annotated[
         bool,

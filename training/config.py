@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
+from bundle.manifest import CenterUpdateRule
+from training.center_rules import DEFAULT_ALPHA
 
 BACKBONES = (
     "lenetpp",
@@ -26,7 +27,6 @@ BACKBONES = (
 FACE_BACKBONES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
 PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
-RULES = UPDATE_RULES
 OPTIMIZERS = ("adam", "sgd")
 
 # The CLI spells some fields differently; errors name the option the user actually typed.
@@ -139,15 +139,13 @@ class RunConfig(BaseModel):
     )
     # --- end streaming input and pair verification
     # model
-    backbone: Literal[
-        "lenetpp", "facecnn", "conv4", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
-    ] = "lenetpp"
+    backbone: Literal[BACKBONES] = "lenetpp"
     feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
     width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
     head: str = Field(default="softmax", min_length=1)
     head_params: dict[str, float] = Field(default_factory=dict)
     # issue 13: precision of the backbone; Partial FC (sampled class weights) when sample_rate is set
-    precision: Literal["fp32", "mixed_bfloat16", "mixed_float16"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         default="fp32", description="backbone compute dtype (head, centers and losses stay float32)"
     )
     sample_rate: float | None = Field(
@@ -166,13 +164,13 @@ class RunConfig(BaseModel):
         description="center update rate (facenet: its alfa); not given: the rule's own default "
         f"({', '.join(f'{r} {a:g}' for r, a in DEFAULT_ALPHA.items() if r in ('paper', 'facenet'))})",
     )
-    rule: Literal["paper", "facenet", "gradient", "none"] = "paper"
+    rule: CenterUpdateRule = "paper"
     center_lr: float = Field(default=0.5, gt=0.0, description="learning rate of the `gradient` rule")
     # optimisation
     epochs: int = Field(default=20, ge=1, le=100000)
     batch_size: int = Field(default=64, ge=2, le=65536)
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal[OPTIMIZERS] = "adam"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="before")

@@ -38,6 +38,8 @@ SPLIT_RULES = ("heldout_groups", "heldout_group_count", "heldout_count")
 _ENCODED: dict[str, tuple[Callable[[Any], str], Callable[[str], Any]]] = {
     "heldout_groups": (",".join, lambda text: text.split(",")),
 }
+# Not in the recipe: files on the training machine the run only reported on (a re-run need not have them).
+NOT_RECORDED = frozenset({"verify_pairs"})
 _SCALAR = float | int | str | bool | None
 
 
@@ -48,12 +50,14 @@ def recipe_from_config(
     named = {recipe: getattr(config, field) for field, recipe in RECIPE_FIELDS.items()}
     options: dict[str, Any] = {}
     for key, value in config.model_dump().items():
-        if key in RECIPE_FIELDS or key == "heldout_classes":
+        if key in RECIPE_FIELDS or key in NOT_RECORDED or key == "heldout_classes":
             continue
         if key in _ENCODED and value is not None:
             options[key] = _ENCODED[key][0](value)
         elif isinstance(value, _SCALAR):
             options[key] = value
+        else:  # a new RunConfig field that is not a scalar: say how it travels, above
+            raise TypeError(f"RunConfig.{key} ({type(value).__name__}) has no place in the manifest recipe")
     return TrainingRecipe(
         **{**named, "head_params": dict(config.head_params)},
         train_classes=list(train_classes),
