@@ -29,6 +29,7 @@ from training.config import (
     CALIBRATION_IMAGES,
     DEFAULT_QUANTIZE_METHOD,
     DEFAULT_TARGET_FAR,
+    EVALUATION_CLI,
     MAX_EER_INCREASE,
     PARITY_TOLERANCE,
     QUANTIZE_METHODS,
@@ -104,6 +105,19 @@ _AugFill = Annotated[
     typer.Option(
         help="augmentation: pixels warped in from outside: nearest | reflect | wrap | a pixel value 0..255"
     ),
+]
+
+
+# Held out by whole group (training/data/grouped.py), shared by `train` and `import`.
+_HeldoutGroups = Annotated[
+    str | None,
+    typer.Option(
+        help="comma-separated groups whose identities are all held out, e.g. Omniglot alphabets "
+        "Korean,Tagalog (dataset needs <group>/<identity>/ folders); not with --heldout-classes/-count"
+    ),
+]
+_HeldoutGroupCount = Annotated[
+    int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
 ]
 
 
@@ -232,16 +246,8 @@ def train(
     heldout_fraction: Annotated[
         float, typer.Option(help="fraction of identities held out when no names/count are given")
     ] = _RUN["heldout_fraction"],
-    heldout_groups: Annotated[
-        str | None,
-        typer.Option(
-            help="comma-separated groups whose identities are all held out, e.g. Omniglot alphabets "
-            "Korean,Tagalog (dataset needs <group>/<identity>/ folders); not with --heldout-classes/-count"
-        ),
-    ] = None,
-    heldout_group_count: Annotated[
-        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
-    ] = None,
+    heldout_groups: _HeldoutGroups = None,
+    heldout_group_count: _HeldoutGroupCount = None,
     val_fraction: Annotated[
         float, typer.Option(help="fraction of each training identity's images used for validation")
     ] = _RUN["val_fraction"],
@@ -415,12 +421,14 @@ _QuantizeMethod = Annotated[
 
 def _evaluation_help(name: str) -> str:
     """The help text of an EvaluationSettings field, as the config model writes it."""
-    return next(f.metadata["help"] for f in dataclasses.fields(EvaluationSettings) if f.name == name)
+    return EVALUATION_CLI[name][1]
 
 
-# The protocol options `evaluate` and `export` take: every EvaluationSettings field with a help text, its
-# command-line name, default and help taken from the config model (training/config.py), never restated.
-EVALUATION_OPTIONS = tuple(f for f in dataclasses.fields(EvaluationSettings) if "help" in f.metadata)
+# The protocol options `evaluate` and `export` take: (field, option name, help), their defaults taken from
+# the config model (training/config.py), never restated.
+EVALUATION_OPTIONS = tuple(
+    (f, *EVALUATION_CLI[f.name]) for f in dataclasses.fields(EvaluationSettings) if f.name in EVALUATION_CLI
+)
 
 
 def evaluation_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -433,17 +441,17 @@ def evaluation_options(command: Callable[..., None]) -> Callable[..., None]:
     own = [p for name, p in signature.parameters.items() if name != "settings"]
     added = [
         inspect.Parameter(
-            f.metadata["cli"],
+            cli,
             inspect.Parameter.KEYWORD_ONLY,
             default=f.default,
-            annotation=Annotated[type(f.default), typer.Option(help=f.metadata["help"])],
+            annotation=Annotated[type(f.default), typer.Option(help=help_text)],
         )
-        for f in EVALUATION_OPTIONS
+        for f, cli, help_text in EVALUATION_OPTIONS
     ]
 
     @functools.wraps(command)
     def wrapper(**options: object) -> None:
-        values = {f.name: options.pop(f.metadata["cli"]) for f in EVALUATION_OPTIONS}
+        values = {f.name: options.pop(cli) for f, cli, _ in EVALUATION_OPTIONS}
         try:
             settings = EvaluationSettings(**values)
         except ConfigError as exc:
@@ -895,16 +903,8 @@ def import_(
     heldout_fraction: Annotated[
         float, typer.Option(help="fraction of identities held out (evaluation, thresholds) when not named")
     ] = _IMPORT["heldout_fraction"],
-    heldout_groups: Annotated[
-        str | None,
-        typer.Option(
-            help="comma-separated groups whose identities are all held out, as `train --heldout-groups` "
-            "(dataset needs <group>/<identity>/ folders); not with --heldout-classes"
-        ),
-    ] = None,
-    heldout_group_count: Annotated[
-        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
-    ] = None,
+    heldout_groups: _HeldoutGroups = None,
+    heldout_group_count: _HeldoutGroupCount = None,
     seed: Annotated[int, typer.Option(help="seed of the held-out draw and the pair sample")] = _IMPORT[
         "seed"
     ],

@@ -4,7 +4,7 @@ help texts from them (training/cli.py), so each default is written here and nowh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -345,69 +345,59 @@ CALIBRATION_IMAGES = 128
 DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 
 
-def _cli(name: str, help: str | None = None) -> dict[str, str]:
-    """Field metadata: the option's command-line name (`--<name>`) and, for the options `evaluate` and
-    `export` take (training/cli.py `evaluation_options`), its help text."""
-    return {"cli": name} if help is None else {"cli": name, "help": help}
+# The EvaluationSettings fields `evaluate` and `export` take as options (training/cli.py
+# `evaluation_options`): field -> (command-line name, help). Defaults are the dataclass's.
+EVALUATION_CLI: dict[str, tuple[str, str]] = {
+    "max_genuine": (
+        "max_genuine",
+        "genuine pairs: all of them when fewer, else a seeded sample of this many",
+    ),
+    "max_impostor": (
+        "max_impostor",
+        "impostor pairs: all of them when fewer, else a seeded sample of this many",
+    ),
+    "folds": ("folds", "folds of the LFW-style accuracy (threshold chosen on k-1 folds)"),
+    "min_errors": (
+        "min_errors",
+        "a FAR is reported only if the impostor count gives at least this many false accepts",
+    ),
+    "ident_trials": ("trials", "open-set identification trials (gallery image / unknowns drawn)"),
+    "calibration_fraction": (
+        "calibration_fraction",
+        "share of the held-out identities that choose the thresholds; the rest measure them "
+        "(0 = no out-of-sample calibration; export then refuses)",
+    ),
+    "episode_ways": ("ways", "N of the N-way K-shot episodes among held-out identities"),
+    "episode_shots": ("shots", "K of the N-way K-shot episodes (support samples per identity)"),
+    "episodes": ("episodes", "number of seeded episodes (0 = skip them)"),
+    "episode_within_group": (
+        "within_group",
+        "draw each episode's identities from one group (e.g. one alphabet) when the data has them",
+    ),
+    "seed": ("eval_seed", "seed of the pair sample and the trials"),
+}
 
 
 @dataclass(frozen=True)
 class EvaluationSettings:
     """Knobs of the open-set protocol; defaults work for the bundled digits and Fashion-MNIST splits."""
 
-    max_genuine: int | None = field(
-        default=50_000,
-        metadata=_cli(
-            "max_genuine", "genuine pairs: all of them when fewer, else a seeded sample of this many"
-        ),
-    )
-    max_impostor: int | None = field(
-        default=200_000,
-        metadata=_cli(
-            "max_impostor", "impostor pairs: all of them when fewer, else a seeded sample of this many"
-        ),
-    )
+    max_genuine: int | None = 50_000
+    max_impostor: int | None = 200_000
     fars: tuple[float, ...] = DEFAULT_FARS
-    folds: int = field(
-        default=10, metadata=_cli("folds", "folds of the LFW-style accuracy (threshold chosen on k-1 folds)")
-    )
-    min_errors: int = field(
-        default=1,
-        metadata=_cli(
-            "min_errors",
-            "a FAR is reported only if the impostor count gives at least this many false accepts",
-        ),
-    )
-    unknown_fraction: float = field(default=0.3, metadata=_cli("unknown_fraction"))
+    folds: int = 10
+    min_errors: int = 1
+    unknown_fraction: float = 0.3
     ident_fars: tuple[float, ...] = (1e-2, 1e-1)
-    ident_trials: int = field(
-        default=10, metadata=_cli("trials", "open-set identification trials (gallery image / unknowns drawn)")
-    )
-    calibration_fraction: float = field(
-        default=0.5,
-        metadata=_cli(
-            "calibration_fraction",
-            "share of the held-out identities that choose the thresholds; the rest measure them "
-            "(0 = no out-of-sample calibration; export then refuses)",
-        ),
-    )
+    ident_trials: int = 10
+    calibration_fraction: float = 0.5
     # Further seeded calibration/test splits whose results are reported as a spread (1 = only the main one).
-    calibration_repeats: int = field(default=5, metadata=_cli("calibration_repeats"))
-    episode_ways: int = field(
-        default=20, metadata=_cli("ways", "N of the N-way K-shot episodes among held-out identities")
-    )
-    episode_shots: int = field(
-        default=1, metadata=_cli("shots", "K of the N-way K-shot episodes (support samples per identity)")
-    )
-    episodes: int = field(default=400, metadata=_cli("episodes", "number of seeded episodes (0 = skip them)"))
-    episode_within_group: bool = field(
-        default=True,
-        metadata=_cli(
-            "within_group",
-            "draw each episode's identities from one group (e.g. one alphabet) when the data has them",
-        ),
-    )
-    seed: int = field(default=0, metadata=_cli("eval_seed", "seed of the pair sample and the trials"))
+    calibration_repeats: int = 5
+    episode_ways: int = 20
+    episode_shots: int = 1
+    episodes: int = 400
+    episode_within_group: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
         # Messages use the CLI spelling of each option, so a user knows what to change.
@@ -445,9 +435,9 @@ class EvaluationSettings:
 
 
 def evaluation_option(name: str) -> str:
-    """The command-line spelling of an EvaluationSettings field (`ident_trials` -> `--trials`)."""
-    meta = next(f.metadata for f in fields(EvaluationSettings) if f.name == name)
-    return "--" + meta.get("cli", name).replace("_", "-")
+    """The command-line spelling of an EvaluationSettings field (`ident_trials` -> `--trials`); a field only a
+    recipe sets is spelled as its own name (`--calibration-repeats`)."""
+    return "--" + EVALUATION_CLI.get(name, (name, ""))[0].replace("_", "-")
 
 
 # ------------------------------------------------------------------- importing an existing ONNX model

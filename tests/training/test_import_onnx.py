@@ -306,16 +306,20 @@ def grouped_folder(tmp_path_factory) -> Path:
     return root
 
 
+def _import_dense(dataset: Path, out: Path, *args: str) -> tuple[int, str]:
+    """`import` of a dense NHWC model made with onnx.helper, on 16x16 RGB images."""
+    model = out.parent / "dense.onnx"
+    model.write_bytes(dense_nhwc(size=16, channels=3))
+    return _import(
+        str(model), "--dataset", str(dataset), "--out", str(out), "--layout", "NHWC", "--size", "16", *args
+    )
+
+
 def test_heldout_groups_hold_out_whole_groups_recorded_in_the_recipe_and_rechecked(
     grouped_folder: Path, tmp_path: Path
 ) -> None:
-    model = tmp_path / "dense.onnx"
-    model.write_bytes(dense_nhwc(size=16, channels=3))
     out = tmp_path / "bundle"
-    code, text = _import(
-        str(model), "--dataset", str(grouped_folder), "--out", str(out), "--layout", "NHWC", "--size", "16",
-        "--heldout-groups", "g1",
-    )  # fmt: skip
+    code, text = _import_dense(grouped_folder, out, "--heldout-groups", "g1")
     assert code == 0, text
     m = load_bundle(out).manifest
     held = m.training.heldout_classes
@@ -325,10 +329,7 @@ def test_heldout_groups_hold_out_whole_groups_recorded_in_the_recipe_and_recheck
     check = runner.invoke(app, ["check-bundle", str(out)])
     assert check.exit_code == 0 and "every number reproduced" in check.output, check.output
     # By count: one group drawn by seed, every identity of it held out.
-    code, text = _import(
-        str(model), "--dataset", str(grouped_folder), "--out", str(tmp_path / "b2"), "--layout", "NHWC",
-        "--size", "16", "--heldout-group-count", "1",
-    )  # fmt: skip
+    code, text = _import_dense(grouped_folder, tmp_path / "b2", "--heldout-group-count", "1")
     assert code == 0, text
     held = load_bundle(tmp_path / "b2").manifest.training.heldout_classes
     assert len(held) == 6 and len({n.split("/")[0] for n in held}) == 1
@@ -346,23 +347,13 @@ def test_heldout_groups_hold_out_whole_groups_recorded_in_the_recipe_and_recheck
 def test_bad_heldout_groups_exit_2_naming_the_option(
     grouped_folder: Path, tmp_path: Path, args: list[str], needle: str
 ) -> None:
-    model = tmp_path / "dense.onnx"
-    model.write_bytes(dense_nhwc(size=16, channels=3))
     out = tmp_path / "bundle"
-    code, text = _import(
-        str(model), "--dataset", str(grouped_folder), "--out", str(out), "--layout", "NHWC", "--size", "16",
-        *args,
-    )  # fmt: skip
+    code, text = _import_dense(grouped_folder, out, *args)
     assert code == 2, text
     assert needle in text and "error:" in text
     assert not out.exists()
 
 
 def test_heldout_groups_on_a_folder_without_groups_says_so(folder: Path, tmp_path: Path) -> None:
-    model = tmp_path / "dense.onnx"
-    model.write_bytes(dense_nhwc(size=16, channels=3))
-    code, text = _import(
-        str(model), "--dataset", str(folder), "--out", str(tmp_path / "b"), "--layout", "NHWC",
-        "--size", "16", "--heldout-groups", "g0",
-    )  # fmt: skip
+    code, text = _import_dense(folder, tmp_path / "b", "--heldout-groups", "g0")
     assert code == 2 and "has no group level" in text, text
