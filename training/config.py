@@ -330,6 +330,15 @@ def describe_errors(exc: ValidationError) -> str:
 
 # FAR the default threshold is calibrated for.
 DEFAULT_TARGET_FAR = 1e-3
+
+
+def check_target_far(target_far: float) -> float:
+    """`--target-far` (or a recipe's `target_far`) before anything is trained or embedded."""
+    if not 0.0 < target_far < 1.0:
+        raise ConfigError(f"--target-far must be in (0, 1), got {target_far:g}")
+    return target_far
+
+
 # Largest |Keras - ONNX| feature difference the export parity check allows.
 PARITY_TOLERANCE = 1e-4
 # int8 (training/quantize.py): the accuracy gate (absolute held-out EER it may cost), the methods, and the

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from bundle.files import l2_normalize, sha256_bytes, write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Provenance, TrainingRecipe
 from bundle.preprocess import preprocess_image
-from training.config import CALIBRATION_IMAGES, ImportOptions
+from training.config import CALIBRATION_IMAGES, ImportOptions, check_target_far
 from training.evaluate import (
     EvaluationSettings,
     calibrate_out_of_sample,
@@ -161,6 +161,7 @@ def preprocessing_of(opts: ImportOptions) -> tuple[InputSpec, Preprocessing]:
         raise ModelImportError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
     if opts.quantize not in (None, "int8"):
         raise ModelImportError(f"--quantize must be int8 (or omitted), got {opts.quantize!r}")
+    check_target_far(opts.target_far)
     preprocessing = Preprocessing(
         color_mode="L" if opts.channels == 1 else "RGB",
         channel_order=opts.channel_order if opts.channels == 3 else "RGB",

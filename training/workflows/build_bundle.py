@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bundle.manifest import BundleManifest
 from training.baselines import DEFAULT_PCA_COMPONENTS
-from training.config import ConfigError, EvaluationSettings, RunConfig
+from training.config import ConfigError, EvaluationSettings, RunConfig, check_target_far
 from training.data import build_splits
 from training.evaluate import DEFAULT_TARGET_FAR
 from training.plots import plot_roc
@@ -59,6 +59,7 @@ def build_bundle(
     """
     if config.center_lambda <= 0:
         raise ConfigError("--lambda must be > 0 for the bundled model (lambda = 0 is the softmax baseline)")
+    check_target_far(target_far)
     started = time.perf_counter()
     work_dir.mkdir(parents=True, exist_ok=True)
     splits = build_splits(config)

@@ -10,10 +10,16 @@ import numpy as np
 
 from bundle.manifest import BundleManifest
 from training import quantize as q
-from training.config import CALIBRATION_IMAGES, QUANTIZE_METHODS, ConfigError
+from training.config import (
+    CALIBRATION_IMAGES,
+    PARITY_TOLERANCE,
+    QUANTIZE_METHODS,
+    ConfigError,
+    check_target_far,
+)
 from training.data import Splits
 from training.evaluate import DEFAULT_TARGET_FAR, evaluate_embeddings
-from training.export import PARITY_TOLERANCE, export_bundle
+from training.export import export_bundle
 from training.run import TrainedRun
 from training.workflows.compare import Comparison, calibrate
 from training.workflows.manifest_recipe import recipe_of
@@ -39,6 +45,7 @@ def export_run(
 
     `quantize="int8"`: the bundle holds an int8 graph, written only if its held-out EER is within
     `training.quantize.MAX_EER_INCREASE` of fp32; its thresholds and evaluation are the int8 model's."""
+    check_target_far(target_far)
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize must be int8 (or omitted), got {quantize!r}")
     if quantize_method not in QUANTIZE_METHODS:
