@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import RunConfig
     from training.data import build_splits
     from training.evaluate import EvaluationSettings
-    from training.pipeline import PCA, compare, ensure_run, markdown_table
     from training.recipes import load_recipe
     from training.run import load_run
+    from training.workflows.compare import PCA, compare
+    from training.workflows.report import markdown_table
+    from training.workflows.runs import ensure_run
 
     recipe = load_recipe(args.recipe)
     settings = EvaluationSettings(**recipe.evaluation)

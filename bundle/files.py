@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,10 +45,20 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+# The one definition of L2 normalisation (training's TensorFlow heads use the same, training/heads/cosine.py
+# `l2_normalize_tf`): the squared norm is floored at NORM_EPS, as `tf.nn.l2_normalize(x, epsilon=NORM_EPS)`
+# does, so a zero vector stays zero instead of becoming NaN and a gradient through it stays bounded.
+NORM_EPS = 1e-12
+_NORM_FLOOR = math.sqrt(NORM_EPS)
+
+
+def l2_normalize(x: np.ndarray, *, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """Vectors along the last axis scaled to unit length, `x / sqrt(max(||x||^2, NORM_EPS))`, computed in
+    `dtype` (float32, as the service stores and searches; evaluation passes float64). Vectors shorter than
+    1e-6 are scaled by 1e6, not to unit length."""
+    x = np.asarray(x, dtype=dtype)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32)
+    return (x / np.maximum(norms, _NORM_FLOOR)).astype(dtype, copy=False)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

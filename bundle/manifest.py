@@ -133,11 +133,16 @@ class Thresholds(_Strict):
     out_of_sample: OutOfSampleCheck | None = None
 
 
+# The center-update rules by name (training/center_rules.py says what each does); defined here, in the
+# contract a manifest is checked against, and nowhere else.
+CenterUpdateRule = Literal["paper", "facenet", "gradient", "none"]
+
+
 class TrainingRecipe(_Strict):
     backbone: str
     head: str = "softmax"
     head_params: dict[str, float] = Field(default_factory=dict)
-    center_update: Literal["paper", "facenet", "gradient", "none"]
+    center_update: CenterUpdateRule
     center_lambda: float = Field(ge=0.0)
     center_alpha: float = Field(gt=0.0, le=1.0)
     # 0: not trained here (an imported model, see `BundleManifest.provenance`).

@@ -5,10 +5,20 @@ validation and the CLI can use it before TensorFlow is imported; the rules thems
 from __future__ import annotations
 
 import math
+from typing import get_args
 
-# The update rules selectable with `--rule`; "none" keeps the centers at their initial value (zero) and is
-# only valid with lambda = 0 (plain softmax, nothing to pull features towards).
-UPDATE_RULES = ("paper", "facenet", "gradient", "none")
+from bundle.manifest import CenterUpdateRule
+
+# The update rules selectable with `--rule` (named once, in the manifest contract); "none" keeps the centers
+# at their initial value (zero) and is only valid with lambda = 0 (plain softmax, nothing to pull towards).
+UPDATE_RULES: tuple[str, ...] = get_args(CenterUpdateRule)
+# What each rule is, for `--rule`'s help.
+RULE_HELP = {
+    "paper": "Eq. 4",
+    "facenet": "scatter_sub",
+    "gradient": "SGD, --center-lr",
+    "none": "centers stay 0; needs --lambda 0",
+}
 # Each rule's rate as its source uses it: the paper's experiments use alpha = 0.5; facenet's
 # `center_loss_alfa` defaults to 0.95 (a center moves 5 % towards each example). `gradient` ignores alpha.
 DEFAULT_ALPHA = {"paper": 0.5, "facenet": 0.95, "gradient": 0.5, "none": 0.5}

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,8 +22,22 @@ import typer
 
 # Only modules that do not import TensorFlow at the top: `--help` and option errors stay instant (~0.3 s
 # instead of ~5 s). Each command imports what it runs (training.data and training.run pull in TensorFlow).
+from bundle.manifest import Preprocessing
 from training.baselines import DEFAULT_PCA_COMPONENTS  # numpy only (sklearn is imported lazily)
-from training.config import ConfigError, RunConfig
+from training.center_rules import DEFAULT_ALPHA, RULE_HELP
+from training.config import (
+    CALIBRATION_IMAGES,
+    DEFAULT_QUANTIZE_METHOD,
+    DEFAULT_TARGET_FAR,
+    EVALUATION_CLI,
+    MAX_EER_INCREASE,
+    PARITY_TOLERANCE,
+    QUANTIZE_METHODS,
+    ConfigError,
+    EvaluationSettings,
+    ImportOptions,
+    RunConfig,
+)
 
 app = typer.Typer(
     help="Train identity embeddings with softmax (or a margin head) + center loss, evaluate and export them.",
@@ -55,6 +73,10 @@ def _import_tensorflow_quietly() -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
 
 
+# RunConfig's defaults, which `train`'s options show and use (tests/training/test_cli_defaults.py pins them).
+_RUN = {name: f.get_default(call_default_factory=True) for name, f in RunConfig.model_fields.items()}
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
@@ -86,6 +108,19 @@ _AugFill = Annotated[
 ]
 
 
+# Held out by whole group (training/data/grouped.py), shared by `train` and `import`.
+_HeldoutGroups = Annotated[
+    str | None,
+    typer.Option(
+        help="comma-separated groups whose identities are all held out, e.g. Omniglot alphabets "
+        "Korean,Tagalog (dataset needs <group>/<identity>/ folders); not with --heldout-classes/-count"
+    ),
+]
+_HeldoutGroupCount = Annotated[
+    int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
+]
+
+
 def _augment_options(
     rotation: float, shear: float, scale: float, translate: float, flip: bool, fill: str
 ) -> dict[str, object]:
@@ -108,7 +143,7 @@ def train(
             "an image folder with one sub-folder per identity (or <group>/<identity>/), "
             "a .zip of such a tree, or a folder of .zip files (pooled, duplicates read once)"
         ),
-    ] = "digits",
+    ] = _RUN["dataset"],
     out: Annotated[
         Path | None,
         typer.Option(help="run folder \\[default: runs/<dataset>-<backbone>-<rule>-lambda<L>-s<seed>]"),
@@ -120,43 +155,50 @@ def train(
             "only --epochs may change, to extend it)"
         ),
     ] = False,
-    epochs: Annotated[int | None, typer.Option(help="epochs to train in total \\[default: 20]")] = None,
-    batch_size: Annotated[int, typer.Option(help="global batch size (split across replicas)")] = 64,
-    lr: Annotated[float, typer.Option(help="learning rate of the feature/head optimizer")] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam | sgd (momentum 0.9)")] = "adam",
-    seed: Annotated[int, typer.Option(help="seed of weights, splits and batch order")] = 0,
+    epochs: Annotated[
+        int | None, typer.Option(help=f"epochs to train in total \\[default: {_RUN['epochs']}]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="global batch size (split across replicas)")] = _RUN[
+        "batch_size"
+    ],
+    lr: Annotated[float, typer.Option(help="learning rate of the feature/head optimizer")] = _RUN["lr"],
+    optimizer: Annotated[str, typer.Option(help="adam | sgd (momentum 0.9)")] = _RUN["optimizer"],
+    seed: Annotated[int, typer.Option(help="seed of weights, splits and batch order")] = _RUN["seed"],
     center_lambda: Annotated[
         float, typer.Option("--lambda", help="center-loss weight; 0 = softmax only (centers still tracked)")
-    ] = 0.01,
+    ] = _RUN["center_lambda"],
     alpha: Annotated[
         float | None,
         typer.Option(
             help="center update rate in (0, 1]; for --rule facenet it is facenet's alfa (centers move by "
-            "1 - alfa per example) \\[default: the rule's own: paper 0.5, facenet 0.95]"
+            "1 - alfa per example) \\[default: the rule's own: "
+            + ", ".join(f"{r} {DEFAULT_ALPHA[r]:g}" for r in ("paper", "facenet"))
+            + "]"
         ),
     ] = None,
     rule: Annotated[
         str,
         typer.Option(
-            help="center update: paper (Eq. 4) | facenet (scatter_sub) | gradient (SGD, --center-lr) "
-            "| none (centers stay 0; needs --lambda 0)"
+            help="center update: " + " | ".join(f"{rule} ({what})" for rule, what in RULE_HELP.items())
         ),
-    ] = "paper",
-    center_lr: Annotated[float, typer.Option(help="learning rate of the centers with --rule gradient")] = 0.5,
+    ] = _RUN["rule"],
+    center_lr: Annotated[
+        float, typer.Option(help="learning rate of the centers with --rule gradient")
+    ] = _RUN["center_lr"],
     backbone: Annotated[
         str,
         typer.Option(
             help="lenetpp (paper's toy CNN) | facecnn (face crops) | iresnet18/34/50/100 | mobilefacenet "
             "(arcface_torch, 112x112 RGB, 512-d)"
         ),
-    ] = "lenetpp",
+    ] = _RUN["backbone"],
     precision: Annotated[
         str,
         typer.Option(
             help="fp32 | mixed_bfloat16 (CPU) | mixed_float16 (GPU, loss-scaled): the backbone's compute "
             "dtype; head, centers and losses stay float32 (face backbones only)"
         ),
-    ] = "fp32",
+    ] = _RUN["precision"],
     sample_rate: Annotated[
         float | None,
         typer.Option(
@@ -165,11 +207,15 @@ def train(
             "\\[default: full head]"
         ),
     ] = None,
-    feature_dim: Annotated[int, typer.Option(help="embedding size (2 to plot features)")] = 32,
-    width: Annotated[int, typer.Option(help="filters of the first conv stage (doubles per stage)")] = 32,
+    feature_dim: Annotated[int, typer.Option(help="embedding size (2 to plot features)")] = _RUN[
+        "feature_dim"
+    ],
+    width: Annotated[int, typer.Option(help="filters of the first conv stage (doubles per stage)")] = _RUN[
+        "width"
+    ],
     head: Annotated[
         str, typer.Option(help="classification head (training only): softmax or a margin head")
-    ] = ("softmax"),
+    ] = _RUN["head"],
     margin: Annotated[
         float | None, typer.Option(help="margin of a margin head \\[default: the head's]")
     ] = None,
@@ -190,48 +236,40 @@ def train(
             "else 28 lenetpp, 96 facecnn, 112 iresnet/mobilefacenet]"
         ),
     ] = None,
-    color_mode: Annotated[str, typer.Option(help="L (grayscale) | RGB")] = "L",
+    color_mode: Annotated[str, typer.Option(help="L (grayscale) | RGB")] = _RUN["color_mode"],
     heldout_classes: Annotated[
         str | None, typer.Option(help="comma-separated identities never trained on, e.g. 7,8,9")
     ] = None,
     heldout_count: Annotated[
         int | None, typer.Option(help="hold out this many identities, chosen by seed")
-    ] = (None),
+    ] = None,
     heldout_fraction: Annotated[
         float, typer.Option(help="fraction of identities held out when no names/count are given")
-    ] = 0.3,
-    heldout_groups: Annotated[
-        str | None,
-        typer.Option(
-            help="comma-separated groups whose identities are all held out, e.g. Omniglot alphabets "
-            "Korean,Tagalog (dataset needs <group>/<identity>/ folders); not with --heldout-classes/-count"
-        ),
-    ] = None,
-    heldout_group_count: Annotated[
-        int | None, typer.Option(help="hold out every identity of this many groups, chosen by seed")
-    ] = None,
+    ] = _RUN["heldout_fraction"],
+    heldout_groups: _HeldoutGroups = None,
+    heldout_group_count: _HeldoutGroupCount = None,
     val_fraction: Annotated[
         float, typer.Option(help="fraction of each training identity's images used for validation")
-    ] = 0.15,
-    augment_rotation: _AugRotation = 0.0,
-    augment_shear: _AugShear = 0.0,
-    augment_scale: _AugScale = 0.0,
-    augment_translate: _AugTranslate = 0.0,
-    augment_flip: _AugFlip = False,
-    augment_fill: _AugFill = "nearest",
+    ] = _RUN["val_fraction"],
+    augment_rotation: _AugRotation = _RUN["augment_rotation"],
+    augment_shear: _AugShear = _RUN["augment_shear"],
+    augment_scale: _AugScale = _RUN["augment_scale"],
+    augment_translate: _AugTranslate = _RUN["augment_translate"],
+    augment_flip: _AugFlip = _RUN["augment_flip"],
+    augment_fill: _AugFill = _RUN["augment_fill"],
     streaming: Annotated[
         bool,
         typer.Option(
             help="stream an identity folder from disk instead of loading it (.rec files and TFRecord "
             "shard folders always stream)"
         ),
-    ] = False,
+    ] = _RUN["streaming"],
     shuffle_buffer: Annotated[
         int, typer.Option(help="streamed TFRecord records are shuffled in seeded blocks of this many")
-    ] = 10_000,
+    ] = _RUN["shuffle_buffer"],
     deterministic: Annotated[
         bool, typer.Option(help="streamed input keeps its order through parallel decoding (reproducible)")
-    ] = True,
+    ] = _RUN["deterministic"],
     verify_pairs: Annotated[
         list[str] | None,
         typer.Option(
@@ -240,7 +278,7 @@ def train(
     ] = None,
     verify_every: Annotated[
         int, typer.Option(help="verify the --verify-pairs files every N steps (0 = at each epoch end)")
-    ] = 0,
+    ] = _RUN["verify_every"],
     quiet: Annotated[bool, typer.Option(help="one line per epoch instead of a progress bar")] = False,
     strategy: Annotated[
         str,
@@ -313,7 +351,7 @@ def train(
                 alpha=alpha,
                 rule=rule,
                 center_lr=center_lr,
-                epochs=20 if epochs is None else epochs,
+                epochs=_RUN["epochs"] if epochs is None else epochs,
                 batch_size=batch_size,
                 lr=lr,
                 optimizer=optimizer,
@@ -357,21 +395,8 @@ def train(
     typer.echo("final: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items()))
 
 
-# --- evaluation, export and the one-command bundle builder (training/pipeline.py does the work) -------------
+# --- evaluation, export and the one-command bundle builder (training/workflows/ does the work) -----------
 
-_MaxGenuine = Annotated[
-    int, typer.Option(help="genuine pairs: all of them when fewer, else a seeded sample of this many")
-]
-_MaxImpostor = Annotated[
-    int, typer.Option(help="impostor pairs: all of them when fewer, else a seeded sample of this many")
-]
-_Folds = Annotated[int, typer.Option(help="folds of the LFW-style accuracy (threshold chosen on k-1 folds)")]
-_MinErrors = Annotated[
-    int,
-    typer.Option(help="a FAR is reported only if the impostor count gives at least this many false accepts"),
-]
-_Trials = Annotated[int, typer.Option(help="open-set identification trials (gallery image / unknowns drawn)")]
-_EvalSeed = Annotated[int, typer.Option("--eval-seed", help="seed of the pair sample and the trials")]
 _Pca = Annotated[int, typer.Option(help="components of the PCA-on-pixels baseline (0 = skip it)")]
 _TargetFar = Annotated[
     float, typer.Option(help="FAR the default threshold is calibrated for (raised to the lowest resolvable)")
@@ -382,75 +407,91 @@ _Quantize = Annotated[
     str | None,
     typer.Option(
         help="int8: also quantize the model (onnxruntime); refused unless the held-out EER stays within "
-        "+0.005 of fp32"
+        f"+{MAX_EER_INCREASE:g} of fp32"
     ),
 ]
 _QuantizeMethod = Annotated[
     str,
     typer.Option(
-        help="static (QDQ, activation ranges from 128 training-identity images) | dynamic (weights only)"
+        help=f"static (QDQ, activation ranges from {CALIBRATION_IMAGES} training-identity images) | dynamic "
+        "(weights only)"
     ),
 ]
 
 
-_CalibrationFraction = Annotated[
-    float,
-    typer.Option(
-        help="share of the held-out identities that choose the thresholds; the rest measure them "
-        "(0 = no out-of-sample calibration; export then refuses)"
-    ),
-]
-_Ways = Annotated[int, typer.Option(help="N of the N-way K-shot episodes among held-out identities")]
-_Shots = Annotated[int, typer.Option(help="K of the N-way K-shot episodes (support samples per identity)")]
-_Episodes = Annotated[int, typer.Option(help="number of seeded episodes (0 = skip them)")]
-_WithinGroup = Annotated[
-    bool,
-    typer.Option(
-        help="draw each episode's identities from one group (e.g. one alphabet) when the data has them"
-    ),
-]
+def _evaluation_help(name: str) -> str:
+    """The help text of an EvaluationSettings field, as the config model writes it."""
+    return EVALUATION_CLI[name][1]
 
 
-def _settings(
-    max_genuine: int,
-    max_impostor: int,
-    folds: int,
-    min_errors: int,
-    trials: int,
-    seed: int,
-    calibration_fraction: float,
-    ways: int,
-    shots: int,
-    episodes: int,
-    within_group: bool,
-):
-    from training.evaluate import EvaluationSettings
+# The protocol options `evaluate` and `export` take: (field, option name, help), their defaults taken from
+# the config model (training/config.py), never restated.
+EVALUATION_OPTIONS = tuple(
+    (f, *EVALUATION_CLI[f.name]) for f in dataclasses.fields(EvaluationSettings) if f.name in EVALUATION_CLI
+)
 
-    return EvaluationSettings(
-        max_genuine=max_genuine,
-        max_impostor=max_impostor,
-        folds=folds,
-        min_errors=min_errors,
-        ident_trials=trials,
-        calibration_fraction=calibration_fraction,
-        episode_ways=ways,
-        episode_shots=shots,
-        episodes=episodes,
-        episode_within_group=within_group,
-        seed=seed,
+
+def evaluation_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the protocol options and pass them to it as one `settings: EvaluationSettings`.
+
+    The command declares `settings: EvaluationSettings` last; the wrapper Typer sees has, instead of it, one
+    option per `EVALUATION_OPTIONS` field. Values out of range are refused (exit 2) before the command runs.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for name, p in signature.parameters.items() if name != "settings"]
+    added = [
+        inspect.Parameter(
+            cli,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=f.default,
+            annotation=Annotated[type(f.default), typer.Option(help=help_text)],
+        )
+        for f, cli, help_text in EVALUATION_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**options: object) -> None:
+        values = {f.name: options.pop(cli) for f, cli, _ in EVALUATION_OPTIONS}
+        try:
+            settings = EvaluationSettings(**values)
+        except ConfigError as exc:
+            raise _fail(str(exc)) from exc
+        command(**options, settings=settings)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+    return wrapper
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What the commands report as `error: ...` (exit 2): input the user can fix, each naming the
+    option or file at fault. Anything else (a bug) keeps its traceback."""
+    from bundle.errors import BundleError
+    from training.data import DataError
+    from training.distributed import DistributedConfigError
+    from training.evaluate import EvaluationError
+    from training.export import ExportError
+    from training.import_onnx import ModelImportError
+    from training.quantize import QuantizationError
+    from training.recipes import RecipeError
+    from training.run import RunError
+
+    return (
+        ConfigError,
+        DataError,
+        RunError,
+        BundleError,
+        ExportError,
+        EvaluationError,
+        QuantizationError,
+        ModelImportError,
+        RecipeError,
+        DistributedConfigError,
     )
 
 
-def _pipeline_errors() -> tuple[type[Exception], ...]:
-    from bundle.errors import BundleError
-    from training.data import DataError
-    from training.export import ExportError
-    from training.run import RunError
-
-    return (ConfigError, DataError, RunError, BundleError, ExportError, ValueError)
-
-
 @app.command()
+@evaluation_options
 def evaluate(
     run: Annotated[Path, typer.Argument(help="finished run folder (from `idembed-train train`)")],
     softmax_run: Annotated[
@@ -461,17 +502,6 @@ def evaluate(
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     json_out: Annotated[Path | None, typer.Option("--json", help="[default: <RUN>/evaluation.json]")] = None,
     roc: Annotated[Path | None, typer.Option(help="ROC curve PNG [default: <RUN>/roc.png]")] = None,
-    max_genuine: _MaxGenuine = 50_000,
-    max_impostor: _MaxImpostor = 200_000,
-    folds: _Folds = 10,
-    min_errors: _MinErrors = 1,
-    trials: _Trials = 10,
-    eval_seed: _EvalSeed = 0,
-    calibration_fraction: _CalibrationFraction = 0.5,
-    ways: _Ways = 20,
-    shots: _Shots = 1,
-    episodes: _Episodes = 400,
-    within_group: _WithinGroup = True,
     pairs: Annotated[
         list[Path] | None,
         typer.Option(
@@ -483,29 +513,20 @@ def evaluate(
         bool,
         typer.Option(help="with --pairs: also embed mirrored images and add (insightface's Accuracy-Flip)"),
     ] = True,
+    *,
+    settings: EvaluationSettings,
 ) -> None:
     """Open-set metrics of a run on its held-out identities, beside softmax-only and PCA baselines."""
-    from training.pipeline import compare, ensure_run, markdown_table, roc_title, softmax_twin, twin_dir
     from training.plots import plot_roc
     from training.run import RunPaths, load_run
+    from training.workflows.compare import compare
+    from training.workflows.report import markdown_table, roc_title
+    from training.workflows.runs import ensure_run, softmax_twin, twin_dir
 
     if pairs:
         _evaluate_pairs(run, pairs, flip=flip, json_out=json_out)
         return
     try:
-        settings = _settings(
-            max_genuine,
-            max_impostor,
-            folds,
-            min_errors,
-            trials,
-            eval_seed,
-            calibration_fraction,
-            ways,
-            shots,
-            episodes,
-            within_group,
-        )
         trained = load_run(run)
         baseline = None
         if softmax and trained.config.center_lambda > 0:
@@ -525,7 +546,7 @@ def evaluate(
                 typer.echo(f"reusing the finished lambda-0 twin in {twin}", err=True)
             baseline = load_run(twin)
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
-    except _pipeline_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     json_out = json_out or RunPaths(run).root / "evaluation.json"
     json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -547,7 +568,7 @@ def _evaluate_pairs(run: Path, pairs: list[Path], *, flip: bool, json_out: Path 
             if not f.is_file():
                 raise DataError(f"--pairs {f}: no such file")
         results = verify_run(load_run(run), pairs, flip=flip)
-    except _pipeline_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     json_out = json_out or RunPaths(run).root / "verification.json"
     json_out.write_text(
@@ -568,7 +589,7 @@ def pack(
             help="tfrecord (shards + idembed-shards.json) | rec (insightface train.rec + train.idx)",
         ),
     ] = "tfrecord",
-    shard_size: Annotated[int, typer.Option(help="images per TFRecord shard")] = 10_000,
+    shard_size: Annotated[int, typer.Option(min=1, help="images per TFRecord shard")] = 10_000,
     seed: Annotated[int, typer.Option(help="seed of the image order across shards (tfrecord)")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -578,12 +599,13 @@ def pack(
 
     try:
         written = pack_folder(folder, out, fmt=fmt, shard_size=shard_size, seed=seed, progress=progress)
-    except (DataError, ValueError, OSError) as exc:
+    except (DataError, OSError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(written)
 
 
 @app.command()
+@evaluation_options
 def export(
     run: Annotated[Path, typer.Argument(help="finished run folder (from `idembed-train train`)")],
     out: Annotated[Path, typer.Option(help="bundle folder to write (replaced atomically)")],
@@ -591,51 +613,30 @@ def export(
         Path | None,
         typer.Option(help="softmax-only run for the manifest figures [default: <RUN>-softmax if any]"),
     ] = None,
-    target_far: _TargetFar = 1e-3,
+    target_far: _TargetFar = DEFAULT_TARGET_FAR,
     name: Annotated[str, typer.Option(help="model name in the manifest")] = "idembed",
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
-    tolerance: Annotated[float, typer.Option(help="max |Keras - ONNX| allowed by the parity check")] = 1e-4,
+    tolerance: Annotated[
+        float, typer.Option(help="max |Keras - ONNX| allowed by the parity check")
+    ] = PARITY_TOLERANCE,
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
-    max_genuine: _MaxGenuine = 50_000,
-    max_impostor: _MaxImpostor = 200_000,
-    folds: _Folds = 10,
-    min_errors: _MinErrors = 1,
-    trials: _Trials = 10,
-    eval_seed: _EvalSeed = 0,
-    calibration_fraction: _CalibrationFraction = 0.5,
-    ways: _Ways = 20,
-    shots: _Shots = 1,
-    episodes: _Episodes = 400,
-    within_group: _WithinGroup = True,
     quantize: _Quantize = None,
-    quantize_method: _QuantizeMethod = "static",
+    quantize_method: _QuantizeMethod = DEFAULT_QUANTIZE_METHOD,
+    *,
+    settings: EvaluationSettings,
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
-    from training.pipeline import compare, export_run, twin_dir
-    from training.quantize import QuantizationError
-    from training.run import load_run
+    from training.run import RunPaths, load_run
+    from training.workflows.compare import compare
+    from training.workflows.export_run import export_run
+    from training.workflows.runs import twin_dir
 
     try:
-        settings = _settings(
-            max_genuine,
-            max_impostor,
-            folds,
-            min_errors,
-            trials,
-            eval_seed,
-            calibration_fraction,
-            ways,
-            shots,
-            episodes,
-            within_group,
-        )
         trained = load_run(run)
         twin = softmax_run or twin_dir(run)
-        has_twin = trained.config.center_lambda > 0 and (twin / "embedding.keras").is_file()
+        has_twin = trained.config.center_lambda > 0 and RunPaths(twin).embedding.is_file()
         baseline = load_run(twin) if has_twin else None
         result = compare(trained, softmax=baseline, settings=settings, pca_components=pca_components)
-        if quantize_method not in ("static", "dynamic"):
-            raise ValueError(f"--quantize-method must be static or dynamic, got {quantize_method!r}")
         manifest = export_run(
             trained,
             out,
@@ -647,7 +648,7 @@ def export(
             quantize=quantize,
             quantize_method=quantize_method,
         )
-    except (QuantizationError, *_pipeline_errors()) as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     if manifest.quantization is not None:
         qr = manifest.quantization
@@ -694,7 +695,11 @@ def build_bundle(
     backbone: Annotated[str | None, typer.Option(help="backbone of both runs")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of weights, split and batch order")] = None,
     target_far: Annotated[
-        float | None, typer.Option(help="FAR the default threshold is calibrated for \\[recipe: 1e-3]")
+        float | None,
+        typer.Option(
+            help="FAR the default threshold is calibrated for "
+            f"\\[default: the recipe's, else {DEFAULT_TARGET_FAR:g}]"
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="model name in the manifest")] = None,
     version: Annotated[str | None, typer.Option(help="model version in the manifest")] = None,
@@ -703,10 +708,11 @@ def build_bundle(
     ] = None,
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     eval_seed: Annotated[
-        int | None, typer.Option("--eval-seed", help="seed of pairs, splits, trials")
+        int | None, typer.Option("--eval-seed", help=_evaluation_help("seed") + " \\[default: the recipe's]")
     ] = None,
     calibration_fraction: Annotated[
-        float | None, typer.Option(help="share of held-out identities that choose the thresholds")
+        float | None,
+        typer.Option(help=_evaluation_help("calibration_fraction") + " \\[default: the recipe's]"),
     ] = None,
     retrain: Annotated[
         bool,
@@ -716,11 +722,11 @@ def build_bundle(
     """ONE seeded command: train a recipe and its lambda-0 twin, compare with PCA, calibrate, export."""
     import shutil
 
-    from training.evaluate import EvaluationSettings
-    from training.pipeline import build_bundle as run_build
-    from training.pipeline import markdown_table
     from training.recipes import RecipeError, load_recipe
     from training.run import RunPaths
+    from training.workflows.build_bundle import build_bundle as run_build
+    from training.workflows.build_bundle import run_dirs
+    from training.workflows.report import markdown_table
 
     reused: list[Path] = []
     try:
@@ -754,8 +760,7 @@ def build_bundle(
         stem = chosen.path.stem
         out = out or Path("models") / stem
         work = work or Path("runs") / stem
-        # The pipeline's run folders in --work (build_bundle: <work>/center and its lambda-0 twin).
-        runs = [d for d in (work / "center", work / "center-softmax") if RunPaths(d).config.is_file()]
+        runs = [d for d in run_dirs(work) if RunPaths(d).config.is_file()]
         reused = [d for d in runs if RunPaths(d).embedding.is_file()]
         if retrain:
             for d in runs:
@@ -772,13 +777,13 @@ def build_bundle(
             out,
             work_dir=work,
             settings=settings,
-            target_far=float(bundle.get("target_far", 1e-3)),
+            target_far=float(bundle.get("target_far", DEFAULT_TARGET_FAR)),
             pca_components=pca_components,
             name=str(bundle.get("name", f"idembed-{stem}")),
             version=str(bundle.get("version", "1")),
             samples=int(bundle.get("samples", 0)),
         )
-    except _pipeline_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(markdown_table(result.comparison))
     th = result.manifest.thresholds
@@ -816,7 +821,7 @@ def figures(
     seed: Annotated[int, typer.Option(help="seed")] = 0,
 ) -> None:
     """The paper's Fig. 3: 2-D LeNet++ features with centers, lambda = 0 beside lambda > 0."""
-    from training.pipeline import feature_figure
+    from training.workflows.figures import feature_figure
 
     try:
         config = RunConfig.from_options(
@@ -830,7 +835,7 @@ def figures(
             seed=seed,
         )
         path = feature_figure(config, work, out)
-    except _pipeline_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"wrote {path}")
 
@@ -843,6 +848,18 @@ def _floats(option: str, value: str) -> tuple[float, ...]:
     return out
 
 
+# ImportOptions' defaults, which `import` shows and uses.
+_IMPORT = {
+    f.name: f.default for f in dataclasses.fields(ImportOptions) if f.default is not dataclasses.MISSING
+}
+# The resampling filters the bundle contract knows (bundle/manifest.py `Preprocessing.resample`).
+_RESAMPLE = typing.get_args(Preprocessing.model_fields["resample"].annotation)
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 @app.command("import")
 def import_(
     model: Annotated[
@@ -853,16 +870,30 @@ def import_(
         typer.Option(help="labelled identity folder (one sub-folder per identity), or any `train --dataset`"),
     ],
     out: Annotated[Path, typer.Option(help="bundle folder to write (replaced atomically)")],
-    layout: Annotated[str, typer.Option(help="NCHW ([N, C, H, W], insightface/PyTorch) | NHWC")] = "NCHW",
+    layout: Annotated[str, typer.Option(help="NCHW ([N, C, H, W], insightface/PyTorch) | NHWC")] = _IMPORT[
+        "layout"
+    ],
     size: Annotated[int | None, typer.Option(help="input height and width (square)")] = None,
-    height: Annotated[int | None, typer.Option(help="input height [default: --size, else 112]")] = None,
-    width: Annotated[int | None, typer.Option(help="input width [default: --size, else 112]")] = None,
-    channels: Annotated[int, typer.Option(help="3 (colour) | 1 (grayscale)")] = 3,
-    channel_order: Annotated[str, typer.Option(help="RGB | BGR (the order the model wants)")] = "RGB",
-    scale: Annotated[float, typer.Option(help="pixel (0..255) * scale, before (x - mean) / std")] = 1.0,
-    mean: Annotated[str, typer.Option(help="per-channel mean, one value or C comma-separated")] = "127.5",
-    std: Annotated[str, typer.Option(help="per-channel std, one value or C comma-separated")] = "127.5",
-    resample: Annotated[str, typer.Option(help="nearest | bilinear | bicubic | lanczos | box")] = "bilinear",
+    height: Annotated[
+        int | None, typer.Option(help=f"input height \\[default: --size, else {_IMPORT['height']}]")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help=f"input width \\[default: --size, else {_IMPORT['width']}]")
+    ] = None,
+    channels: Annotated[int, typer.Option(help="3 (colour) | 1 (grayscale)")] = _IMPORT["channels"],
+    channel_order: Annotated[str, typer.Option(help="RGB | BGR (the order the model wants)")] = _IMPORT[
+        "channel_order"
+    ],
+    scale: Annotated[float, typer.Option(help="pixel (0..255) * scale, before (x - mean) / std")] = _IMPORT[
+        "scale"
+    ],
+    mean: Annotated[str, typer.Option(help="per-channel mean, one value or C comma-separated")] = _numbers(
+        _IMPORT["mean"]
+    ),
+    std: Annotated[str, typer.Option(help="per-channel std, one value or C comma-separated")] = _numbers(
+        _IMPORT["std"]
+    ),
+    resample: Annotated[str, typer.Option(help=" | ".join(_RESAMPLE))] = _IMPORT["resample"],
     output_name: Annotated[
         str | None, typer.Option(help="graph output that is the embedding [default: the only output]")
     ] = None,
@@ -871,34 +902,37 @@ def import_(
     ] = None,
     heldout_fraction: Annotated[
         float, typer.Option(help="fraction of identities held out (evaluation, thresholds) when not named")
-    ] = 0.3,
-    seed: Annotated[int, typer.Option(help="seed of the held-out draw and the pair sample")] = 0,
-    target_far: _TargetFar = 1e-3,
+    ] = _IMPORT["heldout_fraction"],
+    heldout_groups: _HeldoutGroups = None,
+    heldout_group_count: _HeldoutGroupCount = None,
+    seed: Annotated[int, typer.Option(help="seed of the held-out draw and the pair sample")] = _IMPORT[
+        "seed"
+    ],
+    target_far: _TargetFar = _IMPORT["target_far"],
     pca_components: Annotated[
         int, typer.Option(help="components of a PCA-on-pixels baseline in the manifest (0 = skip)")
     ] = 0,
-    name: Annotated[str, typer.Option(help="model name in the manifest")] = "imported",
-    version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
+    name: Annotated[str, typer.Option(help="model name in the manifest")] = _IMPORT["name"],
+    version: Annotated[str, typer.Option(help="model version in the manifest")] = _IMPORT["version"],
     quantize: _Quantize = None,
-    quantize_method: _QuantizeMethod = "static",
+    quantize_method: _QuantizeMethod = _IMPORT["quantize_method"],
 ) -> None:
     """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
-    from training.import_onnx import ImportOptions, ModelImportError, import_model
-    from training.quantize import QuantizationError
+    from training.import_onnx import import_model
 
     for option, value in (("--size", size), ("--height", height), ("--width", width)):
         if value is not None and not 0 < value <= 4096:
             raise _fail(f"{option} must be in 1..4096, got {value}")
-    if resample not in ("nearest", "bilinear", "bicubic", "lanczos", "box"):
-        raise _fail(f"--resample must be nearest, bilinear, bicubic, lanczos or box, got {resample!r}")
-    if quantize_method not in ("static", "dynamic"):
-        raise _fail(f"--quantize-method must be static or dynamic, got {quantize_method!r}")
+    if resample not in _RESAMPLE:
+        raise _fail(f"--resample must be {', '.join(_RESAMPLE)}, got {resample!r}")
+    if quantize_method not in QUANTIZE_METHODS:
+        raise _fail(f"--quantize-method must be {' or '.join(QUANTIZE_METHODS)}, got {quantize_method!r}")
     opts = ImportOptions(
         model=model,
         dataset=dataset,
         layout=layout,
-        height=height or size or 112,
-        width=width or size or 112,
+        height=height or size or _IMPORT["height"],
+        width=width or size or _IMPORT["width"],
         channels=channels,
         channel_order=channel_order,
         scale=scale,
@@ -908,6 +942,8 @@ def import_(
         output_name=output_name,
         heldout_fraction=heldout_fraction,
         heldout_classes=None if heldout_classes is None else tuple(_split_names(heldout_classes) or ()),
+        heldout_groups=None if heldout_groups is None else tuple(_split_names(heldout_groups) or ()),
+        heldout_group_count=heldout_group_count,
         seed=seed,
         target_far=target_far,
         pca_components=pca_components or None,
@@ -919,7 +955,7 @@ def import_(
     started = time.perf_counter()
     try:
         result = import_model(out, opts)
-    except (ModelImportError, QuantizationError, *_pipeline_errors()) as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     m, th = result.manifest, result.manifest.thresholds
     q = m.quantization
@@ -939,11 +975,11 @@ def check_bundle(
     tolerance: Annotated[float, typer.Option(help="allowed |manifest - measured| per number")] = 1e-3,
 ) -> None:
     """Re-measure a bundle's manifest numbers with its own ONNX model on its recipe's held-out identities."""
-    from training.pipeline import check_bundle as run_check
+    from training.workflows.check_bundle import check_bundle as run_check
 
     try:
         result = run_check(bundle, tolerance=tolerance)
-    except _pipeline_errors() as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc)) from exc
     typer.echo("| number | manifest | measured |\n|---|---|---|")
     for key, recorded, measured in result.rows:

@@ -1,13 +1,17 @@
-"""RunConfig: every training option in one pydantic model, validated before data is read or a model built."""
+"""The config models: RunConfig (every training option, one pydantic model, validated before data is read or a
+model built) and EvaluationSettings (the open-set protocol's knobs). The CLI takes its option defaults and
+help texts from them (training/cli.py), so each default is written here and nowhere else."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.center_rules import DEFAULT_ALPHA, UPDATE_RULES
+from bundle.manifest import CenterUpdateRule
+from training.center_rules import DEFAULT_ALPHA
 
 BACKBONES = (
     "lenetpp",
@@ -23,7 +27,6 @@ BACKBONES = (
 FACE_BACKBONES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
 PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
-RULES = UPDATE_RULES
 OPTIMIZERS = ("adam", "sgd")
 
 # The CLI spells some fields differently; errors name the option the user actually typed.
@@ -136,15 +139,13 @@ class RunConfig(BaseModel):
     )
     # --- end streaming input and pair verification
     # model
-    backbone: Literal[
-        "lenetpp", "facecnn", "conv4", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"
-    ] = "lenetpp"
+    backbone: Literal[BACKBONES] = "lenetpp"
     feature_dim: int = Field(default=32, ge=1, le=4096, description="embedding size (2 for plots)")
     width: int = Field(default=32, ge=1, le=512, description="filters of the first conv stage")
     head: str = Field(default="softmax", min_length=1)
     head_params: dict[str, float] = Field(default_factory=dict)
     # issue 13: precision of the backbone; Partial FC (sampled class weights) when sample_rate is set
-    precision: Literal["fp32", "mixed_bfloat16", "mixed_float16"] = Field(
+    precision: Literal[PRECISIONS] = Field(
         default="fp32", description="backbone compute dtype (head, centers and losses stay float32)"
     )
     sample_rate: float | None = Field(
@@ -163,13 +164,13 @@ class RunConfig(BaseModel):
         description="center update rate (facenet: its alfa); not given: the rule's own default "
         f"({', '.join(f'{r} {a:g}' for r, a in DEFAULT_ALPHA.items() if r in ('paper', 'facenet'))})",
     )
-    rule: Literal["paper", "facenet", "gradient", "none"] = "paper"
+    rule: CenterUpdateRule = "paper"
     center_lr: float = Field(default=0.5, gt=0.0, description="learning rate of the `gradient` rule")
     # optimisation
     epochs: int = Field(default=20, ge=1, le=100000)
     batch_size: int = Field(default=64, ge=2, le=65536)
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal[OPTIMIZERS] = "adam"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="before")
@@ -323,3 +324,160 @@ def describe_errors(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{option_name(loc[0])}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+# ------------------------------------------------------------ export defaults (the CLI shows them as is)
+
+# FAR the default threshold is calibrated for.
+DEFAULT_TARGET_FAR = 1e-3
+
+
+def check_target_far(target_far: float) -> float:
+    """`--target-far` (or a recipe's `target_far`) before anything is trained or embedded."""
+    if not 0.0 < target_far < 1.0:
+        raise ConfigError(f"--target-far must be in (0, 1), got {target_far:g}")
+    return target_far
+
+
+# Largest |Keras - ONNX| feature difference the export parity check allows.
+PARITY_TOLERANCE = 1e-4
+# int8 (training/quantize.py): the accuracy gate (absolute held-out EER it may cost), the methods, and the
+# training-identity images static quantization reads activation ranges from.
+MAX_EER_INCREASE = 0.005
+QUANTIZE_METHODS = ("static", "dynamic")
+DEFAULT_QUANTIZE_METHOD = "static"
+CALIBRATION_IMAGES = 128
+
+
+# --------------------------------------------------------------------------------- the evaluation protocol
+
+DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+
+
+# The EvaluationSettings fields `evaluate` and `export` take as options (training/cli.py
+# `evaluation_options`): field -> (command-line name, help). Defaults are the dataclass's.
+EVALUATION_CLI: dict[str, tuple[str, str]] = {
+    "max_genuine": (
+        "max_genuine",
+        "genuine pairs: all of them when fewer, else a seeded sample of this many",
+    ),
+    "max_impostor": (
+        "max_impostor",
+        "impostor pairs: all of them when fewer, else a seeded sample of this many",
+    ),
+    "folds": ("folds", "folds of the LFW-style accuracy (threshold chosen on k-1 folds)"),
+    "min_errors": (
+        "min_errors",
+        "a FAR is reported only if the impostor count gives at least this many false accepts",
+    ),
+    "ident_trials": ("trials", "open-set identification trials (gallery image / unknowns drawn)"),
+    "calibration_fraction": (
+        "calibration_fraction",
+        "share of the held-out identities that choose the thresholds; the rest measure them "
+        "(0 = no out-of-sample calibration; export then refuses)",
+    ),
+    "episode_ways": ("ways", "N of the N-way K-shot episodes among held-out identities"),
+    "episode_shots": ("shots", "K of the N-way K-shot episodes (support samples per identity)"),
+    "episodes": ("episodes", "number of seeded episodes (0 = skip them)"),
+    "episode_within_group": (
+        "within_group",
+        "draw each episode's identities from one group (e.g. one alphabet) when the data has them",
+    ),
+    "seed": ("eval_seed", "seed of the pair sample and the trials"),
+}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Knobs of the open-set protocol; defaults work for the bundled digits and Fashion-MNIST splits."""
+
+    max_genuine: int | None = 50_000
+    max_impostor: int | None = 200_000
+    fars: tuple[float, ...] = DEFAULT_FARS
+    folds: int = 10
+    min_errors: int = 1
+    unknown_fraction: float = 0.3
+    ident_fars: tuple[float, ...] = (1e-2, 1e-1)
+    ident_trials: int = 10
+    calibration_fraction: float = 0.5
+    # Further seeded calibration/test splits whose results are reported as a spread (1 = only the main one).
+    calibration_repeats: int = 5
+    episode_ways: int = 20
+    episode_shots: int = 1
+    episodes: int = 400
+    episode_within_group: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Messages use the CLI spelling of each option, so a user knows what to change.
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{evaluation_option(name)} must be {rule}, got {getattr(self, name)}")
+
+        for name in ("max_genuine", "max_impostor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise bad(name, ">= 1")
+        if self.folds < 2:
+            raise bad("folds", ">= 2")
+        if self.min_errors < 1:
+            raise bad("min_errors", ">= 1")
+        if not 0.0 < self.unknown_fraction < 1.0:
+            raise bad("unknown_fraction", "in (0, 1)")
+        if self.ident_trials < 1:
+            raise bad("ident_trials", ">= 1")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise bad("calibration_fraction", "in [0, 1)")
+        if self.calibration_repeats < 1:
+            raise bad("calibration_repeats", ">= 1")
+        if self.episode_ways < 2:
+            raise bad("episode_ways", ">= 2")
+        if self.episode_shots < 1:
+            raise bad("episode_shots", ">= 1")
+        if self.episodes < 0:
+            raise bad("episodes", ">= 0 (0 = skip)")
+        for far in (*self.fars, *self.ident_fars):
+            if not 0.0 < far < 1.0:
+                raise ConfigError(f"false-accept rates must be in (0, 1), got {far}")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluation_option(name: str) -> str:
+    """The command-line spelling of an EvaluationSettings field (`ident_trials` -> `--trials`); a field only a
+    recipe sets is spelled as its own name (`--calibration-repeats`)."""
+    return "--" + EVALUATION_CLI.get(name, (name, ""))[0].replace("_", "-")
+
+
+# ------------------------------------------------------------------- importing an existing ONNX model
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """`idembed-train import` (training/import_onnx.py): how to feed the model, which identities to hold out
+    and what to write. Checked against the graph and the data by `import_model`."""
+
+    model: Path
+    dataset: str
+    layout: str = "NCHW"
+    height: int = 112
+    width: int = 112
+    channels: int = 3
+    channel_order: str = "RGB"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (127.5,)
+    std: tuple[float, ...] = (127.5,)
+    resample: str = "bilinear"
+    output_name: str | None = None
+    heldout_fraction: float = 0.3
+    heldout_classes: tuple[str, ...] | None = None
+    # Hold out every identity of these groups (or of this many, drawn by seed), as `train` does.
+    heldout_groups: tuple[str, ...] | None = None
+    heldout_group_count: int | None = None
+    seed: int = 0
+    target_far: float = DEFAULT_TARGET_FAR
+    pca_components: int | None = None
+    name: str = "imported"
+    version: str = "1"
+    quantize: str | None = None
+    quantize_method: str = DEFAULT_QUANTIZE_METHOD

@@ -16,37 +16,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 
+from bundle.files import l2_normalize
 from bundle.manifest import CheckedPoint, Interval, OperatingPoint, OutOfSampleCheck, Thresholds
 
-DEFAULT_FARS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
-DEFAULT_TARGET_FAR = 1e-3
-# Share of the held-out identities that choose the thresholds; the others only measure them.
-DEFAULT_CALIBRATION_FRACTION = 0.5
+# The protocol's knobs are a config model (training/config.py, beside RunConfig), imported here for callers.
+from training.config import DEFAULT_FARS, DEFAULT_TARGET_FAR, EvaluationSettings
+
+
+class EvaluationError(ValueError):
+    """The held-out data cannot support the protocol (too few identities, samples or pairs, non-finite
+    embeddings): the user's split or model, not a bug; the message says what is missing."""
+
+
 CONFIDENCE = 0.95
 
 
 # --------------------------------------------------------------------------------------------- embeddings
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length (float64 for stable metrics); zero rows stay zero rather than NaN."""
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Embeddings `[N, D]` checked (2-D, finite) and L2-normalised in float64 (stable metrics), by the one
+    `bundle.files.l2_normalize`; zero rows stay zero rather than NaN."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError("embeddings contain NaN or infinite values")
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+        raise EvaluationError("embeddings contain NaN or infinite values")
+    return l2_normalize(x, dtype=np.float64)
 
 
 def pair_scores(embeddings: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each pair (idx_a[i], idx_b[i]) of rows of `embeddings`."""
-    e = l2_normalize(embeddings)
+    e = unit_rows(embeddings)
     # Clip: rounding can push a self-similar pair a hair above 1, outside the manifest's threshold range.
     return np.clip(np.einsum("ij,ij->i", e[idx_a], e[idx_b]), -1.0, 1.0)
 
@@ -181,15 +188,15 @@ def make_pairs(
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) < 2:
-        raise ValueError("labels must be a 1-D sequence of at least 2 samples")
+        raise EvaluationError("labels must be a 1-D sequence of at least 2 samples")
     for name, value in (("max_genuine", max_genuine), ("max_impostor", max_impostor)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 (or None for all pairs), got {value}")
     n_gen, n_imp = _count_pairs(labels)
     if n_gen == 0:
-        raise ValueError("no genuine pairs: every identity has a single sample")
+        raise EvaluationError("no genuine pairs: every identity has a single sample")
     if n_imp == 0:
-        raise ValueError("no impostor pairs: all samples share one identity")
+        raise EvaluationError("no impostor pairs: all samples share one identity")
     rng = np.random.default_rng(seed)
 
     if max_genuine is None or n_gen <= max_genuine:
@@ -221,7 +228,7 @@ def _check_scores(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores contain NaN or infinite values")
     if same.all() or not same.any():
-        raise ValueError("need both genuine and impostor pairs")
+        raise EvaluationError("need both genuine and impostor pairs")
     return scores, same
 
 
@@ -311,7 +318,7 @@ def kfold_accuracy(
         keep = np.concatenate([rng.choice(gen, n, replace=False), rng.choice(imp, n, replace=False)])
         scores, same = scores[keep], same[keep]
     if min(same.sum(), (~same).sum()) < folds:
-        raise ValueError(f"{folds}-fold accuracy needs at least {folds} pairs of each kind")
+        raise EvaluationError(f"{folds}-fold accuracy needs at least {folds} pairs of each kind")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     accs = []
     for train, test in splitter.split(scores, same):
@@ -424,7 +431,7 @@ def calibrate_threshold(
     n_imp = int((~same).sum())
     achievable = min_errors / n_imp
     if achievable >= 1.0:
-        raise ValueError(f"{n_imp} impostor pairs are too few to calibrate any FAR below 1")
+        raise EvaluationError(f"{n_imp} impostor pairs are too few to calibrate any FAR below 1")
     target = max(target_far, achievable)
     at_far = threshold_at_far(scores, same, target)
     _, eer_point = equal_error_rate(scores, same)
@@ -700,7 +707,7 @@ def open_set_scores(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each probe: best gallery similarity, whether that best match has the probe's identity, and
     whether the probe's identity is in the gallery at all."""
-    e = l2_normalize(embeddings)
+    e = unit_rows(embeddings)
     sims = e[probe_idx] @ e[gallery_idx].T
     best = np.argmax(sims, axis=1)
     top_score = sims[np.arange(len(probe_idx)), best]
@@ -743,7 +750,7 @@ def identification_report(
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise ValueError("open-set identification needs at least 2 identities (1 known + 1 unknown)")
+        raise EvaluationError("open-set identification needs at least 2 identities (1 known + 1 unknown)")
     if not 0.0 < unknown_fraction < 1.0:
         raise ValueError(f"unknown_fraction must be in (0, 1), got {unknown_fraction}")
     if trials < 1:
@@ -767,7 +774,7 @@ def identification_report(
         probes = np.concatenate([np.asarray(known_probes, dtype=np.int64), unknown_probes])
         top, correct, known = open_set_scores(embeddings, labels, np.asarray(gallery), probes)
         if not known.any():
-            raise ValueError("no known probes: every gallery identity has a single sample")
+            raise EvaluationError("no known probes: every gallery identity has a single sample")
         rank1s.append(float(correct[known].mean()))
         for far in fars:
             key = far_key(far)
@@ -842,24 +849,24 @@ def episode_report(
             f"episodes need ways >= 2, shots >= 1, queries >= 1, episodes >= 1 (got {ways}, "
             f"{shots}, {queries}, {episodes})"
         )
-    e = l2_normalize(embeddings)
+    e = unit_rows(embeddings)
     classes, counts = np.unique(labels, return_counts=True)
     eligible = classes[counts >= shots + queries]
     members = {c: np.flatnonzero(labels == c) for c in eligible}
     if within_group:
         if groups is None:
-            raise ValueError("within-group episodes need the group of every identity")
+            raise EvaluationError("within-group episodes need the group of every identity")
         pools = {}
         for c in eligible:
             pools.setdefault(groups[int(c)], []).append(c)
         pools = {g: np.asarray(cs) for g, cs in pools.items() if len(cs) >= ways}
         if not pools:
-            raise ValueError(
+            raise EvaluationError(
                 f"no group has {ways} identities with {shots + queries} samples for {ways}-way episodes"
             )
     else:
         if len(eligible) < ways:
-            raise ValueError(
+            raise EvaluationError(
                 f"{ways}-way episodes need {ways} identities with >= {shots + queries} samples; "
                 f"there are {len(eligible)}"
             )
@@ -876,7 +883,7 @@ def episode_report(
             pick = rng.choice(members[c], shots + queries, replace=False)
             protos.append(e[pick[:shots]].mean(axis=0))
             query_rows.append(pick[shots:])
-        protos_arr = l2_normalize(np.stack(protos))
+        protos_arr = unit_rows(np.stack(protos))
         q = e[np.concatenate(query_rows)]
         truth = np.repeat(np.arange(ways), queries)
         accs[t] = float((np.argmax(q @ protos_arr.T, axis=1) == truth).mean())
@@ -927,58 +934,6 @@ class OpenSetEvaluation:
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, **self.summary()}
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """Knobs of the open-set protocol; defaults work for the bundled digits and Fashion-MNIST splits."""
-
-    max_genuine: int | None = 50_000
-    max_impostor: int | None = 200_000
-    fars: tuple[float, ...] = DEFAULT_FARS
-    folds: int = 10
-    min_errors: int = 1
-    unknown_fraction: float = 0.3
-    ident_fars: tuple[float, ...] = (1e-2, 1e-1)
-    ident_trials: int = 10
-    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION
-    # Further seeded calibration/test splits whose results are reported as a spread (1 = only the main one).
-    calibration_repeats: int = 5
-    episode_ways: int = 20
-    episode_shots: int = 1
-    episodes: int = 400
-    episode_within_group: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Messages use the CLI spelling of each option, so a user knows what to change.
-        for option, value in (("--max-genuine", self.max_genuine), ("--max-impostor", self.max_impostor)):
-            if value is not None and value < 1:
-                raise ValueError(f"{option} must be >= 1, got {value}")
-        if self.folds < 2:
-            raise ValueError(f"--folds must be >= 2, got {self.folds}")
-        if self.min_errors < 1:
-            raise ValueError(f"--min-errors must be >= 1, got {self.min_errors}")
-        if not 0.0 < self.unknown_fraction < 1.0:
-            raise ValueError(f"--unknown-fraction must be in (0, 1), got {self.unknown_fraction}")
-        if self.ident_trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {self.ident_trials}")
-        if not 0.0 <= self.calibration_fraction < 1.0:
-            raise ValueError(f"--calibration-fraction must be in [0, 1), got {self.calibration_fraction}")
-        if self.calibration_repeats < 1:
-            raise ValueError(f"--calibration-repeats must be >= 1, got {self.calibration_repeats}")
-        if self.episode_ways < 2:
-            raise ValueError(f"--ways must be >= 2, got {self.episode_ways}")
-        if self.episode_shots < 1:
-            raise ValueError(f"--shots must be >= 1, got {self.episode_shots}")
-        if self.episodes < 0:
-            raise ValueError(f"--episodes must be >= 0 (0 = skip), got {self.episodes}")
-        for far in (*self.fars, *self.ident_fars):
-            if not 0.0 < far < 1.0:
-                raise ValueError(f"false-accept rates must be in (0, 1), got {far}")
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def _pairs_within(labels: np.ndarray, rows: np.ndarray, settings: EvaluationSettings, salt: int) -> Pairs:
@@ -1067,7 +1022,7 @@ def evaluate_embeddings(
                 within_group=within,
                 seed=settings.seed,
             )
-        except ValueError as exc:
+        except EvaluationError as exc:  # too few identities or samples for episodes: noted, not fatal
             note = str(exc)
     return OpenSetEvaluation(
         name,
@@ -1111,7 +1066,7 @@ def _calibration_repeats(
     return out
 
 
-class CalibrationError(ValueError):
+class CalibrationError(EvaluationError):
     """Thresholds cannot be calibrated out of sample on this split (too few held-out identities)."""
 
 

@@ -23,6 +23,7 @@ import tf2onnx
 
 from bundle.files import write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Thresholds, TrainingRecipe
+from training.config import PARITY_TOLERANCE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
-PARITY_TOLERANCE = 1e-4
 BATCH_DIM = "batch"
 _OTHER_TOOLS = ("scikit-learn", "pydantic", "Pillow")
 

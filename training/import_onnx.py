@@ -22,8 +22,8 @@ import onnxruntime as ort
 from bundle.files import l2_normalize, sha256_bytes, write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Provenance, TrainingRecipe
 from bundle.preprocess import preprocess_image
+from training.config import CALIBRATION_IMAGES, ImportOptions, check_target_far
 from training.evaluate import (
-    DEFAULT_TARGET_FAR,
     EvaluationSettings,
     calibrate_out_of_sample,
     evaluate_embeddings,
@@ -34,31 +34,6 @@ BATCH_DIM = "batch"
 
 class ModelImportError(ValueError):
     """The model or the options cannot make a bundle; the message names the option or file at fault."""
-
-
-@dataclass(frozen=True)
-class ImportOptions:
-    model: Path
-    dataset: str
-    layout: str = "NCHW"
-    height: int = 112
-    width: int = 112
-    channels: int = 3
-    channel_order: str = "RGB"
-    scale: float = 1.0
-    mean: tuple[float, ...] = (127.5,)
-    std: tuple[float, ...] = (127.5,)
-    resample: str = "bilinear"
-    output_name: str | None = None
-    heldout_fraction: float = 0.3
-    heldout_classes: tuple[str, ...] | None = None
-    seed: int = 0
-    target_far: float = DEFAULT_TARGET_FAR
-    pca_components: int | None = None
-    name: str = "imported"
-    version: str = "1"
-    quantize: str | None = None
-    quantize_method: str = "static"
 
 
 @dataclass(frozen=True)
@@ -171,10 +146,22 @@ def preprocessing_of(opts: ImportOptions) -> tuple[InputSpec, Preprocessing]:
             )
     if any(s <= 0 for s in opts.std):
         raise ModelImportError(f"--std values must be > 0, got {list(opts.std)}")
-    if not 0.0 < opts.heldout_fraction < 1.0 and opts.heldout_classes is None:
+    by_group = opts.heldout_groups is not None or opts.heldout_group_count is not None
+    if opts.heldout_groups is not None and opts.heldout_group_count is not None:
+        raise ModelImportError("give --heldout-groups or --heldout-group-count, not both")
+    if by_group and opts.heldout_classes is not None:
+        raise ModelImportError(
+            "--heldout-groups/--heldout-group-count hold out whole groups; not with --heldout-classes"
+        )
+    if opts.heldout_group_count is not None and opts.heldout_group_count < 1:
+        raise ModelImportError(f"--heldout-group-count must be >= 1, got {opts.heldout_group_count}")
+    if opts.heldout_groups is not None and any(not g or "," in g for g in opts.heldout_groups):
+        raise ModelImportError("--heldout-groups: names must be non-empty and contain no ','")
+    if not 0.0 < opts.heldout_fraction < 1.0 and opts.heldout_classes is None and not by_group:
         raise ModelImportError(f"--heldout-fraction must be in (0, 1), got {opts.heldout_fraction}")
     if opts.quantize not in (None, "int8"):
         raise ModelImportError(f"--quantize must be int8 (or omitted), got {opts.quantize!r}")
+    check_target_far(opts.target_far)
     preprocessing = Preprocessing(
         color_mode="L" if opts.channels == 1 else "RGB",
         channel_order=opts.channel_order if opts.channels == 3 else "RGB",
@@ -217,7 +204,7 @@ def _embed(sess: ort.InferenceSession, inputs, n: int, input_name: str, output_n
 def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     """Check, embed, calibrate and write the bundle; nothing is written if any step fails."""
     from training.data.sources import DataError, load_dataset
-    from training.data.splits import choose_heldout
+    from training.data.splits import choose_heldout, choose_heldout_groups
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -273,13 +260,23 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     started = time.perf_counter()
     try:
         data = load_dataset(opts.dataset, preprocessing.color_mode)
-        heldout = choose_heldout(
-            data.class_names,
-            names=list(opts.heldout_classes) if opts.heldout_classes is not None else None,
-            count=None,
-            fraction=opts.heldout_fraction,
-            seed=opts.seed,
-        )
+        if opts.heldout_groups is not None or opts.heldout_group_count is not None:
+            heldout = choose_heldout_groups(
+                data.class_names,
+                data.groups,
+                names=None if opts.heldout_groups is None else list(opts.heldout_groups),
+                count=opts.heldout_group_count,
+                seed=opts.seed,
+                source=str(opts.dataset),
+            )
+        else:
+            heldout = choose_heldout(
+                data.class_names,
+                names=list(opts.heldout_classes) if opts.heldout_classes is not None else None,
+                count=None,
+                fraction=opts.heldout_fraction,
+                seed=opts.seed,
+            )
     except DataError as exc:
         raise ModelImportError(f"--dataset: {exc}") from exc
     seconds["load_dataset"] = round(time.perf_counter() - started, 2)
@@ -302,17 +299,19 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     train_k = [data.class_names.index(n) for n in train_names]
     is_held = np.isin(data.labels, held_k)
     y_held = np.searchsorted(np.asarray(held_k), data.labels[is_held])
+    # The group of each held-out identity (episodes are drawn within one group, as for a trained model).
+    groups = None if data.groups is None else [data.groups[k] for k in held_k]
     settings = EvaluationSettings(seed=opts.seed)
 
     started = time.perf_counter()
-    ev = evaluate_embeddings("imported", l2_normalize(features[is_held]), y_held, settings)
+    ev = evaluate_embeddings("imported", l2_normalize(features[is_held]), y_held, settings, groups=groups)
     quantization = None
     if opts.quantize == "int8":
         from training import quantize as q
 
         rng = np.random.default_rng(opts.seed)
         pool = np.flatnonzero(~is_held)
-        calib = inputs(np.sort(rng.choice(pool, min(q.CALIBRATION_IMAGES, len(pool)), replace=False)))
+        calib = inputs(np.sort(rng.choice(pool, min(CALIBRATION_IMAGES, len(pool)), replace=False)))
         gate = q.quantize_gated(
             model_bytes,
             heldout=inputs(np.flatnonzero(is_held)),
@@ -331,7 +330,7 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         model_bytes, quantization = gate.int8_bytes, gate.record
         # What is served is the int8 model: its centers, evaluation and thresholds.
         features = _embed(_session(model_bytes), inputs, n, in_value.name, out_value.name)
-        ev = evaluate_embeddings("imported-int8", gate.int8_embeddings, y_held, settings)
+        ev = evaluate_embeddings("imported-int8", gate.int8_embeddings, y_held, settings, groups=groups)
     from training.evaluate import CalibrationError
 
     try:
@@ -388,7 +387,13 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         train_classes=train_names,
         heldout_classes=heldout,
         val_fraction=0.0,
-        options={"source_sha256": provenance.source_sha256, "heldout_fraction": opts.heldout_fraction},
+        options={
+            "source_sha256": provenance.source_sha256,
+            "heldout_fraction": opts.heldout_fraction,
+            # Scalars, as a trained recipe's (training/workflows/manifest_recipe.py): groups comma-joined.
+            **({} if opts.heldout_groups is None else {"heldout_groups": ",".join(opts.heldout_groups)}),
+            **({} if opts.heldout_group_count is None else {"heldout_group_count": opts.heldout_group_count}),
+        },
     )
     manifest = {
         "name": opts.name,
@@ -411,9 +416,10 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     return ImportResult(written, seconds)
 
 
-def heldout_inputs(manifest: BundleManifest) -> tuple[np.ndarray, np.ndarray]:
-    """An imported bundle's held-out images (model inputs, preprocessed as the service does) and labels,
-    re-read from its recorded `training.dataset`: what `check-bundle` re-measures its numbers on."""
+def heldout_inputs(manifest: BundleManifest) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """An imported bundle's held-out images (model inputs, preprocessed as the service does), labels and the
+    group of each held-out identity (None without groups), re-read from its recorded `training.dataset`:
+    what `check-bundle` re-measures its numbers on."""
     from training.data.sources import load_dataset
 
     data = load_dataset(manifest.training.dataset, manifest.preprocessing.color_mode)
@@ -422,4 +428,5 @@ def heldout_inputs(manifest: BundleManifest) -> tuple[np.ndarray, np.ndarray]:
     x = np.stack(
         [preprocess_image(np.asarray(data.images[i]), manifest.preprocessing, manifest.input) for i in rows]
     )
-    return x, np.searchsorted(np.asarray(held), data.labels[rows])
+    groups = None if data.groups is None else [data.groups[k] for k in held]
+    return x, np.searchsorted(np.asarray(held), data.labels[rows]), groups

@@ -20,7 +20,8 @@ from typing import Any
 
 import keras
 
-PRECISIONS = ("fp32", "mixed_bfloat16", "mixed_float16")
+from training.config import PRECISIONS
+
 _POLICIES = {"fp32": "float32", "mixed_bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}
 
 

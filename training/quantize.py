@@ -17,13 +17,13 @@ import onnxruntime as ort
 
 from bundle.files import l2_normalize, sha256_bytes
 from bundle.manifest import Quantization, Thresholds
+from training.config import DEFAULT_QUANTIZE_METHOD as DEFAULT_METHOD
 
-# The accuracy gate: int8 may cost at most this much EER (absolute) on the held-out identities.
-MAX_EER_INCREASE = 0.005
-METHODS = ("static", "dynamic")
-DEFAULT_METHOD = "static"
-# Calibration images for static quantization (activation ranges), drawn from the training identities.
-CALIBRATION_IMAGES = 128
+# The accuracy gate (MAX_EER_INCREASE), the methods and the calibration image count are option defaults:
+# defined with the config models.
+from training.config import MAX_EER_INCREASE
+from training.config import QUANTIZE_METHODS as METHODS
+
 _EMBED_BATCH = 64
 
 

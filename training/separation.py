@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.distance import pdist
 
+from bundle.files import l2_normalize
+
 
 @dataclass(frozen=True)
 class Separation:
@@ -24,7 +26,7 @@ def class_separation(features: np.ndarray, labels: np.ndarray, *, normalize: boo
     """Intra-class spread relative to the spacing of class means, for `features` `[N, D]` with int labels."""
     x = np.asarray(features, dtype=np.float64)
     if normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = l2_normalize(x, dtype=np.float64)
     classes, y = np.unique(np.asarray(labels), return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"class separation needs at least 2 classes, got {len(classes)}")

@@ -27,6 +27,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from bundle.files import l2_normalize
 from bundle.manifest import InputSpec, Preprocessing
 from training.data.sources import DataError
 
@@ -135,11 +136,6 @@ def kfold_accuracy(
     return accuracy, chosen
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
 @dataclass(frozen=True)
 class PairResult:
     name: str
@@ -207,11 +203,11 @@ def verify_pairs(
     started = time.perf_counter()
     emb, emb_flip = embed_pairs(embed, pairs, preprocessing, input_spec, flip=flip)
     xnorm = float(np.mean(np.linalg.norm(np.concatenate([emb, emb_flip]) if flip else emb, axis=1)))
-    plain = _normalize(emb)
+    plain = l2_normalize(emb, dtype=np.float64)
     acc1, thr1 = kfold_accuracy(plain[0::2], plain[1::2], pairs.issame, folds)
     if flip:
         assert emb_flip is not None
-        both = _normalize(emb + emb_flip)
+        both = l2_normalize(emb + emb_flip, dtype=np.float64)
         acc2, thr2 = kfold_accuracy(both[0::2], both[1::2], pairs.issame, folds)
     else:
         acc2, thr2 = acc1, thr1

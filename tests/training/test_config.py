@@ -41,3 +41,28 @@ def test_config_round_trips_through_json(tmp_path):
 def test_loading_a_missing_config_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.json: missing"):
         RunConfig.load(tmp_path / "config.json")
+
+
+def test_center_rule_names_are_defined_once_in_the_manifest_contract() -> None:
+    from typing import get_args
+
+    from bundle.manifest import CenterUpdateRule, TrainingRecipe
+    from training.center_rules import DEFAULT_ALPHA, RULE_HELP, UPDATE_RULES
+
+    assert UPDATE_RULES == get_args(CenterUpdateRule) == ("paper", "facenet", "gradient", "none")
+    assert tuple(RULE_HELP) == tuple(DEFAULT_ALPHA) == UPDATE_RULES
+    assert get_args(RunConfig.model_fields["rule"].annotation) == UPDATE_RULES
+    assert get_args(TrainingRecipe.model_fields["center_update"].annotation) == UPDATE_RULES
+
+
+def test_backbone_precision_and_partial_fc_names_match_the_modules_that_build_them() -> None:
+    pytest.importorskip("tensorflow")
+    from training import config
+    from training.backbones import BACKBONES
+    from training.face_backbones import FACE_BACKBONES
+    from training.heads.partial_fc import PARTIAL_FC_HEADS
+    from training.precision import PRECISIONS
+
+    assert set(config.BACKBONES) == set(BACKBONES)
+    assert set(config.FACE_BACKBONES) == set(FACE_BACKBONES)
+    assert config.PARTIAL_FC_HEADS == PARTIAL_FC_HEADS and config.PRECISIONS == PRECISIONS

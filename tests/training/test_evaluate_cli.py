@@ -99,3 +99,13 @@ def test_evaluate_says_when_it_trains_the_twin_and_how_long_it_took(tmp_path):
     assert "twin trained in" in out and (tmp_path / "run-softmax" / "embedding.keras").is_file()
     code, out = _run("evaluate", str(run), "--pca-components", "0", *fast)
     assert code == 0 and "reusing the finished lambda-0 twin" in out and "training the" not in out
+
+
+def test_a_target_far_outside_0_1_is_a_user_error_before_training(tmp_path):
+    # It reached numpy's calibration as a bare ValueError, after both runs had trained.
+    code, out = _run(
+        "build-bundle", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"), "--target-far", "2"
+    )
+    assert code == 2
+    assert "error: --target-far must be in (0, 1), got 2" in out
+    assert not (tmp_path / "w" / "center").exists()

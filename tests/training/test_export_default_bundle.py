@@ -17,7 +17,10 @@ pytest.importorskip("tensorflow")
 
 from bundle import load_bundle
 from training.evaluate import EvaluationSettings
-from training.pipeline import PCA, SOFTMAX, build_bundle, check_bundle, config_from_recipe
+from training.workflows.build_bundle import build_bundle
+from training.workflows.check_bundle import check_bundle
+from training.workflows.compare import PCA, SOFTMAX
+from training.workflows.manifest_recipe import config_from_recipe
 
 DEFAULT = Path(__file__).resolve().parents[2] / "models" / "default"
 

@@ -13,8 +13,11 @@ from bundle import load_bundle
 from training.config import RunConfig
 from training.evaluate import EvaluationSettings, measure_at
 from training.export import onnx_embed
-from training.pipeline import PCA, SOFTMAX, build_bundle, embed, ensure_run, markdown_table
 from training.run import RunError, load_run
+from training.workflows.build_bundle import build_bundle
+from training.workflows.compare import PCA, SOFTMAX
+from training.workflows.report import markdown_table
+from training.workflows.runs import embed, ensure_run
 
 CONFIG = RunConfig(
     dataset="digits",

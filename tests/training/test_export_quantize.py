@@ -13,7 +13,8 @@ from bundle import load_bundle
 from training import quantize as q
 from training.cli import app
 from training.config import RunConfig
-from training.pipeline import check_bundle, ensure_run
+from training.workflows.check_bundle import check_bundle
+from training.workflows.runs import ensure_run
 
 CONFIG = RunConfig(
     dataset="digits", heldout_classes=["6", "7", "8", "9"], feature_dim=4, width=2, epochs=2, seed=0

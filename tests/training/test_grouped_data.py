@@ -13,7 +13,7 @@ from training.config import ConfigError, RunConfig
 from training.data import DataError, build_splits, load_dataset, split_indices
 from training.data.grouped import load_grouped_set
 from training.data.splits import choose_heldout_groups
-from training.pipeline import config_from_recipe, recipe_of
+from training.workflows.manifest_recipe import config_from_recipe, recipe_of
 
 OMNIGLOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "omniglot"
 

@@ -286,3 +286,74 @@ def test_a_file_that_is_not_an_onnx_model_or_not_an_image_model_is_refused(
     (tmp_path / "flat.onnx").write_bytes(flat.SerializeToString())
     code, text = _import(str(tmp_path / "flat.onnx"), "--dataset", str(folder), "--out", str(tmp_path / "b"))
     assert code == 2 and "rank 2" in text and "--layout NCHW" in text
+
+
+@pytest.fixture(scope="module")
+def grouped_folder(tmp_path_factory) -> Path:
+    """<group>/<identity>/ PNGs: 3 groups x 6 identities x 8 RGB 16x16 images (digits, tinted per group)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("grouped") / "scripts"
+    digits = load_digits()
+    for g in range(3):
+        for k in range(6):
+            d = root / f"g{g}" / f"id{k}"
+            d.mkdir(parents=True)
+            for j, i in enumerate(np.flatnonzero(digits.target == (k + 3 * g) % 10)[g * 8 : g * 8 + 8]):
+                gray = np.rint(digits.images[i] * 255 / 16).astype(np.uint8)
+                rgb = np.stack([gray, gray // (g + 1), 255 - gray], axis=-1)
+                Image.fromarray(rgb).resize((16, 16), Image.Resampling.BILINEAR).save(d / f"{j}.png")
+    return root
+
+
+def _import_dense(dataset: Path, out: Path, *args: str) -> tuple[int, str]:
+    """`import` of a dense NHWC model made with onnx.helper, on 16x16 RGB images."""
+    model = out.parent / "dense.onnx"
+    model.write_bytes(dense_nhwc(size=16, channels=3))
+    return _import(
+        str(model), "--dataset", str(dataset), "--out", str(out), "--layout", "NHWC", "--size", "16", *args
+    )
+
+
+def test_heldout_groups_hold_out_whole_groups_recorded_in_the_recipe_and_rechecked(
+    grouped_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bundle"
+    code, text = _import_dense(grouped_folder, out, "--heldout-groups", "g1")
+    assert code == 0, text
+    m = load_bundle(out).manifest
+    held = m.training.heldout_classes
+    assert held == [f"g1/id{k}" for k in range(6)]
+    assert not any(n.startswith("g1/") for n in m.training.train_classes) and m.num_classes == 12
+    assert m.training.options["heldout_groups"] == "g1"
+    check = runner.invoke(app, ["check-bundle", str(out)])
+    assert check.exit_code == 0 and "every number reproduced" in check.output, check.output
+    # By count: one group drawn by seed, every identity of it held out.
+    code, text = _import_dense(grouped_folder, tmp_path / "b2", "--heldout-group-count", "1")
+    assert code == 0, text
+    held = load_bundle(tmp_path / "b2").manifest.training.heldout_classes
+    assert len(held) == 6 and len({n.split("/")[0] for n in held}) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--heldout-groups", "nope"], "--heldout-groups: unknown group(s) nope"),
+        (["--heldout-groups", "g0", "--heldout-classes", "g1/id0"], "not with --heldout-classes"),
+        (["--heldout-groups", "g0", "--heldout-group-count", "1"], "not both"),
+        (["--heldout-groups", "g0,g1,g2"], "leaves none to train on"),
+    ],
+)
+def test_bad_heldout_groups_exit_2_naming_the_option(
+    grouped_folder: Path, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    out = tmp_path / "bundle"
+    code, text = _import_dense(grouped_folder, out, *args)
+    assert code == 2, text
+    assert needle in text and "error:" in text
+    assert not out.exists()
+
+
+def test_heldout_groups_on_a_folder_without_groups_says_so(folder: Path, tmp_path: Path) -> None:
+    code, text = _import_dense(folder, tmp_path / "b", "--heldout-groups", "g0")
+    assert code == 2 and "has no group level" in text, text

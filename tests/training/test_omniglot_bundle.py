@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from bundle import load_bundle
-from training.pipeline import check_bundle
+from training.workflows.check_bundle import check_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 OMNIGLOT = ROOT / "models" / "omniglot"

@@ -12,10 +12,20 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from bundle.files import NORM_EPS
 from training.heads.margins import replace_target, target_cosine
 
-# Avoids 0/0 for an all-zero feature vector (e.g. a ReLU feature layer at initialisation).
-_NORM_EPS = 1e-12
+
+def l2_norm_tf(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """||x|| along `axis` with the squared norm floored at `bundle.files.NORM_EPS`: never 0, so an all-zero
+    feature vector (a ReLU feature layer at initialisation) gives 0, not 0/0, with bounded gradients."""
+    return tf.sqrt(tf.maximum(tf.reduce_sum(x * x, axis=axis), NORM_EPS))
+
+
+def l2_normalize_tf(x: tf.Tensor, axis: int) -> tf.Tensor:
+    """`bundle.files.l2_normalize` in a TensorFlow graph (same epsilon; tests/training/test_heads_layers.py
+    pins the two equal)."""
+    return tf.nn.l2_normalize(x, axis=axis, epsilon=NORM_EPS)
 
 
 def check_scale(s: float, option: str = "s") -> float:
@@ -56,8 +66,8 @@ class CosineHead(keras.layers.Layer):
     def cosine(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(cos [B, K], ||x|| [B]) in float32 whatever the compute dtype (margins need the precision)."""
         x = tf.cast(features, tf.float32)
-        norm = tf.sqrt(tf.reduce_sum(x * x, axis=1) + _NORM_EPS)
-        w = tf.nn.l2_normalize(tf.cast(self.kernel, tf.float32), axis=0, epsilon=_NORM_EPS)
+        norm = l2_norm_tf(x, axis=1)
+        w = l2_normalize_tf(tf.cast(self.kernel, tf.float32), axis=0)
         cos = tf.matmul(x / tf.expand_dims(norm, 1), w)
         return tf.clip_by_value(cos, -1.0, 1.0), norm
 

@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 from training.heads.combined import CombinedMarginHead
-from training.heads.cosine import _NORM_EPS, check_num_classes
+from training.heads.cosine import check_num_classes, l2_normalize_tf
 from training.heads.margins import combined_margin, replace_target, target_cosine
 
 PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
@@ -147,8 +147,8 @@ class PartialFCHead(keras.layers.Layer):
     def sampled_cosines(self, features: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
         """`[B, S]` cosines of features against weight rows `[S, D]`, in float32 whatever the inputs."""
         x = tf.cast(features, tf.float32)
-        x = x / tf.expand_dims(tf.sqrt(tf.reduce_sum(x * x, axis=1) + _NORM_EPS), 1)
-        w = tf.nn.l2_normalize(tf.cast(rows, tf.float32), axis=1, epsilon=_NORM_EPS)
+        x = l2_normalize_tf(x, axis=1)
+        w = l2_normalize_tf(tf.cast(rows, tf.float32), axis=1)
         return tf.clip_by_value(tf.matmul(x, w, transpose_b=True), -1.0, 1.0)
 
     def margin_logits(self, cos: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
