@@ -26,7 +26,7 @@ async def test_gallery_index_kind_is_built_with_no_frozen_retry_line(
         assert isinstance(index, cls)
         if kind == "exact":
             return
-        # The retry line is each identify call's threshold (routes/test_identify_sources.py), not one frozen here.
+        # The retry line is each identify call's threshold (routes/test_identify_sources.py), not frozen here.
         hnsw = index if isinstance(index, HnswIndex) else index._hnsw
         assert hnsw.retry_below is None
 
