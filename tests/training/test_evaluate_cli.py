@@ -37,12 +37,18 @@ def test_export_rejects_bad_pair_counts(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_build_bundle_refuses_lambda_zero_before_training(tmp_path):
-    code, out = _run(
-        "build-bundle", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"), "--lambda", "0"
-    )
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lambda", "0"], "--lambda must be > 0"),
+        # It reached numpy's calibration as a bare ValueError, after both runs had trained.
+        (["--target-far", "2"], "error: --target-far must be in (0, 1), got 2"),
+    ],
+)
+def test_build_bundle_refuses_a_bad_option_before_training(tmp_path, args, needle):
+    code, out = _run("build-bundle", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"), *args)
     assert code == 2
-    assert "--lambda must be > 0" in out
+    assert needle in out
     assert not (tmp_path / "w" / "center").exists()
 
 
@@ -99,13 +105,3 @@ def test_evaluate_says_when_it_trains_the_twin_and_how_long_it_took(tmp_path):
     assert "twin trained in" in out and (tmp_path / "run-softmax" / "embedding.keras").is_file()
     code, out = _run("evaluate", str(run), "--pca-components", "0", *fast)
     assert code == 0 and "reusing the finished lambda-0 twin" in out and "training the" not in out
-
-
-def test_a_target_far_outside_0_1_is_a_user_error_before_training(tmp_path):
-    # It reached numpy's calibration as a bare ValueError, after both runs had trained.
-    code, out = _run(
-        "build-bundle", "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w"), "--target-far", "2"
-    )
-    assert code == 2
-    assert "error: --target-far must be in (0, 1), got 2" in out
-    assert not (tmp_path / "w" / "center").exists()
