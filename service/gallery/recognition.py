@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from bundle.files import l2_normalize
+
 Source = Literal["center", "enrolled"]
 # What identify searches: the bundle's class centers (the training identities), enrolled identities, or both.
 Sources = Literal["enrolled", "centers", "both"]
@@ -67,5 +69,5 @@ class Verification:
 
 def verify(a: np.ndarray, b: np.ndarray, threshold: float) -> Verification:
     """Compare two embeddings (normalised here; a client's need not be) against `threshold`."""
-    a, b = (v / np.linalg.norm(v) for v in (a, b))
+    a, b = (l2_normalize(v) for v in (a, b))
     return Verification(float(np.clip(np.dot(a, b), -1.0, 1.0)), threshold)
