@@ -43,7 +43,7 @@ from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_pil
 from training.config import RunConfig
 from training.data.augment import Augmentation, augment_batch, batch_key
-from training.data.pipeline import Splits, model_input, steps_per_epoch
+from training.data.in_memory import Splits, model_input, steps_per_epoch
 from training.data.recordio import RecordIOError, list_rec, read_images
 from training.data.sources import DataError
 from training.data.splits import choose_heldout
