@@ -103,8 +103,9 @@ def test_uint8_input_needs_schema_4_and_nhwc():
     with pytest.raises(ValueError, match="layout NHWC"):
         InputSpec(height=SIZE, width=SIZE, channels=3, dtype="uint8", layout="NCHW")
     manifest = json.loads((Path(__file__).parents[2] / "models/default/manifest.json").read_text())
-    assert manifest["schema_version"] == 3 and "dtype" not in manifest["input"]
-    BundleManifest.model_validate(manifest)  # an old manifest still loads, as float32 input
+    assert manifest["schema_version"] == 3
+    del manifest["input"]["dtype"]  # older writers may leave it out: it defaults to float32
+    assert BundleManifest.model_validate(manifest).input.dtype == "float32"  # an old manifest still loads
     manifest["input"]["dtype"] = "uint8"
     with pytest.raises(ValueError, match="schema_version 4"):
         BundleManifest.model_validate(manifest)
@@ -163,6 +164,7 @@ def test_manifest_declaring_pixels_over_a_float_graph_is_refused_naming_the_file
     assert str(bad / "model.onnx") in str(info.value)
 
 
+@pytest.mark.asyncio
 async def test_service_serves_both_kinds_of_bundle(bundles, tmp_path):
     from service.app import create_app
     from service.core.config import Settings
@@ -290,3 +292,25 @@ def test_undecodable_streamed_image_stops_training_naming_it(kind, tmp_path, mon
         trainer.train(config, tmp_path / "run", splits=splits, verbose=0)
     message = str(info.value)
     assert where in message and expected in message and "cannot be decoded" in message
+
+
+def test_undecodable_streamed_image_fails_the_cli_with_exit_2_naming_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.data import streaming
+
+    monkeypatch.setattr(streaming, "TRAIN_SAMPLE_IMAGES", 0)
+    root = tmp_path / "faces"
+    for k, ident in enumerate(_identity_images()):
+        (root / f"id{k}").mkdir(parents=True)
+        for j, data in enumerate(ident):
+            (root / f"id{k}" / f"{j}.jpg").write_bytes(data)
+    config = _config(str(root), streaming=True)
+    bad = _corrupt_training_image("folder", root, build_splits(config))
+    args = ["train", "--dataset", str(root), "--streaming", "--out", str(tmp_path / "run")]
+    args += ["--image-size", str(SIZE), "--color-mode", "RGB", "--backbone", "lenetpp", "--feature-dim", "2"]
+    args += ["--heldout-count", "1", "--val-fraction", "0", "--batch-size", "4", "--epochs", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert bad in result.output.replace("\n", "") and "cannot be decoded" in result.output
