@@ -2,10 +2,10 @@
 
 1. Throughput. Synthetic 112x112 RGB JPEG face-sized images (generated here, in a temp folder) are written
    as an identity folder, TFRecord shards (`pack`) and an insightface .rec/.idx (`pack --format rec`). Each
-   is streamed by the trainer's own input (`TrainStream.dataset`: read, decode, Pillow-exact preprocessing,
-   batch 128) with no model attached, and compared with the ceiling: `tf.io.decode_jpeg` alone on the same
-   encoded bytes held in memory, through `tf.data` with the same parallelism (AUTOTUNE) on the same cores.
-   Target: every format >= 0.9x the ceiling.
+   is streamed by the trainer's own input (`TrainStream.dataset`: read, decode to Pillow-exact uint8 pixels,
+   batch 128; the model normalises them in its graph) with no model attached, and compared with the ceiling:
+   `tf.io.decode_jpeg` alone on the same encoded bytes held in memory, through `tf.data` with the same
+   parallelism (AUTOTUNE) on the same cores. Target: every format >= 0.9x the ceiling.
 2. Memory. In a fresh process per size, a .rec (and TFRecord shards) with N records (one small JPEG
    repeated, so the disk use stays bounded) is listed, split and streamed for a few batches; peak RSS
    (VmHWM) is compared between N = 10k and N = 1M (--quick: 100k). Target: <= +10 %.
@@ -135,7 +135,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     datasets = {
         CEILING: ceiling("INTEGER_ACCURATE"),
         "ceiling decode_jpeg (default, fast IDCT)": ceiling(""),
-        # The float conversion every input needs for the model, on top of the ceiling (not a format cost).
+        # The float conversion the model does in its graph (PixelNormalization), here on the host: what the
+        # stream cost per image before it fed uint8.
         "ceiling + per-batch normalise to float32": ceiling("INTEGER_ACCURATE").map(
             lambda x: normalize(x, stream0.preprocessing, stream0.input_spec),
             num_parallel_calls=tf.data.AUTOTUNE,
