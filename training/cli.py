@@ -609,6 +609,13 @@ def export(
     within_group: _WithinGroup = True,
     quantize: _Quantize = None,
     quantize_method: _QuantizeMethod = "static",
+    embed_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="the ONNX model takes uint8 pixels (decoded, resized) and normalises them itself "
+            "(manifest input.dtype uint8); the service then skips its numpy normalisation"
+        ),
+    ] = False,
 ) -> None:
     """Calibrate thresholds on the held-out identities; write the run as a bundle (ONNX, parity-checked)."""
     from training.pipeline import compare, export_run, twin_dir
@@ -646,6 +653,7 @@ def export(
             tolerance=tolerance,
             quantize=quantize,
             quantize_method=quantize_method,
+            embed_preprocessing=embed_preprocessing,
         )
     except (QuantizationError, *_pipeline_errors()) as exc:
         raise _fail(str(exc)) from exc

@@ -325,3 +325,43 @@ def test_undecodable_streamed_image_fails_the_cli_with_exit_2_naming_it(tmp_path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert bad in result.output.replace("\n", "") and "cannot be decoded" in result.output
+
+
+@pytest.mark.slow
+def test_export_embed_preprocessing_through_the_cli(tmp_path):
+    """A trained run exported both ways: the pixel bundle re-measures as its manifest says (check-bundle)
+    and embeds as the float bundle does."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.trainer import train
+
+    config = RunConfig(
+        dataset="digits",
+        heldout_classes=["6", "7", "8", "9"],
+        feature_dim=4,
+        width=2,
+        epochs=1,
+        center_lambda=0.1,
+    )
+    run = train(config, tmp_path / "run", verbose=0)
+    runner = CliRunner()
+    quick = ["--trials", "2", "--max-genuine", "2000", "--max-impostor", "5000"]
+    for name, extra in (("float", []), ("pixels", ["--embed-preprocessing"])):
+        result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / name), *quick, *extra])
+        assert result.exit_code == 0, result.output
+    assert load_bundle(tmp_path / "pixels").manifest.input.dtype == "uint8"
+    result = runner.invoke(app, ["check-bundle", str(tmp_path / "pixels")])
+    assert result.exit_code == 0, result.output
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    out = {}
+    for name in ("float", "pixels"):
+        model = EmbeddingModel.load(tmp_path / name)
+        m = model.manifest
+        out[name] = model.run(ImagePreprocessor(m.preprocessing, m.input, max_pixels=10**6)(images))
+    np.testing.assert_allclose(out["pixels"], out["float"], atol=1e-5)
