@@ -365,3 +365,22 @@ def test_export_embed_preprocessing_through_the_cli(tmp_path):
         m = model.manifest
         out[name] = model.run(ImagePreprocessor(m.preprocessing, m.input, max_pixels=10**6)(images))
     np.testing.assert_allclose(out["pixels"], out["float"], atol=1e-5)
+
+
+def test_image_off_the_input_size_on_the_jpeg_fast_path_is_named(tmp_path):
+    from training import trainer
+
+    root = tmp_path / "faces"
+    for k, ident in enumerate(_identity_images()):
+        (root / f"id{k}").mkdir(parents=True)
+        for j, data in enumerate(ident):
+            (root / f"id{k}" / f"{j}.jpg").write_bytes(data)
+    config = _config(str(root), streaming=True)
+    splits = build_splits(config)
+    stream = splits.train_stream
+    assert stream.jpeg_at_size  # every probed image is a 16x16 JPEG: one decode, no resize branch
+    # A file replaced after the listing by a JPEG of another size: the fast path cannot take it.
+    victim = root / stream.listing.locators[int(stream.indices[-1])].decode()
+    victim.write_bytes(_jpeg(np.zeros((SIZE + 4, SIZE, 3), np.uint8)))
+    with pytest.raises(DataError, match=rf"{victim}: cannot be decoded as a {SIZE}x{SIZE} image"):
+        trainer.train(config, tmp_path / "run", splits=splits, verbose=0)
