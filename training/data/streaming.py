@@ -329,7 +329,12 @@ class TrainStream:
                     )
                 )
 
-        ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(per_epoch)
+        # Epochs in order, but the next one is opened (and its first reads started) while this one is still
+        # decoded: with flat_map every epoch start stalled the whole stream (TFRecord: until the first shuffle
+        # block was read and permuted).
+        ds = tf.data.Dataset.range(initial_epoch, epochs).interleave(
+            per_epoch, cycle_length=1, num_parallel_calls=1, deterministic=True
+        )
         options = tf.data.Options()
         options.deterministic = self.deterministic
         return ds.with_options(options).prefetch(AUTOTUNE)
