@@ -198,6 +198,9 @@ def add_preprocessing(model_bytes: bytes, input_spec: InputSpec, preprocessing: 
     name = graph.input[0].name
     if any(out.name == name for out in graph.output):
         raise ExportError("the graph's input is also its output")
+    if any(a.type == onnx.AttributeProto.GRAPH for n in graph.node for a in n.attribute):
+        # A control-flow body (If/Loop) may read the input by name; rewiring those is not supported.
+        raise ExportError("the preprocessing subgraph cannot be added to a graph with control-flow bodies")
     norm = normalization(preprocessing, input_spec)
     p = PREPROCESS_PREFIX
     inner = f"{p}normalized"

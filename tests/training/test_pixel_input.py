@@ -384,3 +384,34 @@ def test_image_off_the_input_size_on_the_jpeg_fast_path_is_named(tmp_path):
     victim.write_bytes(_jpeg(np.zeros((SIZE + 4, SIZE, 3), np.uint8)))
     with pytest.raises(DataError, match=rf"{victim}: cannot be decoded as a {SIZE}x{SIZE} image"):
         trainer.train(config, tmp_path / "run", splits=splits, verbose=0)
+
+
+def test_subgraph_refuses_graphs_it_cannot_rewire():
+    from onnx import TensorProto, helper
+
+    from training.export import ExportError
+
+    spec, prep = _spec(1), PREPS["L"][0]
+    shape = ["N", SIZE, SIZE, 1]
+
+    def model(nodes, inputs, outputs):
+        graph = helper.make_graph(nodes, "g", inputs, outputs)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m.SerializeToString()
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, shape)
+    pixels = helper.make_tensor_value_info("input", TensorProto.UINT8, shape)
+    identity = helper.make_node("Identity", ["input"], ["embedding"])
+    with pytest.raises(ExportError, match="one float32 input"):
+        add_preprocessing(model([identity], [pixels], [y]), spec, prep)
+    once = add_preprocessing(model([identity], [x], [y]), spec, prep)
+    with pytest.raises(ExportError, match="one float32 input"):  # already a pixel graph
+        add_preprocessing(once, spec, prep)
+    # a body that reads the input by name from inside an If: not rewired, refused
+    branch = helper.make_graph([helper.make_node("Identity", ["input"], ["embedding"])], "b", [], [y])
+    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.BOOL, [], [True]))
+    flow = helper.make_node("If", ["c"], ["embedding"], then_branch=branch, else_branch=branch)
+    with pytest.raises(ExportError, match="control-flow"):
+        add_preprocessing(model([cond, flow], [x], [y]), spec, prep)
