@@ -411,7 +411,8 @@ def test_subgraph_refuses_graphs_it_cannot_rewire():
         add_preprocessing(once, spec, prep)
     # a body that reads the input by name from inside an If: not rewired, refused
     branch = helper.make_graph([helper.make_node("Identity", ["input"], ["embedding"])], "b", [], [y])
-    cond = helper.make_node("Constant", [], ["c"], value=helper.make_tensor("cv", TensorProto.BOOL, [], [True]))
+    true = helper.make_tensor("cv", TensorProto.BOOL, [], [True])
+    cond = helper.make_node("Constant", [], ["c"], value=true)
     flow = helper.make_node("If", ["c"], ["embedding"], then_branch=branch, else_branch=branch)
     with pytest.raises(ExportError, match="control-flow"):
         add_preprocessing(model([cond, flow], [x], [y]), spec, prep)
