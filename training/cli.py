@@ -889,6 +889,13 @@ def import_(
     version: Annotated[str, typer.Option(help="model version in the manifest")] = "1",
     quantize: _Quantize = None,
     quantize_method: _QuantizeMethod = "static",
+    embed_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="serve a graph that takes uint8 NHWC pixels (decoded, resized) and does the layout, channel "
+            "order and scale/mean/std itself (manifest input.dtype uint8)"
+        ),
+    ] = False,
 ) -> None:
     """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
     from training.import_onnx import ImportOptions, ModelImportError, import_model
@@ -923,6 +930,7 @@ def import_(
         version=version,
         quantize=quantize,
         quantize_method=quantize_method,
+        embed_preprocessing=embed_preprocessing,
     )
     started = time.perf_counter()
     try:

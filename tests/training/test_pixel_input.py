@@ -416,3 +416,44 @@ def test_subgraph_refuses_graphs_it_cannot_rewire():
     flow = helper.make_node("If", ["c"], ["embedding"], then_branch=branch, else_branch=branch)
     with pytest.raises(ExportError, match="control-flow"):
         add_preprocessing(model([cond, flow], [x], [y]), spec, prep)
+
+
+@pytest.mark.slow
+def test_imported_nchw_bgr_model_with_the_subgraph_serves_as_without(tmp_path):
+    """insightface's convention (NCHW, BGR, (x - 127.5) / 127.5) imported both ways: the pixel bundle's graph
+    does the transpose, the channel swap and the normalisation; embeddings and check-bundle agree."""
+    from typer.testing import CliRunner
+
+    from tests.training.onnx_graphs import conv_nchw
+    from training.cli import app
+
+    root = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        (root / f"id{k}").mkdir(parents=True)
+        base = rng.integers(0, 256, size=(16, 16, 3))
+        for j in range(6):
+            noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / f"id{k}" / f"{j}.png")
+    model = tmp_path / "conv.onnx"
+    model.write_bytes(conv_nchw(size=16, channels=3))
+    runner = CliRunner()
+    args = ["--dataset", str(root), "--size", "16", "--layout", "NCHW", "--channel-order", "BGR"]
+    args += ["--scale", "1", "--mean", "127.5", "--std", "127.5", "--heldout-fraction", "0.5"]
+    for name, extra in (("float", []), ("pixels", ["--embed-preprocessing"])):
+        result = runner.invoke(app, ["import", str(model), "--out", str(tmp_path / name), *args, *extra])
+        assert result.exit_code == 0, result.output
+    m = load_bundle(tmp_path / "pixels").manifest
+    assert (m.input.dtype, m.input.layout, m.input.name) == ("uint8", "NHWC", "data")
+    assert m.provenance is not None and any("preprocessing subgraph" in c for c in m.provenance.changes)
+    assert m.evaluation["export_pixel_parity_max_abs_diff"] == 0.0
+    assert m.thresholds == load_bundle(tmp_path / "float").manifest.thresholds
+    result = runner.invoke(app, ["check-bundle", str(tmp_path / "pixels")])
+    assert result.exit_code == 0, result.output
+    files = [f.read_bytes() for f in sorted((root / "id0").glob("*.png"))]
+    out = {}
+    for name in ("float", "pixels"):
+        served = EmbeddingModel.load(tmp_path / name)
+        mm = served.manifest
+        out[name] = served.run(ImagePreprocessor(mm.preprocessing, mm.input, max_pixels=10**6)(files))
+    np.testing.assert_allclose(out["pixels"], out["float"], atol=1e-5)
