@@ -30,8 +30,12 @@ def build_face_bundle(
     width: int = 32,
     num_classes: int = 10,
     seed: int = 0,
+    embed_preprocessing: bool = False,
 ) -> Path:
-    """Export an untrained `facecnn` (size x size, gray or RGB) as a bundle in `out`; returns `out`."""
+    """Export an untrained `facecnn` (size x size, gray or RGB) as a bundle in `out`; returns `out`.
+
+    `embed_preprocessing`: the ONNX model takes uint8 pixels and normalises them itself (manifest
+    `input.dtype` uint8), as `idembed-train export --embed-preprocessing` writes it."""
     import keras
 
     from bundle.manifest import InputSpec, OperatingPoint, Preprocessing, Thresholds
@@ -82,6 +86,7 @@ def build_face_bundle(
         evaluation={"note": "untrained speed-benchmark bundle: thresholds and centers are placeholders"},
         name=f"bench-facecnn-{size}",
         version="untrained",
+        embed_preprocessing=embed_preprocessing,
     )
     return out
 
@@ -97,10 +102,22 @@ def main() -> None:
     p.add_argument("--feature-dim", type=int, default=128)
     p.add_argument("--width", type=int, default=32, help="facecnn base width (32: ~1 M parameters)")
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default under bench/results/)")
+    p.add_argument(
+        "--embed-preprocessing",
+        action="store_true",
+        help="the model takes uint8 pixels and normalises them in its graph (default folder gets -u8)",
+    )
     args = p.parse_args()
     out = args.out or default_path(args.size, args.color_mode)
+    if args.embed_preprocessing and args.out is None:
+        out = out.with_name(out.name + "-u8")
     build_face_bundle(
-        out, size=args.size, color_mode=args.color_mode, feature_dim=args.feature_dim, width=args.width
+        out,
+        size=args.size,
+        color_mode=args.color_mode,
+        feature_dim=args.feature_dim,
+        width=args.width,
+        embed_preprocessing=args.embed_preprocessing,
     )
     print(f"wrote {out}")
 

@@ -2,10 +2,10 @@
 
 1. Throughput. Synthetic 112x112 RGB JPEG face-sized images (generated here, in a temp folder) are written
    as an identity folder, TFRecord shards (`pack`) and an insightface .rec/.idx (`pack --format rec`). Each
-   is streamed by the trainer's own input (`TrainStream.dataset`: read, decode, Pillow-exact preprocessing,
-   batch 128) with no model attached, and compared with the ceiling: `tf.io.decode_jpeg` alone on the same
-   encoded bytes held in memory, through `tf.data` with the same parallelism (AUTOTUNE) on the same cores.
-   Target: every format >= 0.9x the ceiling.
+   is streamed by the trainer's own input (`TrainStream.dataset`: read, decode to Pillow-exact uint8 pixels,
+   batch 128; the model normalises them in its graph) with no model attached, and compared with the ceiling:
+   `tf.io.decode_jpeg` alone on the same encoded bytes held in memory, through `tf.data` with the same
+   parallelism (AUTOTUNE) on the same cores. Target: every format >= 0.9x the ceiling.
 2. Memory. In a fresh process per size, a .rec (and TFRecord shards) with N records (one small JPEG
    repeated, so the disk use stays bounded) is listed, split and streamed for a few batches; peak RSS
    (VmHWM) is compared between N = 10k and N = 1M (--quick: 100k). Target: <= +10 %.
@@ -99,8 +99,8 @@ def _rates(datasets: dict, batches: int, repeats: int) -> dict[str, float]:
 def throughput(args: argparse.Namespace, work: Path) -> dict:
     import tensorflow as tf
 
+    from training.data.in_memory import build_splits
     from training.data.packing import pack_folder
-    from training.data.pipeline import build_splits
 
     rng = np.random.default_rng(0)
     folder = work / "faces"
@@ -135,7 +135,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     datasets = {
         CEILING: ceiling("INTEGER_ACCURATE"),
         "ceiling decode_jpeg (default, fast IDCT)": ceiling(""),
-        # The float conversion every input needs for the model, on top of the ceiling (not a format cost).
+        # The float conversion the model does in its graph (PixelNormalization), here on the host: what the
+        # stream cost per image before it fed uint8.
         "ceiling + per-batch normalise to float32": ceiling("INTEGER_ACCURATE").map(
             lambda x: normalize(x, stream0.preprocessing, stream0.input_spec),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -197,7 +198,7 @@ def _rss_child(kind: str, n: int, work: str) -> None:
     """Runs in a fresh process: list + split + stream the N-record set, print peak RSS."""
     import tensorflow as tf  # noqa: F401  (imported first so the baseline includes TensorFlow)
 
-    from training.data.pipeline import build_splits
+    from training.data.in_memory import build_splits
 
     root = Path(work) / f"{kind}-{n}"
     dataset = str(root / "train.rec") if kind == "rec" else str(root)

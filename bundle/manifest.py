@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # 2 added `Thresholds.calibration_identities` and `Thresholds.out_of_sample` (optional: v1 still loads).
 # 3 added `Preprocessing.channel_order`, `provenance` (imported models) and `quantization` (all optional with
 # defaults, so v1/v2 manifests still load; `training.epochs` may be 0 for a model not trained here).
-SCHEMA_VERSION = 3
+# 4 added `InputSpec.dtype = "uint8"`: a model with the normalisation inside its graph (default float32, so
+# v1-v3 manifests still load and mean what they meant).
+SCHEMA_VERSION = 4
 
 MODEL_FILE = "model.onnx"
 CENTERS_FILE = "centers.npy"
@@ -25,14 +27,33 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    """What the ONNX model takes: `[N, H, W, C]` (NHWC) or `[N, C, H, W]` (NCHW) float32, dynamic N."""
+    """What the ONNX model takes, with a dynamic batch axis N.
+
+    - `dtype = "float32"`: the normalised input, `[N, H, W, C]` (NHWC) or `[N, C, H, W]` (NCHW): every
+      `Preprocessing` step happens before the model.
+    - `dtype = "uint8"` (schema 4, `idembed-train export --embed-preprocessing`): the pixels after the resize,
+      `[N, H, W, C]` with channels in `preprocessing.color_mode` order (layout must be NHWC). The model's own
+      graph does the rest of `Preprocessing` (float, channel order, scale, mean/std, layout), so a client
+      only decodes, converts and resizes.
+    """
 
     name: str = "input"
     layout: Literal["NHWC", "NCHW"] = "NHWC"
     height: int = Field(gt=0, le=4096)
     width: int = Field(gt=0, le=4096)
     channels: Literal[1, 3]
-    dtype: Literal["float32"] = "float32"
+    dtype: Literal["float32", "uint8"] = "float32"
+
+    @model_validator(mode="after")
+    def _pixels_are_nhwc(self) -> InputSpec:
+        if self.dtype == "uint8" and self.layout != "NHWC":
+            raise ValueError("input.dtype uint8 (pixels, normalised in the graph) needs layout NHWC")
+        return self
+
+    @property
+    def takes_pixels(self) -> bool:
+        """True when the model normalises its uint8 input itself (the preprocessing subgraph)."""
+        return self.dtype == "uint8"
 
     def shape(self, batch: int | None = None) -> tuple[int | None, int, int, int]:
         if self.layout == "NHWC":
@@ -196,7 +217,7 @@ class Quantization(_Strict):
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     name: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     created_at: str
@@ -215,6 +236,8 @@ class BundleManifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
+        if self.input.dtype == "uint8" and self.schema_version < 4:
+            raise ValueError(f"input.dtype uint8 needs schema_version 4, got {self.schema_version}")
         if self.preprocessing.channels != self.input.channels:
             raise ValueError(
                 f"preprocessing.color_mode={self.preprocessing.color_mode!r} gives "

@@ -28,6 +28,10 @@ class RuntimeOptions:
     warmup_concurrency: int = 1
 
 
+# onnxruntime's name of each manifest `input.dtype`.
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+
+
 def _dim_ok(declared: object, expected: int | None) -> bool:
     # ONNX dims are ints when fixed and strings (symbolic) or None when dynamic.
     if expected is None:
@@ -36,11 +40,12 @@ def _dim_ok(declared: object, expected: int | None) -> bool:
 
 
 class EmbeddingModel:
-    """The served model: bundle + onnxruntime session. `run` maps a float32 batch to L2-normalised embeddings.
+    """The served model: bundle + onnxruntime session. `run` maps a batch of model inputs (float32, or uint8
+    pixels for a bundle with the preprocessing subgraph: `manifest.input.dtype`) to L2-normalised embeddings.
 
-    Construction checks the ONNX graph against the manifest (input name, rank, layout dims, dynamic batch,
-    output name and embedding dim) and runs one inference, so a model that would fail on the first request
-    fails at load time instead, with a `BundleError` naming model.onnx.
+    Construction checks the ONNX graph against the manifest (input name, dtype, rank, layout dims, dynamic
+    batch, output name and embedding dim) and runs one inference, so a model that would fail on the first
+    request fails at load time instead, with a `BundleError` naming model.onnx.
     """
 
     def __init__(self, bundle: Bundle, options: RuntimeOptions | None = None) -> None:
@@ -65,6 +70,7 @@ class EmbeddingModel:
         self.output_name = self.manifest.embedding.output_name
         self.dim = self.manifest.embedding.dim
         self.input_shape = self.manifest.input.shape(None)[1:]
+        self.input_dtype = np.dtype(self.manifest.input.dtype)
         self.warmup_ms = self._warm_up(
             model_path, max(2, options.warmup_batch_size), options.warmup_concurrency
         )
@@ -88,8 +94,14 @@ class EmbeddingModel:
         if len(inputs) != 1:
             raise BundleError(model_path, f"must have exactly one input, has {sorted(inputs)}")
         declared = inputs[spec.name]
-        if declared.type != "tensor(float)":
-            raise BundleError(model_path, f"input {spec.name!r} is {declared.type}, manifest says float32")
+        want = _ORT_TYPES[spec.dtype]
+        if declared.type != want:
+            what = (
+                "uint8 pixels (input.dtype: the preprocessing is in the graph)"
+                if spec.dtype == "uint8"
+                else "float32 (input.dtype)"
+            )
+            raise BundleError(model_path, f"input {spec.name!r} is {declared.type}, manifest says {what}")
         expected = spec.shape(None)
         if len(declared.shape) != 4 or not all(
             _dim_ok(d, e) for d, e in zip(declared.shape, expected, strict=True)
@@ -126,7 +138,7 @@ class EmbeddingModel:
         return (time.perf_counter() - start) * 1000.0
 
     def _probe(self, model_path: Path, n: int) -> None:
-        probe = np.zeros((n, *self.input_shape), dtype=np.float32)
+        probe = np.zeros((n, *self.input_shape), dtype=self.input_dtype)
         try:
             out = self.session.run([self.output_name], {self.input_name: probe})[0]
         except Exception as exc:
@@ -137,9 +149,9 @@ class EmbeddingModel:
             )
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
-        """One onnxruntime call on a float32 batch: the raw (unnormalised) features."""
+        """One onnxruntime call on a batch of model inputs: the raw (unnormalised) features."""
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Embeddings for a float32 batch `[N, ...]`, L2-normalised (the space centers and search use)."""
+        """Embeddings for a batch `[N, ...]` of model inputs, L2-normalised (the space search uses)."""
         return l2_normalize(self.run_raw(batch))

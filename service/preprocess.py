@@ -1,4 +1,9 @@
-"""Request bytes -> model input: Pillow decode under size limits, then the bundle's shared preprocessing."""
+"""Request bytes -> model input: Pillow decode under size limits, then the bundle's shared preprocessing.
+
+For a bundle whose model normalises its own input (`manifest.input.dtype == "uint8"`, the preprocessing
+subgraph) the shared preprocessing stops after the resize: the batch is uint8 pixels, with no numpy float
+pass on the request path.
+"""
 
 from __future__ import annotations
 
@@ -74,7 +79,7 @@ def decode_image(data: bytes, *, max_pixels: int, where: str = "image") -> Image
 
 
 class ImagePreprocessor:
-    """Bytes of many images -> one float32 batch shaped for the bundle's model."""
+    """Bytes of many images -> one batch shaped (and typed: float32 or uint8) for the bundle's model."""
 
     def __init__(self, preprocessing: Preprocessing, input_spec: InputSpec, *, max_pixels: int) -> None:
         self.preprocessing = preprocessing
@@ -91,5 +96,5 @@ class ImagePreprocessor:
             except (OSError, ValueError) as exc:  # e.g. a pixel mode Pillow cannot convert
                 raise InvalidImageError(f"{where} cannot be converted: {exc}") from exc
         if not arrays:
-            return np.zeros((0, *self.input_spec.shape(0)[1:]), dtype=np.float32)
+            return np.zeros((0, *self.input_spec.shape(0)[1:]), dtype=self.input_spec.dtype)
         return np.stack(arrays)

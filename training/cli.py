@@ -622,6 +622,13 @@ def export(
     pca_components: _Pca = DEFAULT_PCA_COMPONENTS,
     quantize: _Quantize = None,
     quantize_method: _QuantizeMethod = DEFAULT_QUANTIZE_METHOD,
+    embed_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="the ONNX model takes uint8 pixels (decoded, resized) and normalises them itself "
+            "(manifest input.dtype uint8); the service then skips its numpy normalisation"
+        ),
+    ] = False,
     *,
     settings: EvaluationSettings,
 ) -> None:
@@ -647,6 +654,7 @@ def export(
             tolerance=tolerance,
             quantize=quantize,
             quantize_method=quantize_method,
+            embed_preprocessing=embed_preprocessing,
         )
     except _user_errors() as exc:
         raise _fail(str(exc)) from exc
@@ -916,6 +924,13 @@ def import_(
     version: Annotated[str, typer.Option(help="model version in the manifest")] = _IMPORT["version"],
     quantize: _Quantize = None,
     quantize_method: _QuantizeMethod = _IMPORT["quantize_method"],
+    embed_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="serve a graph that takes uint8 NHWC pixels (decoded, resized) and does the layout, channel "
+            "order and scale/mean/std itself (manifest input.dtype uint8)"
+        ),
+    ] = _IMPORT["embed_preprocessing"],
 ) -> None:
     """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
     from training.import_onnx import import_model
@@ -951,6 +966,7 @@ def import_(
         version=version,
         quantize=quantize,
         quantize_method=quantize_method,
+        embed_preprocessing=embed_preprocessing,
     )
     started = time.perf_counter()
     try:

@@ -481,3 +481,5 @@ class ImportOptions:
     version: str = "1"
     quantize: str | None = None
     quantize_method: str = DEFAULT_QUANTIZE_METHOD
+    # The served graph takes uint8 pixels and normalises them itself (training.export.add_preprocessing).
+    embed_preprocessing: bool = False

@@ -2,6 +2,12 @@
 
 The export refuses to produce a bundle whose ONNX graph disagrees with the Keras model: a parity check runs
 both on a real batch and fails with `ExportParityError` above the tolerance (1e-4 by default).
+
+`embed_preprocessing=True` (`idembed-train export --embed-preprocessing`) prepends the bundle's
+normalisation to the graph (`add_preprocessing`): the model then takes uint8 pixels `[N, H, W, C]` at its
+input size and the manifest says `input.dtype = "uint8"`, so the service only decodes and resizes. The
+subgraph is `bundle.preprocess.normalization` as ONNX operators, in the order numpy applies it, and is
+checked against the float graph on the numpy-normalised pixels before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tf2onnx
 
 from bundle.files import write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Thresholds, TrainingRecipe
+from bundle.preprocess import normalization, normalize_pixels
 from training.config import PARITY_TOLERANCE
 
 if TYPE_CHECKING:
@@ -32,6 +39,11 @@ if TYPE_CHECKING:
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
+# The preprocessing subgraph against numpy's normalisation, on the same graph: rounding only.
+PIXEL_PARITY_TOLERANCE = 1e-5
+PIXEL_PARITY_BATCH = 8
+# Names of what `add_preprocessing` adds (a prefix no tf2onnx name has), so `strip_preprocessing` finds them.
+PREPROCESS_PREFIX = "idembed_preprocess/"
 BATCH_DIM = "batch"
 _OTHER_TOOLS = ("scikit-learn", "pydantic", "Pillow")
 
@@ -172,12 +184,123 @@ def keras_to_onnx(
     return proto.SerializeToString()
 
 
+def add_preprocessing(model_bytes: bytes, input_spec: InputSpec, preprocessing: Preprocessing) -> bytes:
+    """A float32-input embedding graph -> the same graph taking uint8 pixels `[N, H, W, C]` (channels in
+    `color_mode` order), with the bundle's normalisation as its first nodes: Cast, (Gather: BGR), Mul(scale),
+    Sub(mean), Div(std), (Transpose: NCHW) - the float32 steps of `bundle.preprocess.normalize_pixels`, in
+    its order. The input keeps its name; the old float input becomes an inner tensor."""
+    proto = onnx.load_from_string(model_bytes)
+    graph = proto.graph
+    if len(graph.input) != 1 or graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ExportError("the preprocessing subgraph needs a graph with one float32 input")
+    if any(n.name.startswith(PREPROCESS_PREFIX) for n in graph.node):
+        raise ExportError("the graph already has the preprocessing subgraph")
+    name = graph.input[0].name
+    if any(out.name == name for out in graph.output):
+        raise ExportError("the graph's input is also its output")
+    if any(a.type == onnx.AttributeProto.GRAPH for n in graph.node for a in n.attribute):
+        # A control-flow body (If/Loop) may read the input by name; rewiring those is not supported.
+        raise ExportError("the preprocessing subgraph cannot be added to a graph with control-flow bodies")
+    norm = normalization(preprocessing, input_spec)
+    p = PREPROCESS_PREFIX
+    inner = f"{p}normalized"
+    for node in graph.node:
+        node.input[:] = [inner if n == name else n for n in node.input]
+    steps: list[tuple[str, list[str], dict]] = [("Cast", [], {"to": onnx.TensorProto.FLOAT})]
+    constants = []
+    if norm.reverse_channels:
+        constants.append(onnx.numpy_helper.from_array(np.array([2, 1, 0], np.int64), f"{p}bgr"))
+        steps.append(("Gather", [f"{p}bgr"], {"axis": 3}))
+    for op, key, value in (
+        ("Mul", "scale", norm.scale),
+        ("Sub", "mean", norm.mean),
+        ("Div", "std", norm.std),
+    ):
+        constants.append(onnx.numpy_helper.from_array(np.asarray(value, np.float32), f"{p}{key}"))
+        steps.append((op, [f"{p}{key}"], {}))
+    if norm.channels_first:
+        steps.append(("Transpose", [], {"perm": [0, 3, 1, 2]}))
+    nodes, current = [], name
+    for k, (op, extra, attrs) in enumerate(steps):
+        out = inner if k == len(steps) - 1 else f"{p}{op.lower()}"
+        nodes.append(onnx.helper.make_node(op, [current, *extra], [out], name=f"{p}{op}", **attrs))
+        current = out
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*nodes, *body])
+    graph.initializer.extend(constants)
+    shape = [BATCH_DIM, input_spec.height, input_spec.width, input_spec.channels]
+    del graph.input[:]
+    graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, shape))
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def strip_preprocessing(model_bytes: bytes) -> bytes:
+    """The float32-input graph inside one made by `add_preprocessing` (unchanged bytes for any other graph):
+    what `onnx_embed` runs when it is given already normalised inputs for a pixel graph."""
+    proto = onnx.load_from_string(model_bytes)
+    graph = proto.graph
+    ours = [n for n in graph.node if n.name.startswith(PREPROCESS_PREFIX)]
+    if not ours:
+        return model_bytes
+    name = graph.input[0].name
+    inner = f"{PREPROCESS_PREFIX}normalized"
+    body = [n for n in graph.node if not n.name.startswith(PREPROCESS_PREFIX)]
+    for node in body:
+        node.input[:] = [name if n == inner else n for n in node.input]
+    del graph.node[:]
+    graph.node.extend(body)
+    keep = [i for i in graph.initializer if not i.name.startswith(PREPROCESS_PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    if any(n.op_type == "Transpose" for n in ours):
+        dims = [dims[0], dims[3], dims[1], dims[2]]
+    del graph.input[:]
+    graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
 def onnx_embed(model_bytes: bytes, batch: np.ndarray, input_name: str = "input") -> np.ndarray:
-    """Run an ONNX embedding model on a float32 batch with onnxruntime on CPU (as the service does)."""
+    """Run an ONNX embedding model on a batch with onnxruntime on CPU (as the service does).
+
+    A float32-input model takes the normalised batch. A pixel model (`add_preprocessing`) takes uint8 pixels;
+    given a float batch (already normalised: training's arrays), its float body runs on it instead."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    kind = next((i.type for i in session.get_inputs() if i.name == input_name), None)
+    if kind == "tensor(uint8)":
+        if np.asarray(batch).dtype == np.uint8:
+            return session.run(None, {input_name: np.ascontiguousarray(batch)})[0]
+        session = ort.InferenceSession(
+            strip_preprocessing(model_bytes), options, providers=["CPUExecutionProvider"]
+        )
     return session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def check_pixel_parity(
+    float_bytes: bytes,
+    pixel_bytes: bytes,
+    input_spec: InputSpec,
+    preprocessing: Preprocessing,
+    *,
+    seed: int = 0,
+    tolerance: float = PIXEL_PARITY_TOLERANCE,
+) -> float:
+    """Max |float graph(numpy-normalised pixels) - pixel graph(pixels)| over seeded random uint8 pixels;
+    raises `ExportParityError` above `tolerance`. The normalisation is per pixel, so any pixels test it."""
+    rng = np.random.default_rng(seed)
+    shape = (PIXEL_PARITY_BATCH, input_spec.height, input_spec.width, input_spec.channels)
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    expected = onnx_embed(float_bytes, normalize_pixels(pixels, preprocessing, input_spec), input_spec.name)
+    actual = onnx_embed(pixel_bytes, pixels, input_spec.name)
+    diff = float(np.max(np.abs(actual - expected)))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ExportParityError(diff, tolerance, len(pixels))
+    return diff
 
 
 def check_parity(
@@ -222,6 +345,7 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     tolerance: float = PARITY_TOLERANCE,
     quantize: Callable[[bytes], Quantized] | None = None,
+    embed_preprocessing: bool = False,
 ) -> BundleManifest:
     """Convert, verify parity, and write `model.onnx`, `centers.npy`, `labels.json`, `manifest.json`.
 
@@ -229,6 +353,8 @@ def export_bundle(
     stores them L2-normalised (the space the service searches). Nothing is written if any check fails.
     `quantize` (fp32 ONNX bytes -> `Quantized`) runs after the parity check; its int8 graph, thresholds and
     evaluation replace the fp32 ones (see `training.quantize`), or it raises and nothing is written.
+    `embed_preprocessing`: the graph (int8 or fp32) gets the preprocessing subgraph (`add_preprocessing`),
+    checked by `check_pixel_parity`, and the manifest's input becomes uint8 NHWC pixels.
     """
     centers = np.asarray(centers, dtype=np.float32)
     model_bytes = keras_to_onnx(model, input_spec, output_name=output_name, opset=opset)
@@ -245,6 +371,12 @@ def export_bundle(
         model_bytes, thresholds, quantization = done.model_bytes, done.thresholds, done.record
         # The parity figures are the fp32 graph's (int8 is checked by its EER gate instead).
         evaluation = {**done.evaluation, **{k: evaluation[k] for k in evaluation if k.startswith("export_")}}
+    if embed_preprocessing:
+        pixel_bytes = add_preprocessing(model_bytes, input_spec, preprocessing)
+        pixel_diff = check_pixel_parity(model_bytes, pixel_bytes, input_spec, preprocessing)
+        evaluation["export_pixel_parity_max_abs_diff"] = float(f"{pixel_diff:.3g}")
+        model_bytes = pixel_bytes
+        input_spec = input_spec.model_copy(update={"dtype": "uint8", "layout": "NHWC"})
     recipe_model = (
         recipe if isinstance(recipe, TrainingRecipe) else TrainingRecipe.model_validate(dict(recipe))
     )

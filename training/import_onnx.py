@@ -360,6 +360,15 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
         ).summary()
     seconds["evaluate"] = round(time.perf_counter() - started, 2)
 
+    if opts.embed_preprocessing:  # inputgraph: serve a graph that takes uint8 pixels (parity-checked)
+        from training.export import add_preprocessing, check_pixel_parity
+
+        pixel_bytes = add_preprocessing(model_bytes, input_spec, preprocessing)
+        diff = check_pixel_parity(model_bytes, pixel_bytes, input_spec, preprocessing)
+        evaluation["export_pixel_parity_max_abs_diff"] = float(f"{diff:.3g}")
+        model_bytes = pixel_bytes
+        changes = [*changes, "preprocessing subgraph prepended: the input is uint8 NHWC pixels"]
+        input_spec = input_spec.model_copy(update={"dtype": "uint8", "layout": "NHWC"})
     unit = l2_normalize(features)
     centers = np.stack([l2_normalize(unit[data.labels == k].mean(axis=0)[None])[0] for k in train_k])
     provenance = Provenance(

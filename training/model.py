@@ -10,6 +10,11 @@ these are all-reduced (SUM) once per step and every replica applies the same rul
 so the centers equal those of one device on the whole batch. Losses are summed per replica and divided by
 the GLOBAL batch size (also all-reduced), so the optimizer's gradient all-reduce (a sum in Keras) yields the
 single-device gradient even when the last batch splits unevenly.
+
+Input: a batch is either float32 model inputs (the in-memory arrays, already normalised by
+`bundle.preprocess`) or uint8 pixels (the streamed input, which only decodes and resizes on the host); the
+pixels are normalised here, inside the graph, by `PixelNormalization`: the manifest's normalisation
+(`bundle.preprocess.normalization`), the same definition the service applies and the exported bundle records.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from bundle.manifest import InputSpec, Preprocessing
+from bundle.preprocess import normalization
 from training.center_loss import UPDATE_RULES, batch_class_statistics, center_loss_per_example, update_centers
 from training.distributed import MultiWorkerFit, worker_logs
 from training.heads.softmax import SoftmaxHead
@@ -30,6 +37,33 @@ def _unpack(data: Any) -> tuple[tf.Tensor, tf.Tensor]:
         # Per-example weights would also have to weight the center statistics; nothing here needs them.
         raise ValueError("CenterLossModel trains on (images, labels) pairs without sample weights")
     return x, y
+
+
+class PixelNormalization:
+    """uint8 pixels `[N, H, W, C]` (or one `[H, W, C]`) -> the model's float32 input, with TF ops.
+
+    `bundle.preprocess.normalize_pixels` step for step (float32, channel order, `* scale`, `- mean`, `/ std`,
+    layout), from the same constants, so a streamed batch reaches the backbone as the numpy path would give
+    it. It holds no weights and is deliberately not a Keras layer: the model's checkpoints keep their layout,
+    so runs saved before it existed still load.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, input_spec: InputSpec) -> None:
+        self.norm = normalization(preprocessing, input_spec)
+
+    def __call__(self, pixels: tf.Tensor) -> tf.Tensor:
+        n = self.norm
+        # float32 whatever the precision policy: normalised pixels are the backbone's input, cast by it.
+        x = tf.cast(pixels, tf.float32)
+        if n.reverse_channels:
+            x = tf.reverse(x, axis=[-1])
+        x = x * tf.constant(n.scale)
+        x = x - tf.constant(n.mean)
+        x = x / tf.constant(n.std)
+        if n.channels_first:
+            rank = len(x.shape)  # one image [H, W, C] or a batch
+            x = tf.transpose(x, [*range(rank - 3), rank - 1, rank - 3, rank - 2])
+        return x
 
 
 class CenterLossModel(MultiWorkerFit, keras.Model):
@@ -45,9 +79,12 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         alpha: float = 0.5,
         rule: str = "paper",
         center_lr: float = 0.5,
+        pixel_input: PixelNormalization | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # How uint8 pixel batches become model inputs (see `model_input`); None: float32 batches only.
+        self.pixel_input = pixel_input
         if rule not in UPDATE_RULES:
             raise ValueError(f"--rule: unknown center update rule {rule!r}; choose one of {UPDATE_RULES}")
         self.backbone = backbone
@@ -98,9 +135,18 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
             self.feature_norm_tracker,
         ]
 
+    def model_input(self, x: tf.Tensor) -> tf.Tensor:
+        """A batch as the backbone takes it: uint8 pixels are normalised here (`PixelNormalization`), float32
+        batches are already normalised. Decided when the step is traced, from the batch's dtype."""
+        if x.dtype != tf.uint8:
+            return x
+        if self.pixel_input is None:
+            raise ValueError("uint8 pixel batches need CenterLossModel(pixel_input=PixelNormalization(...))")
+        return self.pixel_input(x)
+
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """Embedding features of a batch of preprocessed images (the exported part of the model)."""
-        return self.backbone(inputs, training=training)
+        """Embedding features of a batch of images (the exported part of the model)."""
+        return self.backbone(self.model_input(inputs), training=training)
 
     def _objective(
         self, features: tf.Tensor, logits: tf.Tensor, labels: tf.Tensor
@@ -146,7 +192,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         ctx = tf.distribute.get_replica_context()
         global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))
         with tf.GradientTape() as tape:
-            features = self.backbone(x, training=True)
+            features = self.backbone(self.model_input(x), training=True)
             logits = self.head(features, y, training=True)
             ce, cl, total = self._objective(features, logits, y)
             loss = tf.reduce_sum(total) / global_batch
@@ -186,7 +232,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        features = self.backbone(x, training=False)
+        features = self.backbone(self.model_input(x), training=False)
         logits = self.head(features, y, training=False)
         ce, cl, total = self._objective(features, logits, y)
         return self._update_metrics(ce, cl, total, y, logits, features)

@@ -24,9 +24,10 @@ from training.center_rules import check_update_rule, step_factor
 from training.config import ConfigError, RunConfig
 from training.data import Splits, build_splits, eval_dataset, steps_per_epoch, train_dataset
 from training.data.augment import augmentation_from_config
+from training.data.streaming import naming_undecodable_images
 from training.distributed import is_chief
 from training.heads import make_head
-from training.model import CenterLossModel
+from training.model import CenterLossModel, PixelNormalization
 from training.partial_fc import build_partial_fc
 from training.precision import float32_copy, wrap_optimizer
 from training.run import (
@@ -60,6 +61,8 @@ def build_model(config: RunConfig, splits: Splits) -> CenterLossModel:
     center_options = dict(
         center_lambda=config.center_lambda, alpha=config.alpha, rule=config.rule, center_lr=config.center_lr
     )
+    # Streamed batches arrive as uint8 pixels and are normalised in the model graph (training/model.py).
+    center_options["pixel_input"] = PixelNormalization(splits.preprocessing, splits.input_spec)
     if config.sample_rate is not None:  # issue 13: Partial FC head (training/partial_fc.py)
         model = build_partial_fc(
             backbone,
@@ -302,7 +305,9 @@ def train(
     started = time.monotonic()
     history: dict[str, list[float]] = {}
     if initial_epoch < config.epochs:
-        fit = model.fit(
+        fit = naming_undecodable_images(
+            model.fit, stream, model, seed=config.seed, batch_size=config.batch_size
+        )(
             make_input(
                 batch_size=config.batch_size,
                 seed=config.seed,

@@ -20,7 +20,7 @@ keras = pytest.importorskip("keras")
 from bundle.manifest import InputSpec, OperatingPoint, Preprocessing, Thresholds  # noqa: E402
 from service.model import EmbeddingModel  # noqa: E402
 from service.preprocess import ImagePreprocessor  # noqa: E402
-from training.data.pipeline import preprocess_images  # noqa: E402
+from training.data.in_memory import preprocess_images  # noqa: E402
 from training.data.sources import load_folder_set  # noqa: E402
 from training.export import export_bundle  # noqa: E402
 

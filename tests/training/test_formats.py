@@ -41,6 +41,7 @@ from training.data.streaming import (
     val_split,
 )
 from training.data.tfrecord import list_folder, read_shard_set, write_shards
+from training.model import PixelNormalization
 
 runner = CliRunner()
 IDENTITIES, PER_IDENTITY, SIZE = 6, 8, 16
@@ -385,7 +386,8 @@ def test_streamed_splits_are_identity_disjoint_and_stream_every_training_image(
     first = np.concatenate([y for _, y in ds[:steps]])
     second = np.concatenate([y for _, y in ds[steps:]])
     assert sorted(first.tolist()) == sorted(stream.train_labels.tolist()) == sorted(second.tolist())
-    assert ds[0][0].shape[1:] == (SIZE, SIZE, 3) and ds[0][0].dtype == np.float32
+    # uint8 pixels: the host only decodes; the model normalises them in its graph (training/model.py).
+    assert ds[0][0].shape[1:] == (SIZE, SIZE, 3) and ds[0][0].dtype == np.uint8
     # A resumed run (initial_epoch 1) sees exactly the second epoch of the uninterrupted run.
     resumed = list(stream.dataset(batch_size=5, seed=3, epochs=2, initial_epoch=1).as_numpy_iterator())
     for (xa, ya), (xb, yb) in zip(resumed, ds[steps:], strict=True):
@@ -397,6 +399,7 @@ def test_streamed_splits_are_identity_disjoint_and_stream_every_training_image(
         original = int(name.removeprefix("id")) if name.startswith("id") else int(name)
         by_label[k] = preprocess_encoded(identity_images[original], splits.preprocessing, splits.input_spec)
     x0, y0 = ds[0]
+    x0 = PixelNormalization(splits.preprocessing, splits.input_spec)(tf.constant(x0)).numpy()
     for x, y in zip(x0, y0, strict=True):
         assert min(float(np.abs(x - ref).max()) for ref in by_label[int(y)]) <= 1e-6
 

@@ -1,6 +1,6 @@
 """Training data: dataset sources, identity-disjoint splits and the tf.data input of the trainer."""
 
-from training.data.pipeline import (
+from training.data.in_memory import (
     Splits,
     build_splits,
     eval_dataset,

@@ -12,13 +12,16 @@ sources: held-out identities never reach training; their images (up to `MAX_HELD
 in seeded order) and a seeded sample of validation images (`MAX_VAL_IMAGES`) are decoded into memory for
 evaluation, which is what `evaluate`/`export` score and calibrate on.
 
-Preprocessing: the training stream decodes and preprocesses with TensorFlow ops in parallel
-(`decode_and_preprocess`); the in-memory evaluation images go through `bundle.preprocess.preprocess_pil`,
-the service's own code. Without a resize (face crops stored at the model's input size, e.g. insightface's
-112x112) the pixels are bit-identical: JPEGs are decoded with the accurate integer IDCT Pillow's libjpeg
-uses, and RGB -> L is Pillow's integer formula; the float input is within 1e-6 (a fused multiply-add).
-With a resize, TF's antialiased resize (rounded back to uint8 as Pillow does) stays within 2 grey levels of
-Pillow's fixed-point filter. `tests/training/test_formats.py` measures and bounds both.
+Preprocessing: the training stream decodes (and resizes) with TensorFlow ops in parallel (`decode_pixels`)
+and yields uint8 pixel batches; the model normalises them inside its graph (`training.model.
+PixelNormalization`, the manifest's normalisation), so the host does no float pass (with augmentation on,
+each batch is normalised on the host before it is warped, as the warp works in normalised units). The
+in-memory evaluation images go through `bundle.preprocess.preprocess_pil`, the service's own code. Without a
+resize (face crops stored at the model's input size, e.g. insightface's 112x112) the pixels are
+bit-identical: JPEGs are decoded with the accurate integer IDCT Pillow's libjpeg uses, and RGB -> L is
+Pillow's integer formula. With a resize, TF's antialiased resize (rounded back to uint8 as Pillow does)
+stays within 2 grey levels of Pillow's fixed-point filter. `tests/training/test_formats.py` measures and
+bounds both.
 
 Order: for folders and .rec every epoch is a full permutation of the training images, a stateless function
 of (seed, epoch), so a resumed run sees the batches the uninterrupted run saw. TFRecord shards are read in a
@@ -43,7 +46,7 @@ from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_pil
 from training.config import RunConfig
 from training.data.augment import Augmentation, augment_batch, batch_key
-from training.data.pipeline import Splits, model_input, steps_per_epoch
+from training.data.in_memory import Splits, model_input, steps_per_epoch
 from training.data.recordio import RecordIOError, list_rec, read_images
 from training.data.sources import DataError
 from training.data.splits import choose_heldout
@@ -55,6 +58,7 @@ from training.data.tfrecord import (
     parse_examples,
     read_shard_set,
 )
+from training.model import PixelNormalization
 
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_HELDOUT_IMAGES = 2000
@@ -137,25 +141,16 @@ def decode_pixels(
 
 
 def normalize(pixels: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec) -> tf.Tensor:
-    """uint8 `[..., H, W, C]` (one image or a batch) -> float32 `(x * scale - mean) / std`, layout.
-
-    Computed as one multiply-add, `x * (scale / std) + (-mean / std)`: within 1e-6 of the bundle's
-    step-by-step float32 arithmetic (rounding only; the pixels are identical) at half the memory passes.
-    """
-    std = np.asarray(preprocessing.std, np.float64)
-    gain = (preprocessing.scale / std).astype(np.float32)
-    offset = (-np.asarray(preprocessing.mean, np.float64) / std).astype(np.float32)
-    x = tf.cast(pixels, tf.float32) * gain + offset
-    if input_spec.layout == "NCHW":
-        rank = len(x.shape)
-        x = tf.transpose(x, [*range(rank - 3), rank - 1, rank - 3, rank - 2])
-    return x
+    """uint8 `[..., H, W, C]` (one image or a batch) -> float32 model input: the manifest's normalisation
+    (`training.model.PixelNormalization`, what the model applies to streamed pixel batches)."""
+    return PixelNormalization(preprocessing, input_spec)(pixels)
 
 
 def decode_and_preprocess(
     encoded: tf.Tensor, preprocessing: Preprocessing, input_spec: InputSpec
 ) -> tf.Tensor:
-    """Encoded image bytes -> model input `[H, W, C]` float32 (or `[C, H, W]`), with TF ops only.
+    """Encoded image bytes -> model input `[H, W, C]` float32 (or `[C, H, W]`), with TF ops only (tests and
+    benchmarks; the training stream stops at `decode_pixels` and the model normalises).
 
     Step for step what `bundle.preprocess.preprocess_pil` does: decode, Pillow's `convert` (RGB -> L as
     `(19595 R + 38470 G + 7471 B + 2^15) >> 16`, L -> RGB by repetition, alpha dropped), resize only when
@@ -307,8 +302,10 @@ class TrainStream:
     ) -> tf.data.Dataset:
         """Batches for epochs `initial_epoch .. epochs-1` in one stream (each epoch ends on its own batch).
 
+        Batches are `(uint8 pixels [B, H, W, C], int32 labels)`: the model normalises the pixels in its graph.
         `augment` warps each batch with the same (seed, epoch, batch index) keys as the in-memory input, so a
-        resumed run sees the same augmented batches."""
+        resumed run sees the same augmented batches; those are normalised on the host first (float32
+        batches), because the warp's fill value is in normalised units."""
         if self.listing.kind == "tfrecord":
             per_epoch = self._tfrecord_epoch(batch_size, seed)
         else:
@@ -320,19 +317,31 @@ class TrainStream:
                 return (
                     plain(epoch)
                     .enumerate()
-                    .map(lambda b, xy: (augment_batch(xy[0], batch_key(seed, epoch, b), augment), xy[1]))
+                    .map(
+                        lambda b, xy: (
+                            augment_batch(
+                                normalize(xy[0], self.preprocessing, self.input_spec),
+                                batch_key(seed, epoch, b),
+                                augment,
+                            ),
+                            xy[1],
+                        )
+                    )
                 )
 
-        ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(per_epoch)
+        # Epochs in order, but the next one is opened (and its first reads started) while this one is still
+        # decoded: with flat_map every epoch start stalled the whole stream (TFRecord: until the first shuffle
+        # block was read and permuted).
+        ds = tf.data.Dataset.range(initial_epoch, epochs).interleave(
+            per_epoch, cycle_length=1, num_parallel_calls=1, deterministic=True
+        )
         options = tf.data.Options()
         options.deterministic = self.deterministic
         return ds.with_options(options).prefetch(AUTOTUNE)
 
     def _decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        # Normalised per image, in the parallel map, while the pixels are still in cache: cheaper than one
-        # pass over the whole batch afterwards (measured: ~10 us less CPU per 112x112 RGB image).
-        pixels = decode_pixels(encoded, self.preprocessing, self.input_spec, jpeg_at_size=self.jpeg_at_size)
-        return normalize(pixels, self.preprocessing, self.input_spec)
+        # uint8 pixels: decode (+ resize) is all the host does; the model graph normalises them.
+        return decode_pixels(encoded, self.preprocessing, self.input_spec, jpeg_at_size=self.jpeg_at_size)
 
     def _indexed_epoch(self, batch_size: int, seed: int):
         n = self.num_examples
@@ -457,6 +466,113 @@ class TrainStream:
             )
 
         return epoch
+
+    # --- naming an image that fails to decode -------------------------------------------------------------
+
+    def locate_undecodable(self, *, seed: int, batch_size: int, step: int) -> str | None:
+        """The first training image that the stream cannot decode, described (folder: its path; .rec: file
+        and offset; TFRecord: shard file, record number and image/index), or None when all decode.
+
+        Runs only after the stream failed: TensorFlow's decode error does not say which image it was. For
+        folders and .rec the search starts where training stopped (`step` global steps done) in that epoch's
+        order, so the culprit is found in the first chunk; TFRecord shards are searched shard by shard."""
+        if self.listing.kind == "tfrecord":
+            chunks = self._tfrecord_chunks()
+        else:
+            spe = self.steps_per_epoch(batch_size)
+            epoch, start = step // spe, (step % spe) * batch_size
+            key = tf.constant([seed, epoch], tf.int64)
+            order = tf.argsort(tf.random.stateless_uniform([self.num_examples], seed=key)).numpy()
+            order = np.concatenate([order[start:], order[:start]])
+            chunks = (
+                self._indexed_chunk(order[i : i + LOCATE_CHUNK]) for i in range(0, len(order), LOCATE_CHUNK)
+            )
+        for encoded, names in chunks:
+            bad = self._first_undecodable(encoded)
+            if bad is not None:
+                return names[bad]
+        return None
+
+    def _indexed_chunk(self, positions: np.ndarray) -> tuple[list[bytes], list[str]]:
+        image_idx = self.indices[positions]
+        names = [self.listing.describe(int(i)) for i in image_idx]
+        if self.listing.kind == "folder":
+            assert self.listing.locators is not None
+            encoded = []
+            for i in image_idx:
+                try:
+                    encoded.append((self.listing.source / self.listing.locators[i].decode()).read_bytes())
+                except OSError:
+                    encoded.append(b"")  # unreadable (gone since listing): decodes to nothing, so it is named
+            return encoded, names
+        return read_encoded(self.listing, image_idx), names
+
+    def _tfrecord_chunks(self):
+        shards = self.listing.shards
+        assert shards is not None
+        training = np.zeros(len(self.listing.labels), dtype=bool)
+        training[self.indices] = True
+        for path in shards.files:
+            ds = tf.data.TFRecordDataset(str(path)).batch(LOCATE_CHUNK).map(parse_examples)
+            record = 0
+            for encoded, _, index in ds.as_numpy_iterator():
+                keep = np.flatnonzero(training[index])
+                names = [f"{path}: record {record + int(k)} (image/index {int(index[k])})" for k in keep]
+                record += len(index)
+                if len(keep):
+                    yield [bytes(encoded[k]) for k in keep], names
+
+    def _first_undecodable(self, encoded: list[bytes]) -> int | None:
+        """Position of the first image of `encoded` that `decode_pixels` (as the stream runs it) fails on."""
+        if not encoded:
+            return None
+        ds = (
+            tf.data.Dataset.from_tensor_slices((tf.constant(encoded), tf.range(len(encoded))))
+            .map(
+                lambda e, k: (
+                    decode_pixels(e, self.preprocessing, self.input_spec, jpeg_at_size=self.jpeg_at_size),
+                    k,
+                ),
+                num_parallel_calls=AUTOTUNE,
+                deterministic=True,
+            )
+            .ignore_errors()
+            .map(lambda _x, k: k)
+        )
+        ok = set(ds.as_numpy_iterator())
+        missing = [k for k in range(len(encoded)) if k not in ok]
+        return missing[0] if missing else None
+
+
+# TensorFlow errors that a streamed image which cannot be read, decoded or is not at the input size raises.
+_DECODE_HINTS = ("Decode", "JPEG", "PNG", "image", "EnsureShape", "ReadFile", "No such file")
+LOCATE_CHUNK = 512
+
+
+def naming_undecodable_images(fit, stream: TrainStream | None, model: Any, *, seed: int, batch_size: int):
+    """`fit` (Keras' `model.fit`) that, when a streamed image fails to decode, raises `DataError` naming the
+    image instead of TensorFlow's error (which names no file). In-memory input: `fit` unchanged."""
+    if stream is None:
+        return fit
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fit(*args, **kwargs)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+            text = str(exc.message if hasattr(exc, "message") else exc)
+            if stream_error_message(exc) is not None or not any(h in text for h in _DECODE_HINTS):
+                raise
+            step = int(model.optimizer.iterations.numpy())
+            where = stream.locate_undecodable(seed=seed, batch_size=batch_size, step=step)
+            if where is None:
+                raise
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+            raise DataError(
+                f"{where}: cannot be decoded as a {stream.input_spec.width}x{stream.input_spec.height} "
+                f"image while streaming; fix or remove it ({first[:200]})"
+            ) from exc
+
+    return run
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def export_run(
     splits: Splits | None = None,
     quantize: str | None = None,
     quantize_method: str = "static",
+    embed_preprocessing: bool = False,
 ) -> BundleManifest:
     """Calibrate on the comparison's held-out pairs and write the run as a bundle (parity-checked).
 
@@ -74,6 +75,7 @@ def export_run(
         version=version,
         tolerance=tolerance,
         quantize=hook,
+        embed_preprocessing=embed_preprocessing,  # the ONNX model normalises uint8 pixels itself
     )
 
 

@@ -119,7 +119,12 @@ def _metadata(loaded: LoadedModel) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "inputs": [
             {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
-            {"name": TENSOR, "datatype": "FP32", "shape": [-1, *m.input.shape(None)[1:]]},
+            # inputgraph: a model that normalises its own uint8 pixels (input.dtype uint8) takes images only
+            *(
+                []
+                if m.input.takes_pixels
+                else [{"name": TENSOR, "datatype": "FP32", "shape": [-1, *m.input.shape(None)[1:]]}]
+            ),
         ],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, m.embedding.dim]}],
         "parameters": {"model_id": loaded.model_id, "layout": m.input.layout, "metric": "cosine"},
@@ -336,6 +341,11 @@ async def _embed(request: Request, inputs: dict[str, Any]) -> tuple[np.ndarray, 
     check_count(len(tensor), settings)
 
     def fits(loaded: LoadedModel) -> None:
+        if loaded.model.manifest.input.takes_pixels:  # no float input tensor to feed it
+            raise ProtocolError(
+                f"input {TENSOR!r}: this model takes uint8 pixels and normalises them in its graph "
+                f"(manifest input.dtype uint8); send encoded images as {IMAGES!r}"
+            )
         want = tuple(loaded.model.input_shape)
         if tensor.ndim != 1 + len(want) or tuple(tensor.shape[1:]) != want or len(tensor) == 0:
             dims = ", ".join(map(str, want))

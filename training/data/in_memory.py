@@ -1,4 +1,6 @@
-"""From a RunConfig to model-ready tensors: input spec, preprocessed identity-disjoint splits, tf.data input.
+"""The in-memory data path: from a RunConfig to its input spec, preprocessed identity-disjoint splits held as
+arrays, and their tf.data input (`train_dataset`, `eval_dataset`). `build_splits` hands streamed sources to
+`training.data.streaming`, whose training images are never held in memory.
 
 Every image becomes a model input through `bundle.preprocess.preprocess_image` with the same `InputSpec` and
 `Preprocessing` objects the exported bundle's manifest carries, so the service computes identical tensors.
