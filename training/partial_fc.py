@@ -26,6 +26,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from training.distributed import backbone_features
 from training.heads.partial_fc import PartialFCHead
 from training.model import CenterLossModel, _unpack
 from training.sparse_centers import sparse_update_centers, tf_variable
@@ -128,7 +129,7 @@ class PartialFCModel(CenterLossModel):
         with tf.GradientTape() as tape:
             rows = tf.gather(tf_variable(self.head.kernel), index)
             tape.watch(rows)
-            features = tf.cast(self.backbone(x, training=True), tf.float32)
+            features = tf.cast(backbone_features(self.backbone, x, training=True), tf.float32)
             cos = self.head.sampled_cosines(features, rows)
             logits = self.head.margin_logits(cos, local)
             ce, cl, total = self._objective(features, logits, local, self._center_rows(y))
@@ -176,7 +177,7 @@ class PartialFCModel(CenterLossModel):
     def test_step(self, data):
         x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        features = tf.cast(self.backbone(x, training=False), tf.float32)
+        features = tf.cast(backbone_features(self.backbone, x, training=False), tf.float32)
         logits = self.head(features)
         ce, cl, total = self._objective(features, logits, y, self._center_rows(y))
         return self._update_metrics(ce, cl, total, y, logits, features)
