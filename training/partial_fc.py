@@ -18,7 +18,8 @@ trainable variables), so Keras builds no `[K, D]` slots for them.
 Under MirroredStrategy / MultiWorkerMirroredStrategy the weights and centers are replicated (each replica
 holds all K rows): labels are all-gathered so every replica samples the same classes, the `[S, D]` row
 gradients and the `[U, D]` center statistics are all-reduced, and every replica writes the same rows.
-Sharding the rows across workers (model parallelism, as insightface's Partial FC) is not done here.
+Sharding the rows across workers (model parallelism, as insightface's Partial FC) is
+`training.sharded_fc.ShardedPartialFCModel` (`--shard-classes`).
 """
 
 from __future__ import annotations
@@ -159,9 +160,12 @@ class PartialFCModel(CenterLossModel):
             ce, cl, total, local, plain, features, margin_logits=logits, center_labels=y
         )
 
-    def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor) -> None:
+    def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor, kernel=None, slots=None) -> None:
+        # `kernel`/`slots`: the rows to update (default: the head's; the sharded model passes its shard).
+        kernel = self.head.kernel if kernel is None else kernel
+        slots = self.head.slots if slots is None else slots
         if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            self._rows.apply(self.head.kernel, self.head.slots, index, grad)
+            self._rows.apply(kernel, slots, index, grad)
             return
         # mixed_float16: unscale, and skip the rows' step when the feature optimizer skips its own.
         if not self.optimizer.built:  # its dynamic scale is created on build (as `apply` would do)
@@ -169,7 +173,7 @@ class PartialFCModel(CenterLossModel):
         grad = grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
 
         def update():
-            self._rows.apply(self.head.kernel, self.head.slots, index, grad)
+            self._rows.apply(kernel, slots, index, grad)
             return tf.constant(True)
 
         tf.cond(tf.reduce_all(tf.math.is_finite(grad)), update, lambda: tf.constant(False))

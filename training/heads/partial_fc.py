@@ -130,13 +130,16 @@ class PartialFCHead(keras.layers.Layer):
             )
             for slot in SLOTS[self.optimizer_name]
         ]
+        self._build_margin_ramp()
+        super().build(input_shape)
+
+    def _build_margin_ramp(self) -> None:
         self.margin_ramp = self.add_weight(
             name="margin_ramp",
             shape=(),
             initializer=keras.initializers.Constant(0.0 if self.warmup_epochs > 0 else 1.0),
             trainable=False,
         )
-        super().build(input_shape)
 
     def sample(self, global_labels: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         """The sorted class ids `[S]` of this step (positives of the global batch + seeded negatives)."""

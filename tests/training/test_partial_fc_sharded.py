@@ -1,0 +1,183 @@
+"""Class-sharded Partial FC (`training/sharded_fc.py`) on 2 mirrored CPU replicas == 1 device, and the
+empty share of a last batch (fewer examples than replicas) for every model.
+
+One subprocess (the logical-device split must happen before TensorFlow initialises) trains, on the same
+batches from the same initial weights: the replicated `PartialFCModel` on one device (reference), the
+sharded model on one device (1 shard) and on 2 replicas (2 shards). 61 classes split 31 + 30; 73 examples
+in batches of 24, so the last batch of each epoch has ONE example and replica 1's share is empty.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, tempfile
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import numpy as np
+    from training.backbones import build_backbone
+    from training.heads import make_head
+    from training.model import CenterLossModel
+    from training.partial_fc import build_partial_fc
+    from training.sharded_fc import build_sharded_partial_fc, initial_rows
+
+    K, D = 61, 4
+    rng = np.random.default_rng(0)
+    x = rng.random((73, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, K, 73).astype(np.int32)
+    tmp = tempfile.mkdtemp()
+
+    class Steps(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.loss = []
+        def on_train_batch_end(self, batch, logs=None):
+            self.loss.append(float(logs["loss"]))
+
+    def train(strategy, kind, init, opt="adam", rule="paper"):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            backbone = build_backbone("lenetpp", (8, 8, 1), D, 4)
+            options = dict(center_lambda=0.1, alpha=0.5, rule=rule, center_lr=0.5)
+            pfc = dict(head="arcface", head_params={"s": 8.0}, sample_rate=0.2, seed=4, optimizer=opt)
+            if kind == "dense":
+                model = CenterLossModel(backbone, make_head("softmax", K), K, **options)
+            elif kind == "replicated":
+                model = build_partial_fc(backbone, K, **pfc, **options)
+            else:
+                model = build_sharded_partial_fc(backbone, K, **pfc, **options)
+            sgd = keras.optimizers.SGD(0.005, momentum=0.9)
+            model.compile(optimizer=keras.optimizers.Adam(0.01) if opt == "adam" else sgd)
+        if init is not None:
+            model.backbone.set_weights(init)
+        if kind == "replicated":
+            model.head.kernel.assign(initial_rows(4, 0, K, D))  # the sharded model's initial rows
+        start = model.backbone.get_weights()
+        steps = Steps()
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(24)
+        history = model.fit(ds, epochs=2, verbose=0, shuffle=False, callbacks=[steps]).history
+        return start, model, steps.loss, history
+
+    def tables(model, name):
+        if hasattr(model, "tables"):
+            files = {k: os.path.join(tmp, f"{name}-{k}.npy") for k in model.tables}
+            return {k: np.array(t.gather(files[k])) for k, t in model.tables.items()}
+        out = {"kernel": model.head.kernel.numpy(), "centers": model.centers.numpy()}
+        for slot, variable in zip(("kernel_momentum", "kernel_velocity"), model.head.slots):
+            out[slot] = variable.numpy()
+        return out
+
+    def diff(a, b):
+        return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+    def weights_diff(a, b):
+        return max(diff(u, v) for u, v in zip(a.backbone.get_weights(), b.backbone.get_weights()))
+
+    one_device = tf.distribute.get_strategy()
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    report = {}
+    for opt, rule in (("adam", "paper"), ("sgd", "gradient")):
+        init, ref, ref_steps, ref_hist = train(one_device, "replicated", None, opt, rule)
+        _, one, one_steps, one_hist = train(one_device, "sharded", init, opt, rule)
+        _, two, two_steps, two_hist = train(mirrored, "sharded", init, opt, rule)
+        t_ref, t_one, t_two = tables(ref, "ref"), tables(one, "one"), tables(two, "two")
+        report[f"{opt}/{rule}"] = {
+            "replicas": [m.distribute_strategy.num_replicas_in_sync for m in (one, two)],
+            "moved": {k: diff(t_ref[k], 0 * t_ref[k]) for k in t_ref},
+            "one_vs_ref": {k: diff(t_ref[k], t_one[k]) for k in t_ref},
+            "two_vs_one": {k: diff(t_one[k], t_two[k]) for k in t_one},
+            "kernel_moved": diff(t_ref["kernel"], initial_rows(4, 0, K, D)),
+            "backbone_two_vs_one": weights_diff(one, two),
+            "backbone_one_vs_ref": weights_diff(ref, one),
+            # per-step logs of an uneven step are Keras' mean of the replicas' running means: compare the
+            # even steps and the epoch logs (metrics reduced over replicas)
+            "steps": [ref_steps, one_steps, two_steps],
+            "history": [ref_hist, one_hist, two_hist],
+            "blocks": [list(map(int, b.shape)) for t in two.tables.values() for _, b in t.components()],
+            "shard_bytes": [one.shard_bytes(), two.shard_bytes()],
+        }
+    # The empty share with the models that existed before sharding: 2 replicas == 1 device.
+    for kind in ("dense", "replicated"):
+        init, a, _, hist_a = train(one_device, kind, None)
+        _, b, _, hist_b = train(mirrored, kind, init)
+        report[f"empty/{kind}"] = {
+            "centers": diff(a.centers.numpy(), b.centers.numpy()),
+            "center_scale": diff(a.centers.numpy(), 0 * a.centers.numpy()),
+            "backbone": weights_diff(a, b),
+            "loss": [hist_a["loss"], hist_b["loss"]],
+        }
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("REPORT"))
+    return json.loads(line.removeprefix("REPORT"))
+
+
+CASES = ["adam/paper", "sgd/gradient"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_shards_equal_one_and_the_replicated_head(report, case):
+    result = report[case]
+    assert result["replicas"] == [1, 2]
+    assert result["kernel_moved"] > 1e-3 and result["moved"]["centers"] > 1e-3  # not trivially 0 == 0
+    for table, value in result["two_vs_one"].items():
+        assert value < 1e-4 * max(1.0, result["moved"][table]), (table, value)
+    for table, value in result["one_vs_ref"].items():
+        assert value < 1e-5 * max(1.0, result["moved"][table]), (table, value)
+    assert result["backbone_two_vs_one"] < 1e-4
+    assert result["backbone_one_vs_ref"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_shards_follow_the_same_loss_trajectory(report, case):
+    ref, one, two = report[case]["steps"]
+    assert len(ref) == len(one) == len(two) == 8  # 4 steps x 2 epochs
+    np.testing.assert_allclose(one, ref, rtol=1e-6)
+    even = [0, 1, 2, 4, 5, 6]  # steps 4 and 8 have one example, on replica 0 only
+    np.testing.assert_allclose(np.asarray(two)[even], np.asarray(one)[even], rtol=1e-5)
+    h_ref, h_one, h_two = report[case]["history"]
+    for name in ("loss", "softmax_loss", "center_loss", "center_norm", "feature_norm", "accuracy"):
+        np.testing.assert_allclose(h_one[name], h_ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(h_two[name], h_one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_each_replica_stores_only_its_shard(report):
+    result = report["adam/paper"]
+    # kernel, 2 Adam slots, centers: one [ceil(61 / 2), 4] block each per replica
+    assert result["blocks"] == [[31, 4]] * 8
+    one, two = result["shard_bytes"]
+    assert one == 4 * 61 * 4 * 4  # one device: all K rows of the 4 tables
+    assert two == 2 * 4 * 31 * 4 * 4  # this process holds both replicas' blocks: 31 rows each
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dense", "replicated"])
+def test_empty_share_of_the_last_batch_trains(report, kind):
+    # Before the fix, replica 1's empty share failed in Conv2D (oneDNN returns the input's shape for 0 rows).
+    result = report[f"empty/{kind}"]
+    assert result["center_scale"] > 1e-3
+    assert result["centers"] < 1e-5 and result["backbone"] < 1e-5
+    np.testing.assert_allclose(result["loss"][1], result["loss"][0], rtol=1e-5)
