@@ -436,6 +436,18 @@ class ShardedPartialFCModel(PartialFCModel):
         """The full centers, written to `out` (`.npy`) and returned memory-mapped."""
         return self.centers.gather(Path(out))
 
+    def describe(self) -> str:
+        """One line: which rows this process stores and how much head state that is."""
+        ranges = ", ".join(
+            f"replica {r}: classes {self.shards.start(r)}..{self.shards.start(r) + self.shards.size(r) - 1}"
+            for r, _ in self.kernel.components()
+        )
+        return (
+            f"Partial FC sharded over {self.shards.num_shards} replica(s) ({ranges}); "
+            f"{self.shards.rows} of {self.shards.num_classes} rows stored per replica, head state "
+            f"{self.shard_bytes() / 2**20:.1f} MiB in this process"
+        )
+
     def shard_bytes(self) -> int:
         """Bytes of head state this process stores (every table's local blocks)."""
         return sum(
