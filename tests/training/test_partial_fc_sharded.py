@@ -66,6 +66,8 @@ SCRIPT = textwrap.dedent(
         steps = Steps()
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(24)
         history = model.fit(ds, epochs=2, verbose=0, shuffle=False, callbacks=[steps]).history
+        if kind != "dense":  # validation: all K classes, no margin (the sharded test_step: every shard row)
+            history["evaluate"] = model.evaluate(ds, verbose=0, return_dict=True)
         return start, model, steps.loss, history
 
     def tables(model, name):
@@ -161,6 +163,10 @@ def test_two_shards_follow_the_same_loss_trajectory(report, case):
     for name in ("loss", "softmax_loss", "center_loss", "center_norm", "feature_norm", "accuracy"):
         np.testing.assert_allclose(h_one[name], h_ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(h_two[name], h_one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        e_ref, e_one, e_two = (h["evaluate"][name] for h in (h_ref, h_one, h_two))
+        np.testing.assert_allclose(e_one, e_ref, rtol=1e-5, atol=1e-7, err_msg=f"evaluate {name}")
+        np.testing.assert_allclose(e_two, e_one, rtol=1e-4, atol=1e-6, err_msg=f"evaluate {name}")
+    assert h_ref["evaluate"]["softmax_loss"] > 1.0  # over 61 classes: not a trivial 0 == 0
 
 
 @pytest.mark.slow
