@@ -187,3 +187,61 @@ def test_empty_share_of_the_last_batch_trains(report, kind):
     assert result["center_scale"] > 1e-3
     assert result["centers"] < 1e-5 and result["backbone"] < 1e-5
     np.testing.assert_allclose(result["loss"][1], result["loss"][0], rtol=1e-5)
+
+
+def test_class_ranges_follow_insightface() -> None:
+    from training.sharded_fc import ClassShards
+
+    shards = ClassShards(10, 4)  # insightface: num_local = K // W + (rank < K % W)
+    assert [shards.size(r) for r in range(4)] == [3, 3, 2, 2]
+    assert [shards.start(r) for r in range(4)] == [0, 3, 6, 8]
+    assert shards.rows == 3
+    assert [int(shards.start_tensor(r)) for r in range(4)] == [0, 3, 6, 8]
+    assert [int(shards.size_tensor(r)) for r in range(4)] == [3, 3, 2, 2]
+    with pytest.raises(ValueError, match="cannot be split over 4 replicas"):
+        ClassShards(3, 4)
+
+
+def test_initial_rows_do_not_depend_on_the_split() -> None:
+    from training.sharded_fc import INIT_BLOCK, initial_rows
+
+    full = initial_rows(3, 0, 2 * INIT_BLOCK + 10, 4).numpy()
+    part = initial_rows(3, INIT_BLOCK - 5, INIT_BLOCK + 12, 4).numpy()  # straddles two block edges
+    np.testing.assert_array_equal(part, full[INIT_BLOCK - 5 : 2 * INIT_BLOCK + 7])
+    assert 0.009 < full.std() < 0.011
+    assert not np.array_equal(initial_rows(4, 0, 10, 4).numpy(), full[:10])  # the seed matters
+
+
+def test_distributed_cross_entropy_on_one_replica_is_softmax_cross_entropy() -> None:
+    import tensorflow as tf
+
+    from training.sharded_fc import distributed_cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(5, 7)).astype(np.float32) * 10)
+    labels = np.array([0, 6, 3, 3, 1])
+    one_hot = tf.one_hot(labels, 7)
+    weights = tf.constant(rng.random(5).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = distributed_cross_entropy(logits, one_hot, tf.distribute.get_replica_context())
+        ref = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        a, b = tf.reduce_sum(ours * weights), tf.reduce_sum(ref * weights)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(a, logits).numpy(), tape.gradient(b, logits).numpy(), atol=1e-6)
+
+
+def test_shard_classes_needs_a_sample_rate(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.config import RunConfig
+
+    with pytest.raises(ValueError, match="--shard-classes"):
+        RunConfig(head="arcface", shard_classes=True)
+    assert RunConfig(head="arcface", sample_rate=0.1, shard_classes=True).shard_classes
+    result = CliRunner().invoke(
+        app, ["train", "--head", "arcface", "--shard-classes", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "--shard-classes" in result.output
+    assert not (tmp_path / "r").exists()
