@@ -413,8 +413,13 @@ class ShardedPartialFCModel(PartialFCModel):
 
     # --- the sharded state on disk (every replica calls these: gathering is collective)
 
-    def save_head_state(self, folder: Path) -> None:
-        """Write the full `[K, D]` tables into `folder/<name>.npy` (written next to it, then renamed)."""
+    def save_head_state(self, folder: Path, write: bool = True) -> None:
+        """Write the full `[K, D]` tables into `folder/<name>.npy` (written next to it, then renamed).
+        `write=False` (workers other than the chief) joins the gathers and writes nothing."""
+        if not write:
+            for table in self.tables.values():
+                table.gather(None)
+            return
         folder = Path(folder)
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -432,9 +437,10 @@ class ShardedPartialFCModel(PartialFCModel):
                 raise FileNotFoundError(f"{path}: missing (the sharded head state of this checkpoint)")
             table.assign_from(np.load(path, mmap_mode="r"))
 
-    def gather_centers(self, out: Path) -> np.ndarray:
-        """The full centers, written to `out` (`.npy`) and returned memory-mapped."""
-        return self.centers.gather(Path(out))
+    def gather_centers(self, out: Path | None) -> np.ndarray | None:
+        """The full centers, written to `out` (`.npy`) and returned memory-mapped; None without `out`
+        (a worker that only joins the gather)."""
+        return self.centers.gather(None if out is None else Path(out))
 
     def describe(self) -> str:
         """One line: which rows this process stores and how much head state that is."""
@@ -466,14 +472,23 @@ def head_state_folder(checkpoint: Path) -> Path:
 class HeadStateCheckpoint(keras.callbacks.Callback):
     """Saves the sharded head state with each epoch's checkpoint and keeps the newest `keep`."""
 
-    def __init__(self, model: ShardedPartialFCModel, checkpoints: Path, keep: int) -> None:
+    def __init__(
+        self, model: ShardedPartialFCModel, checkpoints: Path, keep: int, write: bool = True
+    ) -> None:
         super().__init__()
-        self.sharded, self.checkpoints, self.keep = model, Path(checkpoints), keep
+        self.sharded, self.checkpoints, self.keep, self.write = model, Path(checkpoints), keep, write
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.sharded.save_head_state(self.checkpoints / f"epoch-{epoch + 1:03d}{HEAD_STATE_SUFFIX}")
-        folders = sorted(self.checkpoints.glob(f"epoch-*{HEAD_STATE_SUFFIX}"))
-        for old in folders[: -self.keep]:
+        folder = self.checkpoints / f"epoch-{epoch + 1:03d}{HEAD_STATE_SUFFIX}"
+        self.sharded.save_head_state(folder, write=self.write)
+        if not self.write:
+            return
+        found = []
+        for f in self.checkpoints.glob(f"epoch-*{HEAD_STATE_SUFFIX}"):
+            number = f.name.removeprefix("epoch-").removesuffix(HEAD_STATE_SUFFIX)
+            if number.isdigit():
+                found.append((int(number), f))
+        for _, old in sorted(found)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -216,12 +216,16 @@ def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
 _GATHERED_CENTERS = "centers.gathered.npy"
 
 
-def _final_centers(model: CenterLossModel, paths: RunPaths) -> np.ndarray:
+def _final_centers(model: CenterLossModel, paths: RunPaths, chief: bool) -> np.ndarray:
     """The trained centers `[K, D]`; a sharded model's are gathered from every worker (all must call this)
-    into a memory-mapped file, so no worker holds more than its shard and one block of the others."""
-    if isinstance(model, ShardedPartialFCModel):
-        return model.gather_centers(paths.root / _GATHERED_CENTERS)
-    return model.centers.numpy()
+    into a memory-mapped file on the chief, so no worker holds more than its shard and one block of the
+    others; the other workers keep none (their run folder is a scratch folder, deleted at the end)."""
+    if not isinstance(model, ShardedPartialFCModel):
+        return model.centers.numpy()
+    if not chief:
+        model.gather_centers(None)
+        return np.zeros((0, model.feature_dim), np.float32)
+    return model.gather_centers(paths.root / _GATHERED_CENTERS)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -292,7 +296,10 @@ def train(
         initial_epoch, checkpoint = found
         model.load_weights(checkpoint)
         if isinstance(model, ShardedPartialFCModel):  # issue 13: the head's shards live next to it
-            model.load_head_state(head_state_folder(checkpoint))
+            try:
+                model.load_head_state(head_state_folder(checkpoint))
+            except (FileNotFoundError, ValueError) as exc:
+                raise RunError(f"--resume: {exc}") from exc
     truncate_history(paths, initial_epoch)
     if initial_epoch >= config.epochs:
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
@@ -310,7 +317,7 @@ def train(
         _PruneCheckpoints(paths, CHECKPOINTS_KEPT),
         # issue 13: every worker gathers the head's shards; each writes them into its own folder
         *(
-            [HeadStateCheckpoint(model, paths.checkpoints, CHECKPOINTS_KEPT)]
+            [HeadStateCheckpoint(model, paths.checkpoints, CHECKPOINTS_KEPT, write=scratch is None)]
             if isinstance(model, ShardedPartialFCModel)
             else []
         ),
@@ -351,7 +358,7 @@ def train(
             verbose=verbose,
         )
         history = fit.history
-    centers = _final_centers(model, paths)
+    centers = _final_centers(model, paths, chief=scratch is None)
     if initial_epoch < config.epochs and not np.all(np.isfinite(centers)):
         raise FloatingPointError(f"{paths.root}: training diverged (non-finite centers); lower --lr/--alpha")
     summary = {
