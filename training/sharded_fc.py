@@ -24,9 +24,9 @@ A training step on replica r (`ShardedPartialFCModel.train_step`):
 6. the center loss and center update of an example are computed by the replica that owns its class, from
    the gathered features: per-shard statistics, no all-reduce (the same `training.sparse_centers` rules).
 
-Because the sample, the initial weights (`initial_rows`: seeded per block of rows, not per shard) and every
-formula are independent of W, a run on 2 workers equals a run on 1 (tested), and the single-worker run
-equals the replicated `PartialFCModel` from the same initial weights.
+Because the sample, the initial weights (`initial_rows`: seeded per block of rows, not per shard, the same
+initialiser as the unsharded `PartialFCHead`) and every formula are independent of W, a run on 2 workers
+equals a run on 1, and both equal the replicated `PartialFCModel` of the same config (tested).
 
 Checkpoints and export gather the shards: `ShardedRows.gather` all-gathers a bounded block of rows at a
 time (`GATHER_FLOATS`) and writes them into a memory-mapped `.npy` of the full `[K, D]` table, so no worker
@@ -48,13 +48,11 @@ import tensorflow as tf
 
 from training.distributed import backbone_features, worker_logs
 from training.heads.margins import combined_margin
-from training.heads.partial_fc import SLOTS, PartialFCHead
+from training.heads.partial_fc import SLOTS, PartialFCHead, initial_rows
 from training.model import _unpack
 from training.partial_fc import PartialFCModel
 from training.sparse_centers import present_classes, present_statistics, updated_rows
 
-INIT_BLOCK = 4096  # rows per seeded block of the initial weights (any W sees the same rows)
-INIT_STDDEV = 0.01  # insightface: torch.normal(0, 0.01, (num_local, embedding_size))
 GATHER_FLOATS = 1 << 24  # floats per all-gather block when shards are gathered (64 MB)
 HEAD_STATE_SUFFIX = ".head"
 
@@ -86,20 +84,6 @@ class ClassShards:
 
     def size_tensor(self, shard: tf.Tensor) -> tf.Tensor:
         return self.base + tf.cast(tf.cast(shard, tf.int32) < self.extra, tf.int32)
-
-
-def initial_rows(seed: int, start: int, size: int, dim: int) -> tf.Tensor:
-    """Initial weights of classes `[start, start + size)`: N(0, 0.01) drawn per block of `INIT_BLOCK` rows
-    from (seed, block), so a class's initial row does not depend on how the classes are sharded."""
-    if size <= 0:
-        return tf.zeros([0, dim], tf.float32)
-    first, last = start // INIT_BLOCK, (start + size - 1) // INIT_BLOCK
-    blocks = [
-        tf.random.stateless_normal([INIT_BLOCK, dim], seed=[int(seed), b], stddev=INIT_STDDEV)
-        for b in range(first, last + 1)
-    ]
-    offset = start - first * INIT_BLOCK
-    return tf.concat(blocks, axis=0)[offset : offset + size]
 
 
 def _local_replica_ids(strategy: tf.distribute.Strategy) -> list[int]:

@@ -79,13 +79,19 @@ def test_two_sharded_workers_equal_one(many_identities: Path, tmp_path: Path) ->
     summary = json.loads((out / "summary.json").read_text())
     # the chief stored 19 rows of the 4 tables (weights, 2 Adam slots, centers) of 2-d features
     assert summary["head_shards"] == {"shards": 2, "rows_per_shard": 19, "head_state_bytes": 19 * 2 * 4 * 4}
-    single = _single_process(config, tmp_path / "single", epochs=1)
-    assert json.loads((single / "summary.json").read_text())["head_shards"]["shards"] == 1
+    # The same config without --shard-classes in one process (replicated rows, the same initial rows and
+    # samples) ends with the same run folder contents, the files `export` reads (centers.npy, embedding).
+    unsharded = config.model_copy(update={"shard_classes": False})
+    single = _single_process(unsharded, tmp_path / "single", epochs=1)
+    assert "head_shards" not in json.loads((single / "summary.json").read_text())
     _assert_same_model(single, out)
-    # The checkpoint holds full tables: one process resumes the 2-worker run and ends where an
-    # uninterrupted single-process run of 2 epochs ends.
+    # The checkpoint holds full tables: one process resumes the 2-worker run (1 shard) and ends where an
+    # uninterrupted unsharded run of 2 epochs ends.
     head = out / "checkpoints" / "epoch-001.head"
+    names = sorted(p.name for p in head.iterdir())
+    assert names == ["centers.npy", "kernel.npy", "kernel_momentum.npy", "kernel_velocity.npy"]
     assert np.load(head / "centers.npy").shape == (37, 2)
     resumed = train(config.model_copy(update={"epochs": 2}), out, resume=True, verbose=0)
-    uninterrupted = _single_process(config, tmp_path / "single2", epochs=2)
+    assert json.loads((resumed / "summary.json").read_text())["head_shards"]["shards"] == 1
+    uninterrupted = _single_process(unsharded, tmp_path / "single2", epochs=2)
     _assert_same_model(uninterrupted, resumed)

@@ -2,9 +2,10 @@
 empty share of a last batch (fewer examples than replicas) for every model.
 
 One subprocess (the logical-device split must happen before TensorFlow initialises) trains, on the same
-batches from the same initial weights: the replicated `PartialFCModel` on one device (reference), the
-sharded model on one device (1 shard) and on 2 replicas (2 shards). 61 classes split 31 + 30; 73 examples
-in batches of 24, so the last batch of each epoch has ONE example and replica 1's share is empty.
+batches from the same backbone weights: the replicated `PartialFCModel` on one device (reference), the
+sharded model on one device (1 shard) and on 2 replicas (2 shards); all three draw the same initial class
+weights from the seed (`initial_rows`, the one initialiser of both heads). 61 classes split 31 + 30; 73
+examples in batches of 24, so the last batch of each epoch has ONE example and replica 1's share is empty.
 """
 
 import json
@@ -29,7 +30,8 @@ SCRIPT = textwrap.dedent(
     from training.heads import make_head
     from training.model import CenterLossModel
     from training.partial_fc import build_partial_fc
-    from training.sharded_fc import build_sharded_partial_fc, initial_rows
+    from training.heads.partial_fc import initial_rows
+    from training.sharded_fc import build_sharded_partial_fc
 
     K, D = 61, 4
     rng = np.random.default_rng(0)
@@ -60,8 +62,6 @@ SCRIPT = textwrap.dedent(
             model.compile(optimizer=keras.optimizers.Adam(0.01) if opt == "adam" else sgd)
         if init is not None:
             model.backbone.set_weights(init)
-        if kind == "replicated":
-            model.head.kernel.assign(initial_rows(4, 0, K, D))  # the sharded model's initial rows
         start = model.backbone.get_weights()
         steps = Steps()
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(24)
@@ -203,7 +203,7 @@ def test_class_ranges_follow_insightface() -> None:
 
 
 def test_initial_rows_do_not_depend_on_the_split() -> None:
-    from training.sharded_fc import INIT_BLOCK, initial_rows
+    from training.heads.partial_fc import INIT_BLOCK, initial_rows
 
     full = initial_rows(3, 0, 2 * INIT_BLOCK + 10, 4).numpy()
     part = initial_rows(3, INIT_BLOCK - 5, INIT_BLOCK + 12, 4).numpy()  # straddles two block edges
