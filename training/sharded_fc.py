@@ -53,7 +53,7 @@ from training.model import _unpack
 from training.partial_fc import PartialFCModel
 from training.sparse_centers import present_classes, present_statistics, updated_rows
 
-GATHER_FLOATS = 1 << 24  # floats per all-gather block when shards are gathered (64 MB)
+GATHER_FLOATS = 1 << 24  # floats per block when shards are gathered, loaded or initialised (64 MB)
 HEAD_STATE_SUFFIX = ".head"
 
 
@@ -126,18 +126,20 @@ class ShardedRows:
         return list(zip(_local_replica_ids(self.strategy), blocks, strict=True))
 
     def assign_rows(self, rows: Callable[[int, int], Any]) -> None:
-        """Set each local block to `rows(start, size)` (`[size, D]`), padded to the stored row count."""
+        """Set each local block's rows to `rows(first, n)` (`[n, D]` of classes `first..first + n - 1`),
+        a bounded number of rows at a time (`GATHER_FLOATS`); padding rows keep their value."""
+        step = max(1, GATHER_FLOATS // self.dim)
         for replica, block in self.components():
             start, size = self.shards.start(replica), self.shards.size(replica)
-            value = tf.convert_to_tensor(np.asarray(rows(start, size), dtype=np.float32))
-            value = tf.pad(value, [[0, self.shards.rows - size], [0, 0]])
-            block.assign(value)
+            for first in range(0, size, step):
+                n = min(step, size - first)
+                block[first : first + n].assign(np.asarray(rows(start + first, n), dtype=np.float32))
 
     def assign_from(self, table: np.ndarray) -> None:
         """Load each local block from a full `[K, D]` table (e.g. a memory-mapped `.npy`)."""
         if tuple(table.shape) != self.shape:
             raise ValueError(f"{self.name}: table of shape {tuple(table.shape)}, expected {self.shape}")
-        self.assign_rows(lambda start, size: table[start : start + size])
+        self.assign_rows(lambda first, n: table[first : first + n])
 
     def gather(self, out: Path | None = None) -> np.ndarray | None:
         """All-gather the shards block by block; every replica must call it (collective ops).
@@ -264,7 +266,7 @@ class ShardedPartialFCModel(PartialFCModel):
         ]
         object.__setattr__(self, "slots", slots)
         seed, dim = head.seed, self.feature_dim
-        self.kernel.assign_rows(lambda start, size: initial_rows(seed, start, size, dim).numpy())
+        self.kernel.assign_rows(lambda first, n: initial_rows(seed, first, n, dim).numpy())
 
     def _make_centers(self) -> ShardedRows:
         return ShardedRows("centers", self.shards, self.feature_dim)

@@ -31,7 +31,10 @@ SCRIPT = textwrap.dedent(
     from training.model import CenterLossModel
     from training.partial_fc import build_partial_fc
     from training.heads.partial_fc import initial_rows
+    from training import sharded_fc
     from training.sharded_fc import build_sharded_partial_fc
+
+    gather_floats = sharded_fc.GATHER_FLOATS
 
     K, D = 61, 4
     rng = np.random.default_rng(0)
@@ -93,11 +96,15 @@ SCRIPT = textwrap.dedent(
         _, one, one_steps, one_hist = train(one_device, "sharded", init, opt, rule)
         _, two, two_steps, two_hist = train(mirrored, "sharded", init, opt, rule)
         t_ref, t_one, t_two = tables(ref, "ref"), tables(one, "one"), tables(two, "two")
+        sharded_fc.GATHER_FLOATS = 2 * 5 * D  # 7 all-gathers of 5 rows per shard instead of one
+        t_blocks = tables(two, "blocks")
+        sharded_fc.GATHER_FLOATS = gather_floats
         report[f"{opt}/{rule}"] = {
             "replicas": [m.distribute_strategy.num_replicas_in_sync for m in (one, two)],
             "moved": {k: diff(t_ref[k], 0 * t_ref[k]) for k in t_ref},
             "one_vs_ref": {k: diff(t_ref[k], t_one[k]) for k in t_ref},
             "two_vs_one": {k: diff(t_one[k], t_two[k]) for k in t_one},
+            "blocked_gather": max(diff(t_two[k], t_blocks[k]) for k in t_two),
             "kernel_moved": diff(t_ref["kernel"], initial_rows(4, 0, K, D)),
             "backbone_two_vs_one": weights_diff(one, two),
             "backbone_one_vs_ref": weights_diff(ref, one),
@@ -148,6 +155,7 @@ def test_two_shards_equal_one_and_the_replicated_head(report, case):
     for table, value in result["one_vs_ref"].items():
         assert value < 1e-5 * max(1.0, result["moved"][table]), (table, value)
     assert result["backbone_two_vs_one"] < 1e-4
+    assert result["blocked_gather"] == 0.0  # gathering 5 rows per shard at a time: the same tables
     assert result["backbone_one_vs_ref"] < 1e-5
 
 
@@ -245,3 +253,21 @@ def test_shard_classes_needs_a_sample_rate(tmp_path) -> None:
     )
     assert result.exit_code == 2 and "--shard-classes" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_tables_are_written_gathered_and_loaded_in_blocks(tmp_path, monkeypatch) -> None:
+    from training import sharded_fc
+    from training.heads.partial_fc import initial_rows
+
+    monkeypatch.setattr(sharded_fc, "GATHER_FLOATS", 4 * 7)  # 7 rows at a time
+    table = sharded_fc.ShardedRows("t", sharded_fc.ClassShards(50, 1), 4)
+    table.assign_rows(lambda first, n: initial_rows(1, first, n, 4).numpy())
+    full = initial_rows(1, 0, 50, 4).numpy()
+    np.testing.assert_array_equal(table.variable.numpy(), full)
+    gathered = table.gather(tmp_path / "t.npy")
+    np.testing.assert_array_equal(gathered, full)
+    other = sharded_fc.ShardedRows("u", sharded_fc.ClassShards(50, 1), 4)
+    other.assign_from(np.load(tmp_path / "t.npy", mmap_mode="r"))
+    np.testing.assert_array_equal(other.variable.numpy(), full)
+    with pytest.raises(ValueError, match=r"shape \(49, 4\), expected \(50, 4\)"):
+        other.assign_from(full[:49])
