@@ -53,7 +53,8 @@ from training.model import _unpack
 from training.partial_fc import PartialFCModel
 from training.sparse_centers import present_classes, present_statistics, updated_rows
 
-GATHER_FLOATS = 1 << 24  # floats per block when shards are gathered, loaded or initialised (64 MB)
+GATHER_FLOATS = 1 << 24  # floats per all-gather block when shards are gathered (64 MB)
+ASSIGN_FLOATS = 1 << 21  # floats per block when shards are initialised or loaded (8 MB)
 HEAD_STATE_SUFFIX = ".head"
 
 
@@ -127,8 +128,9 @@ class ShardedRows:
 
     def assign_rows(self, rows: Callable[[int, int], Any]) -> None:
         """Set each local block's rows to `rows(first, n)` (`[n, D]` of classes `first..first + n - 1`),
-        a bounded number of rows at a time (`GATHER_FLOATS`); padding rows keep their value."""
-        step = max(1, GATHER_FLOATS // self.dim)
+        `ASSIGN_FLOATS` at a time (the temporaries stay small next to the shard); padding rows keep their
+        value."""
+        step = max(1, ASSIGN_FLOATS // self.dim)
         for replica, block in self.components():
             start, size = self.shards.start(replica), self.shards.size(replica)
             for first in range(0, size, step):

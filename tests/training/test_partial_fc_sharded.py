@@ -260,6 +260,7 @@ def test_tables_are_written_gathered_and_loaded_in_blocks(tmp_path, monkeypatch)
     from training.heads.partial_fc import initial_rows
 
     monkeypatch.setattr(sharded_fc, "GATHER_FLOATS", 4 * 7)  # 7 rows at a time
+    monkeypatch.setattr(sharded_fc, "ASSIGN_FLOATS", 4 * 9)  # 9 rows at a time
     table = sharded_fc.ShardedRows("t", sharded_fc.ClassShards(50, 1), 4)
     table.assign_rows(lambda first, n: initial_rows(1, first, n, 4).numpy())
     full = initial_rows(1, 0, 50, 4).numpy()
