@@ -343,6 +343,12 @@ class ShardedPartialFCModel(PartialFCModel):
             margin=_accuracy_logits(logits, one_hot, ctx),
         )  # fmt: skip
 
+    def _rows_finite(self, grad: tf.Tensor) -> tf.Tensor:
+        """mixed_float16: skip every shard's row step when ANY shard's gradient is not finite (as the
+        feature optimizer skips its step), so the shards never disagree on which steps happened."""
+        bad = tf.reduce_sum(tf.cast(~tf.math.is_finite(grad), tf.float32))
+        return tf.equal(_all_sum(tf.distribute.get_replica_context(), bad), 0.0)
+
     def _update_center_shard(self, features, labels, owner, start, global_batch) -> None:
         """The rule on this shard's present classes, from the gathered features (no all-reduce)."""
         mine = tf.boolean_mask(labels - start, owner)

@@ -272,3 +272,26 @@ def test_tables_are_written_gathered_and_loaded_in_blocks(tmp_path, monkeypatch)
     np.testing.assert_array_equal(other.variable.numpy(), full)
     with pytest.raises(ValueError, match=r"shape \(49, 4\), expected \(50, 4\)"):
         other.assign_from(full[:49])
+
+
+@pytest.mark.slow
+def test_sharded_mixed_float16_step_is_loss_scaled() -> None:
+    import keras
+    from test_facescale_train import face
+
+    from training.data import build_splits
+    from training.sharded_fc import ShardedPartialFCModel
+    from training.trainer import build_model
+
+    config = face(precision="mixed_float16", sample_rate=0.5, shard_classes=True)
+    splits = build_splits(config)
+    model = build_model(config, splits)
+    assert isinstance(model, ShardedPartialFCModel)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    before = model.kernel.variable.numpy().copy()
+    logs = model.train_on_batch(splits.x_train[:64], splits.y_train[:64], return_dict=True)
+    assert np.isfinite(logs["softmax_loss"]) and logs["center_loss"] > 0
+    moved = np.abs(model.kernel.variable.numpy() - before).max(axis=1)
+    assert (moved > 0).sum() >= 4  # the sampled rows (half of 7 classes, positives included) stepped
+    assert model.kernel.variable.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"
