@@ -295,3 +295,41 @@ def test_sharded_mixed_float16_step_is_loss_scaled() -> None:
     assert (moved > 0).sum() >= 4  # the sampled rows (half of 7 classes, positives included) stepped
     assert model.kernel.variable.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_head_state_checkpoints_keep_the_newest_and_load_back(tmp_path) -> None:
+    from training.backbones import build_backbone
+    from training.sharded_fc import HeadStateCheckpoint, build_sharded_partial_fc
+
+    def model(seed: int):
+        return build_sharded_partial_fc(
+            build_backbone("lenetpp", (8, 8, 1), 4, 4),
+            11,
+            head="arcface",
+            head_params={"s": 8.0},
+            sample_rate=0.5,
+            seed=seed,
+            optimizer="sgd",
+            rule="paper",
+        )
+
+    saved, other = model(1), model(2)
+    saved.centers.assign_rows(lambda first, n: np.repeat(np.arange(first, first + n)[:, None], 4, axis=1))
+    callback = HeadStateCheckpoint(saved, tmp_path, keep=3)
+    for epoch in range(5):
+        callback.on_epoch_end(epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch-003.head",
+        "epoch-004.head",
+        "epoch-005.head",
+    ]
+    assert sorted(p.name for p in (tmp_path / "epoch-005.head").iterdir()) == [
+        "centers.npy", "kernel.npy", "kernel_momentum.npy"
+    ]  # fmt: skip
+    assert not np.array_equal(other.kernel.variable.numpy(), saved.kernel.variable.numpy())  # another seed
+    other.load_head_state(tmp_path / "epoch-005.head")
+    np.testing.assert_array_equal(other.kernel.variable.numpy(), saved.kernel.variable.numpy())
+    np.testing.assert_array_equal(other.centers.variable.numpy()[:, 0], np.arange(11))
+    (tmp_path / "epoch-004.head" / "kernel.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"kernel\.npy: missing"):
+        other.load_head_state(tmp_path / "epoch-004.head")
