@@ -117,7 +117,11 @@ class ShardedRows:
         return (self.shards.num_classes, self.dim)
 
     def local(self) -> tf.Variable:
-        """This replica's block (replica context); the variable itself without distribution."""
+        """This replica's block (replica context); the variable itself without distribution.
+
+        A sync-on-read variable refuses `scatter_update` ("doesn't support scatter_update", TF 2.21), so
+        the rows are written on the component itself, which `DistributedVariable._get_on_device_or_primary`
+        returns for the current replica (a private TF API; kept behind this one method)."""
         get = getattr(self.variable, "_get_on_device_or_primary", None)
         return get() if get is not None else self.variable
 
