@@ -85,6 +85,7 @@ def test_two_sharded_workers_equal_one(many_identities: Path, tmp_path: Path) ->
     single = _single_process(unsharded, tmp_path / "single", epochs=1)
     assert "head_shards" not in json.loads((single / "summary.json").read_text())
     _assert_same_model(single, out)
+    _assert_same_history(single, out)
     # The checkpoint holds full tables: one process resumes the 2-worker run (1 shard) and ends where an
     # uninterrupted unsharded run of 2 epochs ends.
     head = out / "checkpoints" / "epoch-001.head"
@@ -95,3 +96,12 @@ def test_two_sharded_workers_equal_one(many_identities: Path, tmp_path: Path) ->
     assert json.loads((resumed / "summary.json").read_text())["head_shards"]["shards"] == 1
     uninterrupted = _single_process(unsharded, tmp_path / "single2", epochs=2)
     _assert_same_model(uninterrupted, resumed)
+    _assert_same_history(uninterrupted, resumed)
+
+
+def _assert_same_history(a: Path, b: Path) -> None:
+    """The epoch logs (metrics reduced over all workers) of two runs: the same loss trajectory."""
+    ha, hb = (np.genfromtxt(run / "history.csv", delimiter=",", names=True) for run in (a, b))
+    assert ha.shape == hb.shape
+    for name in ("loss", "softmax_loss", "center_loss", "accuracy", "center_norm"):
+        np.testing.assert_allclose(hb[name], ha[name], rtol=1e-4, atol=1e-6, err_msg=name)
