@@ -12,6 +12,13 @@ bench/results/partial_fc.json.
     python bench/partial_fc_bench.py              # 512-d, batch 64, 10 steps (1M classes: ~9 GB RAM)
     python bench/partial_fc_bench.py --full-head  # adds the dense head at 1k and 100k for comparison
     python bench/partial_fc_bench.py --quick --head-only   # the head alone (Dense "backbone"), batch 64
+    python bench/partial_fc_bench.py --quick --shard-memory  # head state per worker, 1 vs 2 workers
+
+`--shard-memory` (issue 13, model-parallel Partial FC): 100k classes, head only, trained by 1 and by 2
+MultiWorkerMirroredStrategy worker processes on 127.0.0.1, replicated (`PartialFCModel`) and sharded
+(`--shard-classes`, `training/sharded_fc.py`). Each worker reports the bytes of head state it stores
+(weights, 2 Adam slots, centers), its RSS after building and its peak RSS, and the step time. Writes
+bench/results/partial_fc_shards.json.
 """
 
 from __future__ import annotations
@@ -166,6 +173,133 @@ def _subprocess(args: argparse.Namespace, extra: list[str]) -> dict:
     return json.loads(line.removeprefix("RESULT"))
 
 
+def _shard_worker(args: argparse.Namespace) -> dict:
+    """One worker of the --shard-memory comparison (TF_CONFIG in the environment when workers > 1)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from training.distributed import make_strategy, resolve_tf_config
+    from training.partial_fc import build_partial_fc
+    from training.sharded_fc import ShardedPartialFCModel, build_sharded_partial_fc
+
+    strategy = make_strategy("auto", resolve_tf_config())
+    k, dim = args.shard_classes, args.feature_dim
+    rss_start = _rss_mb()
+    keras.utils.set_random_seed(args.seed)
+    with strategy.scope():
+        inputs = keras.Input((dim,), name="input")
+        backbone = keras.Model(inputs, keras.layers.Dense(dim, name="embedding")(inputs))
+        build = build_sharded_partial_fc if args.sharded else build_partial_fc
+        model = build(
+            backbone,
+            k,
+            head="arcface",
+            head_params={},
+            sample_rate=args.sample_rate,
+            seed=args.seed,
+            optimizer="adam",
+            center_lambda=0.01,
+            alpha=0.5,
+            rule="paper",
+            center_lr=0.5,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.optimizer.build(model.trainable_variables)
+    if isinstance(model, ShardedPartialFCModel):
+        head_bytes = model.shard_bytes()
+    else:  # every worker holds the full [K, D] weights, their 2 slots and the centers
+        head_bytes = sum(
+            int(np.prod(v.shape)) * 4 for v in (model.head.kernel, *model.head.slots, model.centers)
+        )
+    rss_built = _rss_mb()
+    rng = np.random.default_rng(args.seed)
+    n = args.batch_size * (args.warmup + args.steps)
+    data = tf.data.Dataset.from_tensor_slices(
+        (rng.random((n, dim), dtype=np.float32), rng.integers(0, k, n).astype(np.int32))
+    ).batch(args.batch_size)
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(logs["loss"])
+            times.append(time.perf_counter() - self.t0)
+
+    model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[Timer()])
+    return {
+        "workers": strategy.num_replicas_in_sync,
+        "head": "sharded" if args.sharded else "replicated",
+        "classes": k,
+        "feature_dim": dim,
+        "head_state_mb": head_bytes / 2**20,
+        "rss_start_mb": rss_start,
+        "rss_built_mb": rss_built,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "median_step_s": statistics.median(times[args.warmup :]),
+    }
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def run_shard_memory(args: argparse.Namespace) -> list[dict]:
+    """1 and 2 worker processes, replicated vs sharded head: what each worker stores and uses."""
+    common = [
+        f"--shard-classes={args.shard_classes}",
+        f"--sample-rate={args.sample_rate}",
+        f"--feature-dim={args.feature_dim}",
+        f"--batch-size={args.batch_size}",
+        f"--warmup={args.warmup}",
+        f"--steps={args.steps}",
+        f"--seed={args.seed}",
+        "--shard-worker",
+    ]
+    base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    base_env["PYTHONPATH"] = str(ROOT)
+    rows = []
+    for workers in args.workers:
+        for sharded in (False, True):
+            addresses = [f"127.0.0.1:{p}" for p in _free_ports(workers)]
+            procs = []
+            for index in range(workers):
+                env = dict(base_env)
+                if workers > 1:
+                    cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+                    env["TF_CONFIG"] = json.dumps(cluster)
+                cmd = [sys.executable, __file__, *common, *(["--sharded"] if sharded else [])]
+                procs.append(
+                    subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                )
+            for index, proc in enumerate(procs):
+                out, err = proc.communicate(timeout=900)
+                line = next((s for s in out.splitlines() if s.startswith("RESULT")), None)
+                if proc.returncode != 0 or line is None:
+                    raise SystemExit(
+                        f"worker {index} of {workers} failed (exit {proc.returncode}):\n{err[-3000:]}"
+                    )
+                row = json.loads(line.removeprefix("RESULT"))
+                row["worker"] = index
+                rows.append(row)
+                print(
+                    f"  {row['head']:<10} {workers} worker(s), worker {index}: head state "
+                    f"{row['head_state_mb']:.0f} MB, peak RSS {row['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", nargs="+", type=int, default=[1000, 100_000, 1_000_000])
@@ -185,11 +319,28 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pair", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved blocks of the 1k-vs-100k ratio")
+    parser.add_argument(
+        "--shard-memory",
+        action="store_true",
+        help="head state per worker: 1 vs 2 workers, replicated vs sharded",
+    )
+    parser.add_argument("--shard-classes", type=int, default=100_000, help="classes of --shard-memory")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts of --shard-memory"
+    )
+    parser.add_argument("--shard-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.feature_dim, args.batch_size, args.steps, args.warmup, args.rounds = 128, 16, 4, 2, 3
         if args.head_only:  # cheap steps: a realistic batch and more of them
             args.batch_size, args.steps, args.warmup = 64, 20, 3
+    if args.shard_worker:
+        print("RESULT" + json.dumps(_shard_worker(args)))
+        return
+    if args.shard_memory:
+        _report_shard_memory(args)
+        return
     if args.one is not None:
         print("RESULT" + json.dumps(run_one(args)))
         return
@@ -231,6 +382,49 @@ def main() -> None:
         "rows": rows,
         "interleaved_1k_vs_100k": pair,
         "target": {"classes": 100_000, "max_ratio": 1.5},
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__},
+    }
+    results.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {results}")
+
+
+def _report_shard_memory(args: argparse.Namespace) -> None:
+    import tensorflow as tf
+
+    started = time.monotonic()
+    rows = run_shard_memory(args)
+    print(
+        f"\n{args.shard_classes} classes, {args.feature_dim}-d, {args.sample_rate:g} sampled, batch "
+        f"{args.batch_size} (per worker: head state = weights + 2 Adam slots + centers)"
+    )
+    print(
+        f"{'head':<12}{'workers':>8}{'worker':>7}{'head MB':>9}{'RSS built MB':>14}{'peak RSS MB':>13}"
+        f"{'ms/step':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['head']:<12}{r['workers']:>8}{r['worker']:>7}{r['head_state_mb']:>9.0f}{r['rss_built_mb']:>14.0f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['median_step_s'] * 1e3:>9.0f}"
+        )
+    seconds = time.monotonic() - started
+    print(f"({seconds:.0f} s)")
+    results = RESULTS_DIR / "partial_fc_shards.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "shard_classes",
+                "feature_dim",
+                "sample_rate",
+                "batch_size",
+                "steps",
+                "warmup",
+                "workers",
+            )
+        },
+        "rows": rows,
+        "seconds": seconds,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "tensorflow": tf.__version__},
     }
     results.write_text(json.dumps(payload, indent=2) + "\n")

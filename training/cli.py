@@ -207,6 +207,13 @@ def train(
             "\\[default: full head]"
         ),
     ] = None,
+    shard_classes: Annotated[
+        bool,
+        typer.Option(
+            help="with --sample-rate: split the class weights, their optimizer slots and the centers by "
+            "class range over the workers (model-parallel Partial FC; each stores K / workers rows)"
+        ),
+    ] = _RUN["shard_classes"],
     feature_dim: Annotated[int, typer.Option(help="embedding size (2 to plot features)")] = _RUN[
         "feature_dim"
     ],
@@ -343,6 +350,7 @@ def train(
                 backbone=backbone,
                 precision=precision,
                 sample_rate=sample_rate,
+                shard_classes=shard_classes,
                 feature_dim=feature_dim,
                 width=width,
                 head=head,

@@ -155,6 +155,12 @@ class RunConfig(BaseModel):
         description="Partial FC: per step the batch's classes plus a seeded sample of the others, "
         "max(rate * K, positives) in all; None = the full head",
     )
+    # issue 13: model-parallel Partial FC (training/sharded_fc.py)
+    shard_classes: bool = Field(
+        default=False,
+        description="Partial FC: split the class weights, their optimizer slots and the centers by class "
+        "range over the replicas (workers), each storing K / W rows; needs sample_rate",
+    )
     # center loss
     center_lambda: float = Field(default=0.01, ge=0.0, description="weight of the center loss; 0 = softmax")
     alpha: float = Field(
@@ -286,6 +292,8 @@ class RunConfig(BaseModel):
                 f"--precision {self.precision} needs one of {', '.join(FACE_BACKBONES)} (their embedding "
                 "layer computes in float32)"
             )
+        if self.shard_classes and self.sample_rate is None:
+            raise ValueError("--shard-classes splits the Partial FC head: give --sample-rate too (1.0 = all)")
         if self.sample_rate is not None and self.head not in PARTIAL_FC_HEADS:
             raise ValueError(
                 f"--sample-rate (Partial FC) needs a margin head on normalised weights: "

@@ -27,7 +27,7 @@ import tensorflow as tf
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import normalization
 from training.center_loss import UPDATE_RULES, batch_class_statistics, center_loss_per_example, update_centers
-from training.distributed import MultiWorkerFit, worker_logs
+from training.distributed import MultiWorkerFit, backbone_features, worker_logs
 from training.heads.softmax import SoftmaxHead
 
 
@@ -98,13 +98,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         self.head.build((None, self.feature_dim))
         # ONLY_FIRST_REPLICA: every replica assigns the same value computed from all-reduced statistics, so
         # taking the first replica's write is exact and lets the assignment happen in replica context.
-        self.centers = self.add_weight(
-            shape=(self.num_classes, self.feature_dim),
-            initializer="zeros",
-            trainable=False,
-            name="centers",
-            aggregation="only_first_replica",
-        )
+        self.centers = self._make_centers()
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.softmax_tracker = keras.metrics.Mean(name="softmax_loss")
         self.center_tracker = keras.metrics.Mean(name="center_loss")
@@ -121,6 +115,16 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         self.feature_norm_tracker = keras.metrics.Mean(name="feature_norm")
         # Backbone and head are built above, so weights can be saved/loaded before the first step.
         self.built = True
+
+    def _make_centers(self) -> keras.Variable:
+        # issue 13: the class-sharded Partial FC model (training/sharded_fc.py) keeps its centers in shards.
+        return self.add_weight(
+            shape=(self.num_classes, self.feature_dim),
+            initializer="zeros",
+            trainable=False,
+            name="centers",
+            aggregation="only_first_replica",
+        )
 
     @property
     def metrics(self) -> list[keras.metrics.Metric]:
@@ -192,7 +196,9 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
         ctx = tf.distribute.get_replica_context()
         global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))
         with tf.GradientTape() as tape:
-            features = self.backbone(self.model_input(x), training=True)
+            features = backbone_features(
+                self.backbone, self.model_input(x), training=True
+            )  # an empty share too
             logits = self.head(features, y, training=True)
             ce, cl, total = self._objective(features, logits, y)
             loss = tf.reduce_sum(total) / global_batch
@@ -232,7 +238,7 @@ class CenterLossModel(MultiWorkerFit, keras.Model):
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        features = self.backbone(self.model_input(x), training=False)
+        features = backbone_features(self.backbone, self.model_input(x), training=False)
         logits = self.head(features, y, training=False)
         ce, cl, total = self._objective(features, logits, y)
         return self._update_metrics(ce, cl, total, y, logits, features)

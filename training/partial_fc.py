@@ -18,7 +18,8 @@ trainable variables), so Keras builds no `[K, D]` slots for them.
 Under MirroredStrategy / MultiWorkerMirroredStrategy the weights and centers are replicated (each replica
 holds all K rows): labels are all-gathered so every replica samples the same classes, the `[S, D]` row
 gradients and the `[U, D]` center statistics are all-reduced, and every replica writes the same rows.
-Sharding the rows across workers (model parallelism, as insightface's Partial FC) is not done here.
+Sharding the rows across workers (model parallelism, as insightface's Partial FC) is
+`training.sharded_fc.ShardedPartialFCModel` (`--shard-classes`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from training.distributed import backbone_features
 from training.heads.partial_fc import PartialFCHead
 from training.model import CenterLossModel, _unpack
 from training.sparse_centers import sparse_update_centers, tf_variable
@@ -128,7 +130,9 @@ class PartialFCModel(CenterLossModel):
         with tf.GradientTape() as tape:
             rows = tf.gather(tf_variable(self.head.kernel), index)
             tape.watch(rows)
-            features = tf.cast(self.backbone(self.model_input(x), training=True), tf.float32)
+            features = tf.cast(
+                backbone_features(self.backbone, self.model_input(x), training=True), tf.float32
+            )
             cos = self.head.sampled_cosines(features, rows)
             logits = self.head.margin_logits(cos, local)
             ce, cl, total = self._objective(features, logits, local, self._center_rows(y))
@@ -158,9 +162,12 @@ class PartialFCModel(CenterLossModel):
             ce, cl, total, local, plain, features, margin_logits=logits, center_labels=y
         )
 
-    def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor) -> None:
+    def _apply_rows(self, index: tf.Tensor, grad: tf.Tensor, kernel=None, slots=None) -> None:
+        # `kernel`/`slots`: the rows to update (default: the head's; the sharded model passes its shard).
+        kernel = self.head.kernel if kernel is None else kernel
+        slots = self.head.slots if slots is None else slots
         if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            self._rows.apply(self.head.kernel, self.head.slots, index, grad)
+            self._rows.apply(kernel, slots, index, grad)
             return
         # mixed_float16: unscale, and skip the rows' step when the feature optimizer skips its own.
         if not self.optimizer.built:  # its dynamic scale is created on build (as `apply` would do)
@@ -168,15 +175,19 @@ class PartialFCModel(CenterLossModel):
         grad = grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
 
         def update():
-            self._rows.apply(self.head.kernel, self.head.slots, index, grad)
+            self._rows.apply(kernel, slots, index, grad)
             return tf.constant(True)
 
-        tf.cond(tf.reduce_all(tf.math.is_finite(grad)), update, lambda: tf.constant(False))
+        tf.cond(self._rows_finite(grad), update, lambda: tf.constant(False))
+
+    def _rows_finite(self, grad: tf.Tensor) -> tf.Tensor:
+        # Replicated rows: every replica has the same all-reduced gradient, hence the same answer.
+        return tf.reduce_all(tf.math.is_finite(grad))
 
     def test_step(self, data):
         x, y = _unpack(data)
         y = tf.cast(tf.reshape(y, [-1]), tf.int32)
-        features = tf.cast(self.backbone(self.model_input(x), training=False), tf.float32)
+        features = tf.cast(backbone_features(self.backbone, self.model_input(x), training=False), tf.float32)
         logits = self.head(features)
         ce, cl, total = self._objective(features, logits, y, self._center_rows(y))
         return self._update_metrics(ce, cl, total, y, logits, features)

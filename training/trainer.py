@@ -39,6 +39,12 @@ from training.run import (
     save_final,
     truncate_history,
 )
+from training.sharded_fc import (
+    HeadStateCheckpoint,
+    ShardedPartialFCModel,
+    build_sharded_partial_fc,
+    head_state_folder,
+)
 
 CHECKPOINTS_KEPT = 3
 EVAL_BATCH_SIZE = 256
@@ -64,16 +70,21 @@ def build_model(config: RunConfig, splits: Splits) -> CenterLossModel:
     # Streamed batches arrive as uint8 pixels and are normalised in the model graph (training/model.py).
     center_options["pixel_input"] = PixelNormalization(splits.preprocessing, splits.input_spec)
     if config.sample_rate is not None:  # issue 13: Partial FC head (training/partial_fc.py)
-        model = build_partial_fc(
-            backbone,
-            len(splits.class_names),
-            head=config.head,
-            head_params=config.head_params,
-            sample_rate=config.sample_rate,
-            seed=config.seed,
-            optimizer=config.optimizer,
-            **center_options,
-        )
+        # --shard-classes: weights, slots and centers split over the strategy's replicas (sharded_fc.py)
+        build = build_sharded_partial_fc if config.shard_classes else build_partial_fc
+        try:
+            model = build(
+                backbone,
+                len(splits.class_names),
+                head=config.head,
+                head_params=config.head_params,
+                sample_rate=config.sample_rate,
+                seed=config.seed,
+                optimizer=config.optimizer,
+                **center_options,
+            )
+        except ValueError as exc:  # fewer classes than replicas to shard them over
+            raise ConfigError(str(exc)) from exc
     else:
         model = CenterLossModel(backbone, head, len(splits.class_names), **center_options)
     if config.optimizer == "adam":
@@ -205,6 +216,21 @@ def _divergence_cause(config: RunConfig, frequencies: list[float]) -> str:
     )
 
 
+_GATHERED_CENTERS = "centers.gathered.npy"
+
+
+def _final_centers(model: CenterLossModel, paths: RunPaths, chief: bool) -> np.ndarray:
+    """The trained centers `[K, D]`; a sharded model's are gathered from every worker (all must call this)
+    into a memory-mapped file on the chief, so no worker holds more than its shard and one block of the
+    others; the other workers keep none (their run folder is a scratch folder, deleted at the end)."""
+    if not isinstance(model, ShardedPartialFCModel):
+        return model.centers.numpy()
+    if not chief:
+        model.gather_centers(None)
+        return np.zeros((0, model.feature_dim), np.float32)
+    return model.gather_centers(paths.root / _GATHERED_CENTERS)
+
+
 def default_run_dir(config: RunConfig) -> Path:
     dataset = config.dataset if config.dataset in ("digits", "digit-pairs") else Path(config.dataset).name
     return (
@@ -259,6 +285,8 @@ def train(
         # Before the run folder too: a head option that depends on the class count (CosFace's m limit) is
         # refused here, and must not leave a config.json that makes the corrected retry fail "folder exists".
         model = build_model(config, splits)
+    if isinstance(model, ShardedPartialFCModel):
+        print(model.describe())
     # Before the run folder as well: an unreadable --verify-pairs file must not leave a folder behind.
     from training.verification_bin import load_pair_sets, verification_callbacks, verification_summary
 
@@ -270,6 +298,11 @@ def train(
     if found is not None:
         initial_epoch, checkpoint = found
         model.load_weights(checkpoint)
+        if isinstance(model, ShardedPartialFCModel):  # issue 13: the head's shards live next to it
+            try:
+                model.load_head_state(head_state_folder(checkpoint))
+            except (FileNotFoundError, ValueError) as exc:
+                raise RunError(f"--resume: {exc}") from exc
     truncate_history(paths, initial_epoch)
     if initial_epoch >= config.epochs:
         print(f"{paths.root}: already trained for {initial_epoch} epochs (--epochs {config.epochs})")
@@ -285,6 +318,12 @@ def train(
             str(paths.checkpoints / "epoch-{epoch:03d}.weights.h5"), save_weights_only=True
         ),
         _PruneCheckpoints(paths, CHECKPOINTS_KEPT),
+        # issue 13: every worker gathers the head's shards; each writes them into its own folder
+        *(
+            [HeadStateCheckpoint(model, paths.checkpoints, CHECKPOINTS_KEPT, write=scratch is None)]
+            if isinstance(model, ShardedPartialFCModel)
+            else []
+        ),
         keras.callbacks.CSVLogger(str(paths.history), append=initial_epoch > 0),
     ]
     if importlib.util.find_spec("tensorboard") is not None:
@@ -324,10 +363,9 @@ def train(
             verbose=verbose,
         )
         history = fit.history
-        if not np.all(np.isfinite(model.centers.numpy())):
-            raise FloatingPointError(
-                f"{paths.root}: training diverged (non-finite centers); lower --lr/--alpha"
-            )
+    centers = _final_centers(model, paths, chief=scratch is None)
+    if initial_epoch < config.epochs and not np.all(np.isfinite(centers)):
+        raise FloatingPointError(f"{paths.root}: training diverged (non-finite centers); lower --lr/--alpha")
     summary = {
         "epochs": config.epochs,
         "resumed_from_epoch": initial_epoch,
@@ -343,8 +381,18 @@ def train(
         },
     }
     summary.update(verification_summary(callbacks, stream))
+    if isinstance(model, ShardedPartialFCModel):  # issue 13: what the chief stored of the head
+        summary["head_shards"] = {
+            "shards": model.shards.num_shards,
+            "rows_per_shard": model.shards.rows,
+            "head_state_bytes": model.shard_bytes(),
+        }
     # issue 13: the saved/exported embedding model is float32 whatever the training precision.
-    save_final(paths, float32_copy(model.backbone), model.centers.numpy(), splits, summary)
+    save_final(paths, float32_copy(model.backbone), centers, splits, summary)
+    gathered = paths.root / _GATHERED_CENTERS
+    if gathered.exists():
+        del centers
+        gathered.unlink()
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     return out

@@ -50,8 +50,9 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def run_two_workers(out: Path, extra: list[str]) -> None:
-    """Run both workers of a 2-process cluster to completion; fail with their output if either fails."""
+def run_two_workers(out: Path, extra: list[str]) -> list[str]:
+    """Run both workers of a 2-process cluster to completion; fail with their output if either fails.
+    Returns their outputs."""
     addresses = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     base_env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": 1}}
@@ -83,6 +84,7 @@ def run_two_workers(out: Path, extra: list[str]) -> None:
     for i, (proc, text) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"worker {i} exited {proc.returncode}:\n{text[-4000:]}"
     assert "done; the chief writes" in outputs[1]
+    return outputs
 
 
 @pytest.fixture(scope="module")

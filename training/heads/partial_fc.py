@@ -31,6 +31,36 @@ from training.heads.margins import combined_margin, replace_target, target_cosin
 
 PARTIAL_FC_HEADS = ("arcface", "amsoftmax", "combined")
 SLOTS = {"adam": ("momentum", "velocity"), "sgd": ("momentum",)}
+INIT_BLOCK = 4096  # rows per seeded block of the initial weights
+INIT_STDDEV = 0.01  # insightface: torch.normal(0, 0.01, (num_local, embedding_size))
+
+
+def initial_rows(seed: int, start: int, size: int, dim: int) -> tf.Tensor:
+    """Initial weights of classes `[start, start + size)`: N(0, 0.01) drawn per block of `INIT_BLOCK` rows
+    from (seed, block), so a class's initial row is the same whether the head is whole or split by class
+    range over workers (`training.sharded_fc`)."""
+    if size <= 0:
+        return tf.zeros([0, dim], tf.float32)
+    first, last = start // INIT_BLOCK, (start + size - 1) // INIT_BLOCK
+    blocks = [
+        tf.random.stateless_normal([INIT_BLOCK, dim], seed=[int(seed), b], stddev=INIT_STDDEV)
+        for b in range(first, last + 1)
+    ]
+    offset = start - first * INIT_BLOCK
+    return tf.concat(blocks, axis=0)[offset : offset + size]
+
+
+class SeededRows(keras.initializers.Initializer):
+    """`initial_rows(seed, 0, K, D)` as a Keras initializer for the `[K, D]` weights."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def __call__(self, shape, dtype=None):
+        return tf.cast(initial_rows(self.seed, 0, int(shape[0]), int(shape[1])), dtype or tf.float32)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"seed": self.seed}
 
 
 def check_sample_rate(rate: float) -> float:
@@ -112,11 +142,11 @@ class PartialFCHead(keras.layers.Layer):
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         dim = int(input_shape[-1])
-        # insightface: torch.normal(0, 0.01, (num_local, embedding_size))
+        # insightface: torch.normal(0, 0.01, (num_local, embedding_size)), seeded per block of rows
         self.kernel = self.add_weight(
             name="kernel",
             shape=(self.num_classes, dim),
-            initializer=keras.initializers.RandomNormal(stddev=0.01),
+            initializer=SeededRows(self.seed),
             trainable=False,
             aggregation="only_first_replica",
         )
@@ -130,13 +160,16 @@ class PartialFCHead(keras.layers.Layer):
             )
             for slot in SLOTS[self.optimizer_name]
         ]
+        self._build_margin_ramp()
+        super().build(input_shape)
+
+    def _build_margin_ramp(self) -> None:
         self.margin_ramp = self.add_weight(
             name="margin_ramp",
             shape=(),
             initializer=keras.initializers.Constant(0.0 if self.warmup_epochs > 0 else 1.0),
             trainable=False,
         )
-        super().build(input_shape)
 
     def sample(self, global_labels: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         """The sorted class ids `[S]` of this step (positives of the global batch + seeded negatives)."""
