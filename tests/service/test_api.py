@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
+from testkit.service_helpers import API_KEY, TinyBundle
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}

@@ -8,11 +8,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from service_testkit import TinyBundle
 
 from service.api.hot_routes import HOT_PATHS
 from service.app import create_app
 from service.core.config import Settings
+from testkit.service_helpers import TinyBundle
 
 pytestmark = pytest.mark.asyncio
 

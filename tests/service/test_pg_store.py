@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +21,7 @@ from service.gallery.pg_store import ChangeBatch, ChangeFollower, PostgresIdenti
 from service.gallery.store import IdentityExistsError, IdentityStore, StoreError, open_store
 
 # The server launcher is shared with the benchmarks, which live outside the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from pg_local import LocalPostgresUnavailable, local_postgres
+from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 DIM = 8
 _db_names = itertools.count()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import tiny_bundle
-from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, TinyBundle
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
