@@ -35,7 +35,7 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _run(overrides: dict[str, Any]) -> None:
+def _run(overrides: dict[str, Any], processes: int = 1) -> None:
     import uvicorn
     from threadpoolctl import threadpool_limits
 
@@ -54,6 +54,15 @@ def _run(overrides: dict[str, Any]) -> None:
     # (2 threads doubled p50 at 100k and raised p99 at 10k from 20 to 160 ms on a busy 2-core host), and the
     # cores are needed by onnxruntime and the event loop.
     threadpool_limits(limits=1, user_api="blas")
+    if processes > 1:
+        from service.multiprocess import MultiProcessRefused, serve_processes
+
+        try:
+            serve_processes(settings, overrides, processes)
+        except MultiProcessRefused as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -90,6 +99,15 @@ LevelOpt = Annotated[
     str | None, typer.Option(help=f"DEBUG, INFO, WARNING or ERROR (default: {_default('log_level')})")
 ]
 FormatOpt = Annotated[str | None, typer.Option(help=f"json or text (default: {_default('log_format')})")]
+ProcessesOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=256,
+        help="server processes sharing the port, for many-core hosts; > 1 needs a PostgreSQL store "
+        "(service/multiprocess.py, docs/service.md)",
+    ),
+]
 
 
 def _options(**values: object) -> dict[str, Any]:
@@ -136,6 +154,7 @@ def serve(
     batch_wait_ms: WaitOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,
+    processes: ProcessesOpt = 1,
 ) -> None:
     """Start the service; it is ready when GET /readyz returns 200."""
     mine = _options(
@@ -150,7 +169,7 @@ def serve(
     )
     # Options before the command (`idembed-serve --port 9000 serve`) count too; the command's own win.
     before = ctx.obj or {}
-    _run({k: mine[k] if mine[k] is not None else before.get(k) for k in mine})
+    _run({k: mine[k] if mine[k] is not None else before.get(k) for k in mine}, processes)
 
 
 @app.command()
