@@ -17,8 +17,9 @@ For each model, in one run on one machine (compare ratios, not absolute figures,
   service's own `ImagePreprocessor` (the ceiling of a server that receives encoded images, as /v1/embed does);
 - /v1/embed: the service in its own process, `concurrency` keep-alive connections of one base64 PNG each;
 - Triton (PyTriton, dynamic batching, the same per-image work) when `--triton-python` is given;
-- single request: p50 of one sequential /v1/embed request vs one onnxruntime call on one ready tensor, and
-  the difference (the per-request overhead).
+- single request: p50 of one sequential /v1/embed request vs one onnxruntime call on one ready tensor,
+  sampled in alternating pairs so both see the same machine load, and the difference (the per-request
+  overhead).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import serve_bench
-from embed_bench import RAW_CONFIGS, http_latency
+from embed_bench import RAW_CONFIGS, Connection
 from PIL import Image
 
 from bundle.preprocess import preprocess_pil
@@ -129,19 +130,35 @@ def decode_rows(
     return rows
 
 
-def ort_single_p50_ms(bundle: Path, one: np.ndarray, seconds: float) -> float:
-    """p50 of one onnxruntime call on one ready tensor, the best single-caller session configuration."""
-    best = float("inf")
-    for options, callers in RAW_CONFIGS.values():
-        if callers != 1:
-            continue
-        model = EmbeddingModel.load(bundle, options)
+async def paired_single_latency(
+    bundle: Path, one: np.ndarray, port: int, requests: list[bytes], seconds: float
+) -> tuple[float, float]:
+    """(onnxruntime p50 ms, /v1/embed p50 ms) of one image, sampled in pairs: each sequential request is
+    preceded by one in-process onnxruntime call on a ready tensor (each single-caller session configuration
+    in turn; the faster one's p50 counts), so both see the same machine load, which on a shared host moves
+    more than the overhead being measured."""
+    models = [EmbeddingModel.load(bundle, o) for o, callers in RAW_CONFIGS.values() if callers == 1]
+    conn = await Connection.open(port)
+    ort: list[list[float]] = [[] for _ in models]
+    svc: list[float] = []
+    start = time.perf_counter()
+    i = 0
+    while i < 20 or (time.perf_counter() - start < seconds and i < 2000):
+        for model, times in zip(models, ort, strict=True):
+            t = time.perf_counter()
+            model.run(one)
+            times.append(time.perf_counter() - t)
+        await asyncio.sleep(0.002)  # let onnxruntime's spinning threads go idle before the request
         t = time.perf_counter()
-        model.run(one)
-        n = int(min(2000, max(20, seconds / max(time.perf_counter() - t, 1e-5))))
-        best = min(best, float(np.median(ort_timing.sequential_latency(model.run, one, n)) * 1e3))
-        del model
-    return best
+        status = await conn.request(requests[i % len(requests)])
+        svc.append(time.perf_counter() - t)
+        if status != 200:
+            raise SystemExit(f"/v1/embed answered {status}")
+        i += 1
+    conn.close()
+    warm = slice(10, None)  # the first pairs warm both sides up
+    best_ort = min(float(np.median(times[warm])) for times in ort)
+    return best_ort * 1e3, float(np.median(svc[warm])) * 1e3
 
 
 def measure(name: str, args: argparse.Namespace) -> ModelRun:
@@ -167,7 +184,6 @@ def measure(name: str, args: argparse.Namespace) -> ModelRun:
     print(f"-- {name}: {bundle} ({run.parameters:,} parameters) {env}", flush=True)
     run.load += serve_bench.raw_ort_rows(bundle, tensors, args.concurrency, args.seconds)
     run.load += decode_rows(bundle, pngs, args.concurrency, args.seconds)
-    run.ort_single_p50_ms = ort_single_p50_ms(bundle, tensors[:1], args.seconds)
 
     requests = [serve_bench.embed_request([b]) for b in pngs]
     svc_args = argparse.Namespace(**{**vars(args), "bundle": bundle, "server_env": list(env.items())})
@@ -175,9 +191,9 @@ def measure(name: str, args: argparse.Namespace) -> ModelRun:
         server = serve_bench.start_service(svc_args, Path(tmp) / "bench.sqlite3")
         try:
             asyncio.run(serve_bench.closed_loop(server.port, requests, max(args.concurrency), 1.0))
-            n = max(20, int(args.seconds / max(run.ort_single_p50_ms * 1e-3 + 0.001, 1e-4)))
-            lat = asyncio.run(http_latency(server.port, requests, min(n, 2000)))
-            run.service_single_p50_ms = float(np.median(lat) * 1e3)
+            run.ort_single_p50_ms, run.service_single_p50_ms = asyncio.run(
+                paired_single_latency(bundle, tensors[:1], server.port, requests, args.seconds)
+            )
             run.load += serve_bench.http_rows(
                 "idembed /v1/embed", server.port, requests, args.concurrency, args.seconds
             )
