@@ -26,7 +26,7 @@ def call_times(
     """Seconds of every `run` made back to back for `seconds` by up to `callers` threads, each on its share
     of `batch` (so as many images are in flight as in one call on all of it); images done; time taken."""
     parts = split_batch(batch, callers)
-    # Up to 5 warm-up calls, fewer when calls are long (a 43 M-parameter model on a batch of 32 takes seconds).
+    # Up to 5 warm-up calls, fewer when calls are long (IResNet-50 on a batch of 32 takes seconds).
     warm = time.perf_counter()
     for _ in range(5):
         run(parts[0])
