@@ -100,13 +100,7 @@ LevelOpt = Annotated[
 ]
 FormatOpt = Annotated[str | None, typer.Option(help=f"json or text (default: {_default('log_format')})")]
 ProcessesOpt = Annotated[
-    int,
-    typer.Option(
-        min=1,
-        max=256,
-        help="server processes sharing the port, for many-core hosts; > 1 needs a PostgreSQL store "
-        "(service/multiprocess.py, docs/service.md)",
-    ),
+    int, typer.Option(min=1, help="server processes on the port (> 1: PostgreSQL store; docs/service.md)")
 ]
 
 
