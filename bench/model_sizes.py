@@ -1,6 +1,6 @@
 """Serving speed per model size: /v1/embed against both onnxruntime ceilings (and Triton), one table.
 
-    python bench/model_sizes.py --quick                          # the four models, 2 s phases (~5 min)
+    python bench/model_sizes.py --quick                          # the four models, 2 s phases (~8 min)
     python bench/model_sizes.py --models default,mobilefacenet --triton-python .venv-triton/bin/python
     python bench/suite.py --quick --skip identify,pg,serve       # the same table as part of the suite
 
@@ -10,7 +10,9 @@ training/face_backbones.py at 112x112 RGB, 512-d. The face bundles are built wit
 under bench/results/bundles/ when missing: untrained but exported through the production path, because
 inference cost depends on the graph (layer shapes and operators), not on the weight values.
 
-For each model, in one run on one machine (compare ratios, not absolute figures, across machines):
+Each load phase lasts `--seconds` (2 with --quick), or longer for a large model: at least about three full
+batches at that concurrency (IResNet-50 at 32 on 2 cores: ~10 s). For each model, in one run on one machine
+(compare ratios, not absolute figures, across machines):
 - raw onnxruntime on ready tensors: one batch of `concurrency` images back to back, the fastest of
   embed_bench's session configurations (the ceiling of any server);
 - onnxruntime + in-process decode: the same, but every call first decodes and preprocesses its PNGs with the
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from bundle.preprocess import preprocess_pil
 from service.model import EmbeddingModel
 from service.preprocess import ImagePreprocessor
 from testkit import ort_timing
+from testkit.server import ServerStartError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -181,9 +185,19 @@ def measure(name: str, args: argparse.Namespace) -> ModelRun:
         f"{m.input.height}x{m.input.width}x{m.input.channels}",
         env,
     )
-    print(f"-- {name}: {bundle} ({run.parameters:,} parameters) {env}", flush=True)
-    run.load += serve_bench.raw_ort_rows(bundle, tensors, args.concurrency, args.seconds)
-    run.load += decode_rows(bundle, pngs, args.concurrency, args.seconds)
+    per_image_s = time_per_image(bundle, tensors[:8])
+
+    def phase_s(c: int) -> float:
+        """Phase length at concurrency c: `--seconds`, or at least ~3 full batches for a large model."""
+        return max(args.seconds, 3 * c * per_image_s)
+
+    print(
+        f"-- {name}: {bundle} ({run.parameters:,} parameters, ~{per_image_s * 1e3:.1f} ms/image) {env}",
+        flush=True,
+    )
+    for c in args.concurrency:
+        run.load += serve_bench.raw_ort_rows(bundle, tensors, [c], phase_s(c))
+        run.load += decode_rows(bundle, pngs, [c], phase_s(c))
 
     requests = [serve_bench.embed_request([b]) for b in pngs]
     svc_args = argparse.Namespace(**{**vars(args), "bundle": bundle, "server_env": list(env.items())})
@@ -194,16 +208,52 @@ def measure(name: str, args: argparse.Namespace) -> ModelRun:
             run.ort_single_p50_ms, run.service_single_p50_ms = asyncio.run(
                 paired_single_latency(bundle, tensors[:1], server.port, requests, args.seconds)
             )
-            run.load += serve_bench.http_rows(
-                "idembed /v1/embed", server.port, requests, args.concurrency, args.seconds
-            )
+            for c in args.concurrency:
+                run.load += serve_bench.http_rows("idembed /v1/embed", server.port, requests, [c], phase_s(c))
         finally:
             server.stop()
     run.overhead_ms = run.service_single_p50_ms - run.ort_single_p50_ms
-    report = serve_bench.ServeReport()
-    run.triton = serve_bench.triton_rows(svc_args, pngs, report)
-    run.load += report.load
+    run.triton = triton_rows(args, bundle, pngs, phase_s, run.load)
     return run
+
+
+def time_per_image(bundle: Path, batch: np.ndarray) -> float:
+    """Rough seconds per image of one onnxruntime call on `batch` (default session), to size the phases."""
+    model = EmbeddingModel.load(bundle)
+    model.run(batch)
+    t = time.perf_counter()
+    model.run(batch)
+    return (time.perf_counter() - t) / len(batch)
+
+
+def triton_rows(
+    args: argparse.Namespace,
+    bundle: Path,
+    pngs: list[bytes],
+    phase_s: Callable[[int], float],
+    rows: list[serve_bench.LoadRow],
+) -> str:
+    """Triton (PyTriton) rows at every concurrency, appended to `rows`; returns "ok" or why skipped."""
+    python = args.triton_python
+    if python is None:
+        return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)"
+    if not Path(python).is_file():
+        return f"skipped: --triton-python {python} does not exist"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            triton = serve_bench.start_triton(Path(python), bundle, args.max_batch_size, Path(tmp) / "t.log")
+        except ServerStartError as exc:
+            return f"skipped: Triton did not start: {str(exc)[-500:]}"
+        try:
+            requests = [serve_bench.triton_request(b) for b in pngs]
+            asyncio.run(serve_bench.closed_loop(triton.port, requests, max(args.concurrency), 1.0))
+            for c in args.concurrency:
+                rows += serve_bench.http_rows(
+                    "Triton (PyTriton) HTTP", triton.port, requests, [c], phase_s(c)
+                )
+        finally:
+            triton.stop()
+    return "ok"
 
 
 def ratio(a: float | None, b: float | None) -> str:
