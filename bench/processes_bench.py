@@ -3,10 +3,10 @@
     python bench/processes_bench.py --quick               # default + facecnn 112 RGB, 1 and 2 processes
     python bench/processes_bench.py --processes 1,2,4,8 --bundle models/default --seconds 10
 
-Every run uses one throwaway local PostgreSQL store (testkit.pg_local: `--processes` > 1 needs a store the
-processes share) and the same closed-loop keep-alive client as serve_bench (one base64 PNG per request);
-with N processes each gets 1/N of the cores for onnxruntime (service/multiprocess.py). The client runs on the
-same machine and takes CPU from the servers, so on a small host the ratios understate the scaling.
+Every bundle is served on a throwaway local PostgreSQL store (testkit.pg_local: `--processes` > 1 needs
+a store the processes share) and driven by serve_bench's closed-loop keep-alive client (one base64 PNG per
+request); with N processes each gets 1/N of the cores for onnxruntime (service/multiprocess.py). The client
+runs on the same machine and takes CPU from the servers, so on a small host the ratios understate scaling.
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def main() -> None:
     seconds = 2.0 if args.quick else args.seconds
     print(f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()}", flush=True)
     rows: list[Row] = []
-    with local_postgres() as url, tempfile.TemporaryDirectory() as tmp:
-        for bundle in bundles:
+    for bundle in bundles:
+        # A store per bundle: a store holds one embedding dimension.
+        with local_postgres() as url, tempfile.TemporaryDirectory() as tmp:
             for n in args.processes:
                 rows += measure(bundle, n, url, args.concurrency, seconds, Path(tmp))
                 print(table(rows[-len(args.concurrency) :]), flush=True)
