@@ -188,8 +188,9 @@ def measure(name: str, args: argparse.Namespace) -> ModelRun:
     per_image_s = time_per_image(bundle, tensors[:8])
 
     def phase_s(c: int) -> float:
-        """Phase length at concurrency c: `--seconds`, or at least ~3 full batches for a large model."""
-        return max(args.seconds, 3 * c * per_image_s)
+        """Phase length at concurrency c: `--seconds`, or ~3 full batches for a large model (at most 6x
+        `--seconds`: on a busy host the estimate can be several times the quiet figure)."""
+        return min(max(args.seconds, 3 * c * per_image_s), 6 * args.seconds)
 
     print(
         f"-- {name}: {bundle} ({run.parameters:,} parameters, ~{per_image_s * 1e3:.1f} ms/image) {env}",
