@@ -1,7 +1,7 @@
 """The performance suite in one command: identify at scale, PostgreSQL replicas, serving vs ORT and Triton.
 
     python bench/suite.py                                   # everything (1M graph build takes minutes once)
-    python bench/suite.py --quick                           # 10k/100k, short load phases (~3 min)
+    python bench/suite.py --quick                           # 10k/100k, short load phases (~10 min)
     python bench/suite.py --triton-python .venv-triton/bin/python --memory-requests 100000
     python bench/suite.py --face-bundle bench/results/bundles/facecnn-112-l   # also serve a face-sized model
     python bench/suite.py --quick --skip identify,pg,serve   # only the per-model-size serving table
