@@ -138,7 +138,7 @@ def main() -> None:
     args = p.parse_args()
     small = args.backbone == "facecnn"
     color_mode = args.color_mode or ("L" if small else "RGB")
-    feature_dim = args.feature_dim or (128 if small else 512)
+    feature_dim = args.feature_dim if args.feature_dim is not None else (128 if small else 512)
     if feature_dim < 1:
         p.error(f"--feature-dim must be >= 1, got {feature_dim}")
     out = args.out or default_path(args.size, color_mode, args.backbone)
