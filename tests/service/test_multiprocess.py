@@ -139,3 +139,20 @@ def test_why_sqlite_is_refused_a_second_process_misses_the_firsts_enrollments(
         assert "only-in-a" in enrolled_matches(a.url, tiny.png(3))
         time.sleep(3.0)  # three PostgreSQL poll intervals
         assert "only-in-a" not in enrolled_matches(b.url, tiny.png(3))
+
+
+def test_workers_get_the_command_line_settings_and_a_share_of_the_cores(tiny: TinyBundle) -> None:
+    import os
+
+    from service.core.config import Settings
+    from service.multiprocess import child_environment
+
+    cores = len(os.sched_getaffinity(0))
+    overrides = {"bundle_path": tiny.path, "port": 9123, "log_level": None}
+    env = child_environment(Settings(bundle_path=tiny.path, inference_workers=1), overrides, 2)
+    assert env["IDEMBED_BUNDLE_PATH"] == str(tiny.path) and env["IDEMBED_PORT"] == "9123"
+    assert "IDEMBED_LOG_LEVEL" not in env  # not given: each worker reads it from the environment as usual
+    assert env["IDEMBED_ORT_INTRA_OP_THREADS"] == str(max(1, cores // 2))
+    # A thread count the operator set is kept.
+    pinned = child_environment(Settings(bundle_path=tiny.path, ort_intra_op_threads=3), {}, 4)
+    assert "IDEMBED_ORT_INTRA_OP_THREADS" not in pinned
