@@ -101,8 +101,8 @@ def calibrate_batchnorm(model, images: np.ndarray) -> None:
 
     At Keras' initial statistics (mean 0, variance 1) a deep residual network amplifies its input block after
     block: an untrained IResNet-50 outputs values near 1e22, where the export's absolute Keras/onnxruntime
-    parity check cannot pass. Calibrated, activations have a trained model's scale; the graph, and so the
-    inference cost, is unchanged.
+    parity check cannot pass. Calibrated, every BatchNorm normalises its input as a trained one does, so no
+    activation overflows; the graph, and so the inference cost, is unchanged.
     """
     import keras
 
@@ -141,6 +141,8 @@ def main() -> None:
     feature_dim = args.feature_dim if args.feature_dim is not None else (128 if small else 512)
     if feature_dim < 1:
         p.error(f"--feature-dim must be >= 1, got {feature_dim}")
+    if not small and (args.size < 16 or args.size % 16):
+        p.error(f"--size: {args.backbone} needs a multiple of 16 (112 as arcface_torch), got {args.size}")
     out = args.out or default_path(args.size, color_mode, args.backbone)
     build_face_bundle(
         out,

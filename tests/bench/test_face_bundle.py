@@ -58,7 +58,10 @@ def test_deep_iresnet50_passes_the_export_parity_check_once_batchnorm_is_calibra
     check_served(tmp_path / "r50", "iresnet50", 32)
 
 
-def test_a_bad_feature_dim_is_refused_naming_the_option(tmp_path: Path) -> None:
-    done = build(tmp_path / "x", "--backbone", "mobilefacenet", "--feature-dim", "0")
-    assert done.returncode == 2 and "--feature-dim" in done.stderr
+@pytest.mark.parametrize(
+    ("args", "option"), [(["--feature-dim", "0"], "--feature-dim"), (["--size", "100"], "--size")]
+)
+def test_bad_options_are_refused_naming_the_option(tmp_path: Path, args: list[str], option: str) -> None:
+    done = build(tmp_path / "x", "--backbone", "mobilefacenet", *args)
+    assert done.returncode == 2 and option in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "x").exists()
