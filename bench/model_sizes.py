@@ -4,7 +4,7 @@
     python bench/model_sizes.py --models default,mobilefacenet --triton-python .venv-triton/bin/python
     python bench/suite.py --quick --skip identify,pg,serve       # the same table as part of the suite
 
-Models: `default` (models/default, the 8x8 digits model), `facecnn` (the project's ~1 M-parameter CNN,
+Models: `default` (models/default: Conv-4 on 16x16 gray digits), `facecnn` (the project's ~1 M-parameter CNN,
 112x112 RGB), `mobilefacenet` (2.06 M) and `iresnet50` (43.6 M), the arcface_torch architectures of
 training/face_backbones.py at 112x112 RGB, 512-d. The face bundles are built with bench/face_bundle.py
 under bench/results/bundles/ when missing: untrained but exported through the production path, because
