@@ -30,14 +30,11 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,8 @@ from PIL import Image
 
 from bundle.preprocess import preprocess_pil
 from service.model import EmbeddingModel, RuntimeOptions
+from testkit import ort_timing
+from testkit.server import ServerProcess, ServerStartError, free_port, process_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -71,51 +70,12 @@ def sample_pngs(model: EmbeddingModel, count: int, seed: int) -> list[bytes]:
 def ort_throughput(model: EmbeddingModel, batch: np.ndarray, seconds: float, callers: int = 1) -> float:
     """Images/s of back-to-back session.run calls on `batch`, split among `callers` threads: the same number
     of images in flight as one call on the whole batch, as the service has at that concurrency."""
-    _, images, elapsed = ort_call_times(model.run_raw, batch, seconds, callers)
-    return images / elapsed
-
-
-def ort_call_times(
-    run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, seconds: float, callers: int
-) -> tuple[list[float], int, float]:
-    """Seconds of every `run` made back to back for `seconds` by up to `callers` threads, each on its share
-    of `batch` (so as many images are in flight as in one call on all of it); images done; time taken."""
-    parts = split_batch(batch, callers)
-    for _ in range(5):
-        run(parts[0])
-    times: list[list[float]] = [[] for _ in parts]
-    start = time.perf_counter()
-
-    def loop(part: np.ndarray, mine: list[float]) -> None:
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            run(part)
-            mine.append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=loop, args=pt) for pt in zip(parts, times, strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    images = sum(len(t) * len(part) for t, part in zip(times, parts, strict=True))
-    return [x for t in times for x in t], images, time.perf_counter() - start
-
-
-def split_batch(batch: np.ndarray, callers: int) -> list[np.ndarray]:
-    """`batch` in at most `callers` nearly equal contiguous parts (never an empty one)."""
-    return [np.ascontiguousarray(p) for p in np.array_split(batch, min(callers, len(batch)))]
+    return ort_timing.throughput(model.run_raw, batch, seconds, callers)
 
 
 def ort_latency(model: EmbeddingModel, one: np.ndarray, n: int) -> list[float]:
     """Seconds of each of `n` sequential session.run calls on one image."""
-    for _ in range(20):
-        model.run_raw(one)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        model.run_raw(one)
-        times.append(time.perf_counter() - t)
-    return times
+    return ort_timing.sequential_latency(model.run_raw, one, n)
 
 
 def server_setting(item: str) -> tuple[str, str]:
@@ -137,59 +97,26 @@ def add_server_env_argument(p: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(
     args: argparse.Namespace, bundle: Path, port: int, tmp: Path, settings: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+) -> ServerProcess:
     """`python -m service.cli` on `bundle`, logging to a file in `tmp`; returns once /readyz answers 200."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
-    env.update(
-        {
-            "IDEMBED_BUNDLE_PATH": str(bundle),
-            "IDEMBED_PORT": str(port),
-            "IDEMBED_HOST": "127.0.0.1",
-            "IDEMBED_STORE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
-            "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
-            "IDEMBED_BATCH_WAIT_MS": str(args.batch_wait_ms),
-            "IDEMBED_LOG_LEVEL": args.log_level,
-            "IDEMBED_INLINE_INFERENCE_MAX_MS": str(args.inline_max_ms),
-            # Reads are open: the load generator sends no key (the service's default requires one).
-            "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
-        }
-    )
-    env.update(settings or {})
-    env.update(args.server_env)
-    # Logs go to a file: a pipe nobody reads would fill up and block the server mid-benchmark.
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli"], cwd=REPO, env=env, stdout=out, stderr=out
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
-                if b" 200 " in s.recv(200):
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not become ready in 60 s")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    env = {
+        "IDEMBED_BUNDLE_PATH": str(bundle),
+        "IDEMBED_STORE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+        "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "IDEMBED_BATCH_WAIT_MS": str(args.batch_wait_ms),
+        "IDEMBED_LOG_LEVEL": args.log_level,
+        "IDEMBED_INLINE_INFERENCE_MAX_MS": str(args.inline_max_ms),
+        # Reads are open: the load generator sends no key (the service's default requires one).
+        "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
+        **(settings or {}),
+        **dict(args.server_env),
+    }
+    try:
+        return ServerProcess(env, tmp / "server.log", port=port).start(timeout_s=60)
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class Connection:
@@ -503,8 +430,7 @@ def serve_phases(
                 body_file.write_bytes(singles[0].split(b"\r\n\r\n", 1)[1])
                 wrk_phase = wrk_throughput(port, server.pid, body_file, args.concurrency, args.seconds)
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
     return ServerRun(workers, http_lat, phases, wrk_phase)
 
 

@@ -1,6 +1,12 @@
-"""Build a face-sized model bundle for speed benchmarks: the `facecnn` backbone exported by training/export.
+"""Build a face-sized model bundle for speed benchmarks: a backbone exported by training/export.
 
-    python bench/face_bundle.py [--size 112] [--out bench/results/bundles/facecnn-112]
+    python bench/face_bundle.py [--size 112] [--out bench/results/bundles/facecnn-112-l]
+    python bench/face_bundle.py --size 112 --color-mode RGB              # facecnn, ~1 M parameters
+    python bench/face_bundle.py --backbone mobilefacenet                 # MobileFaceNet, 2.06 M, 112x112 RGB
+    python bench/face_bundle.py --backbone iresnet50                     # IResNet-50, 43.6 M, 112x112 RGB
+
+`--backbone` is `facecnn` (the project's small CNN) or one of training/face_backbones.py's arcface_torch
+architectures (mobilefacenet, iresnet18/34/50/100: 112x112 RGB and 512-d unless told otherwise).
 
 The weights are untrained (Keras' seeded initialisation, BatchNorm at its initial statistics): inference
 cost depends only on the graph (layer shapes and operators), not on the weight values, so this bundle times
@@ -24,6 +30,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "bundles"
 def build_face_bundle(
     out: Path,
     *,
+    backbone: str = "facecnn",
     size: int = 112,
     color_mode: str = "L",
     feature_dim: int = 128,
@@ -32,7 +39,7 @@ def build_face_bundle(
     seed: int = 0,
     embed_preprocessing: bool = False,
 ) -> Path:
-    """Export an untrained `facecnn` (size x size, gray or RGB) as a bundle in `out`; returns `out`.
+    """Export an untrained `backbone` (size x size, gray or RGB) as a bundle in `out`; returns `out`.
 
     `embed_preprocessing`: the ONNX model takes uint8 pixels and normalises them itself (manifest
     `input.dtype` uint8), as `idembed-train export --embed-preprocessing` writes it."""
@@ -44,9 +51,11 @@ def build_face_bundle(
 
     channels = 1 if color_mode == "L" else 3
     keras.utils.set_random_seed(seed)
-    model = build_backbone("facecnn", (size, size, channels), feature_dim, width=width)
+    model = build_backbone(backbone, (size, size, channels), feature_dim, width=width)
     rng = np.random.default_rng(seed)
     parity = rng.uniform(-1.0, 1.0, size=(8, size, size, channels)).astype(np.float32)
+    if backbone != "facecnn":
+        calibrate_batchnorm(model, rng.uniform(-1.0, 1.0, size=(32, size, size, channels)).astype(np.float32))
     placeholder = OperatingPoint(threshold=0.5, far=0.5, tar=0.5)
     export_bundle(
         out,
@@ -65,7 +74,7 @@ def build_face_bundle(
             num_impostor_pairs=1,
         ),
         recipe={
-            "backbone": "facecnn",
+            "backbone": backbone,
             "center_update": "none",
             "center_lambda": 0.0,
             "center_alpha": 0.5,
@@ -84,22 +93,51 @@ def build_face_bundle(
             },
         },
         evaluation={"note": "untrained speed-benchmark bundle: thresholds and centers are placeholders"},
-        name=f"bench-facecnn-{size}",
+        name=f"bench-{backbone}-{size}",
         version="untrained",
         embed_preprocessing=embed_preprocessing,
     )
     return out
 
 
-def default_path(size: int, color_mode: str) -> Path:
-    return DEFAULT_OUT / f"facecnn-{size}-{color_mode.lower()}"
+def calibrate_batchnorm(model, images: np.ndarray) -> None:
+    """Set every BatchNorm's moving statistics to those of its input on `images` (one forward pass in
+    training mode with momentum 0), as training would have.
+
+    At Keras' initial statistics (mean 0, variance 1) a deep residual network amplifies its input block after
+    block: an untrained IResNet-50 outputs values near 1e22, where the export's absolute Keras/onnxruntime
+    parity check cannot pass. Calibrated, every BatchNorm normalises its input as a trained one does, so no
+    activation overflows; the graph, and so the inference cost, is unchanged.
+    """
+    import keras
+
+    layers = [
+        layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+
+
+def default_path(size: int, color_mode: str, backbone: str = "facecnn") -> Path:
+    return DEFAULT_OUT / f"{backbone}-{size}-{color_mode.lower()}"
+
+
+# Backbones the bundle can hold: the small CNN, and the arcface_torch architectures face models ship with.
+BACKBONES = ("facecnn", "mobilefacenet", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", choices=BACKBONES, default="facecnn")
     p.add_argument("--size", type=int, default=112, help="input height and width (e.g. 112 or 96)")
-    p.add_argument("--color-mode", choices=["L", "RGB"], default="L")
-    p.add_argument("--feature-dim", type=int, default=128)
+    p.add_argument(
+        "--color-mode", choices=["L", "RGB"], default=None, help="default: L for facecnn, else RGB"
+    )
+    p.add_argument("--feature-dim", type=int, default=None, help="default: 128 for facecnn, else 512")
     p.add_argument("--width", type=int, default=32, help="facecnn base width (32: ~1 M parameters)")
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default under bench/results/)")
     p.add_argument(
@@ -108,14 +146,22 @@ def main() -> None:
         help="the model takes uint8 pixels and normalises them in its graph (default folder gets -u8)",
     )
     args = p.parse_args()
-    out = args.out or default_path(args.size, args.color_mode)
+    small = args.backbone == "facecnn"
+    color_mode = args.color_mode or ("L" if small else "RGB")
+    feature_dim = args.feature_dim if args.feature_dim is not None else (128 if small else 512)
+    if feature_dim < 1:
+        p.error(f"--feature-dim must be >= 1, got {feature_dim}")
+    if not small and (args.size < 16 or args.size % 16):
+        p.error(f"--size: {args.backbone} needs a multiple of 16 (112 as arcface_torch), got {args.size}")
+    out = args.out or default_path(args.size, color_mode, args.backbone)
     if args.embed_preprocessing and args.out is None:
         out = out.with_name(out.name + "-u8")
     build_face_bundle(
         out,
+        backbone=args.backbone,
         size=args.size,
-        color_mode=args.color_mode,
-        feature_dim=args.feature_dim,
+        color_mode=color_mode,
+        feature_dim=feature_dim,
         width=args.width,
         embed_preprocessing=args.embed_preprocessing,
     )

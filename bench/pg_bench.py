@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from identify_bench import clustered_gallery, exact_top1, time_searches
-from pg_local import local_postgres
 from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 from service.gallery.ann import DEFAULT_CONNECTIVITY, DEFAULT_EXPANSION_SEARCH, HnswIndex
 from service.gallery.store.postgres import PostgresIdentityStore
+from testkit.pg_local import local_postgres
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -21,29 +21,21 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from embed_bench import (
-    RAW_CONFIGS,
-    Connection,
-    add_server_env_argument,
-    embed_request,
-    free_port,
-    ort_call_times,
-    sample_pngs,
-)
+from embed_bench import RAW_CONFIGS, Connection, add_server_env_argument, embed_request, sample_pngs
 from identify_bench import int_list
 from PIL import Image
 
 from bundle.preprocess import preprocess_pil
 from service.model import EmbeddingModel
+from testkit.ort_timing import call_times
+from testkit.server import ServerProcess, ServerStartError, free_port, rss_mib
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -72,104 +64,34 @@ class ServeReport:
     profile: str = ""
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+def server_settings(args: argparse.Namespace, store: Path) -> dict[str, str]:
+    return {
+        "IDEMBED_BUNDLE_PATH": str(args.bundle),
+        "IDEMBED_STORE_URL": f"sqlite:///{store}",
+        "IDEMBED_LOG_LEVEL": args.log_level,
+        # The same batch limit as Triton's dynamic batcher.
+        "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
+        # Reads are open: the load generator sends no key (the service's default requires one).
+        "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
+        **dict(args.server_env),
+    }
 
 
-def server_env(args: argparse.Namespace, port: int, store: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
-    env.update(
-        {
-            "IDEMBED_BUNDLE_PATH": str(args.bundle),
-            "IDEMBED_PORT": str(port),
-            "IDEMBED_HOST": "127.0.0.1",
-            "IDEMBED_STORE_URL": f"sqlite:///{store}",
-            "IDEMBED_LOG_LEVEL": args.log_level,
-            # The same batch limit as Triton's dynamic batcher.
-            "IDEMBED_MAX_BATCH_SIZE": str(args.max_batch_size),
-            # Reads are open: the load generator sends no key (the service's default requires one).
-            "IDEMBED_REQUIRE_KEY_FOR_READS": "false",
-        }
-    )
-    env.update(args.server_env)
-    return env
+def start_service(args: argparse.Namespace, store: Path) -> ServerProcess:
+    """The service on `args.bundle`, started; its `ready_s` is process start to /readyz 200."""
+    server = ServerProcess(server_settings(args, store), store.with_suffix(".log"))
+    return server.start(timeout_s=120)
 
 
-def http_status(port: int, path: str) -> int | None:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
-            head = s.recv(64)
-            return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") else None
-    except OSError:
-        return None
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, path: str, timeout_s: float) -> float:
-    """Seconds from now until `path` answers 200 (polled every 10 ms); raises if the process dies."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
-        if http_status(port, path) == 200:
-            return time.perf_counter() - start
-        time.sleep(0.01)
-    raise RuntimeError(f"{path} not 200 after {timeout_s} s")
-
-
-def start_service(args: argparse.Namespace, store: Path) -> tuple[subprocess.Popen[bytes], int, float]:
-    """(process, port, seconds from process start to /readyz 200)."""
-    port = free_port()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli"],
-        cwd=REPO,
-        env=server_env(args, port, store),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_ready(proc, port, "/readyz", 120)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, port, time.perf_counter() - t0
-
-
-def start_triton(python: Path, bundle: Path, max_batch_size: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_triton(python: Path, bundle: Path, max_batch_size: int, log: Path) -> ServerProcess:
     http, grpc, metrics = free_port(), free_port(), free_port()
-    proc = subprocess.Popen(
-        [
-            *(str(python), str(REPO / "bench" / "triton_server.py"), "--bundle", str(bundle)),
-            *("--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
-            *("--max-batch-size", str(max_batch_size)),
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_ready(proc, http, "/v2/models/idembed/ready", 180)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, http
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a server this benchmark started (by its PID): SIGTERM, then SIGKILL after 30 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    argv = [
+        *(str(python), str(REPO / "bench" / "triton_server.py"), "--bundle", str(bundle)),
+        *("--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)),
+        *("--max-batch-size", str(max_batch_size)),
+    ]
+    server = ServerProcess({}, log, argv=argv, port=http, ready_path="/v2/models/idembed/ready")
+    return server.start(timeout_s=180)
 
 
 def triton_request(png: bytes) -> bytes:
@@ -248,7 +170,7 @@ def raw_ort_rows(bundle: Path, tensors: np.ndarray, levels: list[int], seconds: 
         batch = tensors[:c]
         best: LoadRow | None = None
         for name, (model, callers) in models.items():
-            lat, images, elapsed = ort_call_times(model.run, batch, seconds / len(models), callers)
+            lat, images, elapsed = call_times(model.run, batch, seconds / len(models), callers)
             row = LoadRow(
                 "onnxruntime in-process",
                 c,
@@ -327,29 +249,31 @@ def run(args: argparse.Namespace) -> ServeReport:
 
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.cold_starts):
-            proc, _, seconds = start_service(args, Path(tmp) / f"cold{i}.sqlite3")
-            report.cold_start_s.append(seconds)
-            stop(proc)
+            cold = start_service(args, Path(tmp) / f"cold{i}.sqlite3")
+            assert cold.ready_s is not None
+            report.cold_start_s.append(cold.ready_s)
+            cold.stop()
 
-        proc, port, _ = start_service(args, Path(tmp) / "bench.sqlite3")
+        server = start_service(args, Path(tmp) / "bench.sqlite3")
+        port = server.port
         try:
             requests = [embed_request([b]) for b in pngs]
             # Warm-up at the highest load level, so the reading below already includes full-size batches.
             asyncio.run(closed_loop(port, requests, max(args.concurrency), 2.0))
-            report.rss_mib_after_warmup = rss_mib(proc.pid)
+            report.rss_mib_after_warmup = rss_mib(server.pid)
             report.load += http_rows("idembed /v1/embed", port, requests, args.concurrency, args.seconds)
             if args.profile_seconds > 0:
                 report.profile = profile_service(
-                    proc.pid, port, requests, args.profile_seconds, Path(tmp) / "profile.txt"
+                    server.pid, port, requests, args.profile_seconds, Path(tmp) / "profile.txt"
                 )
             _, _, _, done = asyncio.run(
                 closed_loop(port, requests, 8, args.memory_max_seconds, max_requests=args.memory_requests)
             )
             report.requests_for_memory = done
-            report.rss_mib_after_requests = rss_mib(proc.pid)
+            report.rss_mib_after_requests = rss_mib(server.pid)
             report.rss_growth_pct = 100 * (report.rss_mib_after_requests / report.rss_mib_after_warmup - 1)
         finally:
-            stop(proc)
+            server.stop()
 
     report.triton = triton_rows(args, pngs, report)
     return report
@@ -361,16 +285,19 @@ def triton_rows(args: argparse.Namespace, pngs: list[bytes], report: ServeReport
         return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)"
     if not Path(python).is_file():
         return f"skipped: --triton-python {python} does not exist"
-    try:
-        proc, port = start_triton(Path(python), args.bundle, args.max_batch_size)
-    except RuntimeError as exc:
-        return f"skipped: Triton did not start: {str(exc)[-500:]}"
-    try:
-        requests = [triton_request(b) for b in pngs]
-        asyncio.run(closed_loop(port, requests, 8, 2.0))
-        report.load += http_rows("Triton (PyTriton) HTTP", port, requests, args.concurrency, args.seconds)
-    finally:
-        stop(proc)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            triton = start_triton(Path(python), args.bundle, args.max_batch_size, Path(tmp) / "triton.log")
+        except ServerStartError as exc:
+            return f"skipped: Triton did not start: {str(exc)[-500:]}"
+        try:
+            requests = [triton_request(b) for b in pngs]
+            asyncio.run(closed_loop(triton.port, requests, 8, 2.0))
+            report.load += http_rows(
+                "Triton (PyTriton) HTTP", triton.port, requests, args.concurrency, args.seconds
+            )
+        finally:
+            triton.stop()
     return "ok"
 
 

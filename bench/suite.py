@@ -1,9 +1,15 @@
 """The performance suite in one command: identify at scale, PostgreSQL replicas, serving vs ORT and Triton.
 
     python bench/suite.py                                   # everything (1M graph build takes minutes once)
-    python bench/suite.py --quick                           # 10k/100k, short load phases (~3 min)
+    python bench/suite.py --quick                           # 10k/100k, short load phases (~10 min)
     python bench/suite.py --triton-python .venv-triton/bin/python --memory-requests 100000
     python bench/suite.py --face-bundle bench/results/bundles/facecnn-112-l   # also serve a face-sized model
+    python bench/suite.py --quick --skip identify,pg,serve   # only the per-model-size serving table
+
+The `models` part (bench/model_sizes.py) is the per-model-size table: the 8x8 default model, facecnn,
+MobileFaceNet and IResNet-50 at 112x112 RGB (`--models` picks), each /v1/embed at every concurrency against
+raw onnxruntime on ready tensors, onnxruntime + in-process decode and (with --triton-python) Triton, plus
+the single-request overhead.
 
 Prints one table per part and writes bench/results/suite.json (plus the parts' own JSON files). Every figure
 is measured in this run on this machine; the targets are checked as ratios of numbers from the same run.
@@ -20,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import identify_bench
+import model_sizes
 import pg_bench
 import serve_bench
 
@@ -88,6 +95,30 @@ def check_targets(result: dict[str, object]) -> list[str]:
         lines.append(
             f"[{name}] cold start: median {cold:.2f} s -> {'met' if cold <= 2.0 else 'MISSED'} (<= 2 s)"
         )
+    for run in result.get("models", []):  # type: ignore[union-attr]
+        by = {(r["target"], r["concurrency"]): r["images_per_s"] for r in run["load"]}
+        levels = sorted({r["concurrency"] for r in run["load"]})
+        svc = {c: by.get(("idembed /v1/embed", c)) for c in levels}
+        raw, tri = (
+            by.get(("onnxruntime in-process", levels[-1])),
+            by.get(("Triton (PyTriton) HTTP", levels[-1])),
+        )
+        top = svc[levels[-1]]
+        if top and raw:
+            lines.append(
+                f"[{run['model']}] embed c={levels[-1]}: service/raw ORT {top / raw:.2f}x -> "
+                f"{'met' if top / raw >= 0.9 else 'MISSED'} (>= 0.9)"
+            )
+        if tri:
+            vs = [svc[c] / by[("Triton (PyTriton) HTTP", c)] for c in levels if svc[c]]
+            lines.append(
+                f"[{run['model']}] service/Triton {' / '.join(f'{v:.2f}x' for v in vs)} at "
+                f"{' / '.join(map(str, levels))} -> {'met' if min(vs) >= 1.0 else 'MISSED'} (>= 1.0 at each)"
+            )
+        overhead = run["overhead_ms"]
+        # Below zero the machine load moved between the paired samples: no verdict from such a run.
+        verdict = "met" if 0 <= overhead <= 1 else "MISSED" if overhead > 1 else "NOT MEASURED (load moved)"
+        lines.append(f"[{run['model']}] single-request overhead {overhead:.2f} ms -> {verdict} (<= 1 ms)")
     return lines
 
 
@@ -111,16 +142,19 @@ def main() -> None:
         help="also serve this (face-sized) bundle, with one inference worker per core "
         "(e.g. bench/results/bundles/facecnn-112-l, made by bench/face_bundle.py)",
     )
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve")
+    model_sizes.add_arguments(p)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: identify, pg, serve, models")
     p.add_argument("--json", type=Path, default=RESULTS / "suite.json")
     args = p.parse_args()
     skip = {s for s in args.skip.split(",") if s}
-    if skip - {"identify", "pg", "serve"}:
-        p.error(f"--skip: unknown part(s) {', '.join(sorted(skip - {'identify', 'pg', 'serve'}))}")
+    parts = {"identify", "pg", "serve", "models"}
+    if skip - parts:
+        p.error(f"--skip: unknown part(s) {', '.join(sorted(skip - parts))}")
+    models = model_sizes.check_models(p, args) if "models" not in skip else []
     if args.quick:
         args.sizes, args.pg_size = "10000,100000", 20_000
         args.seconds, args.memory_requests, args.profile_seconds = 3.0, 2_000, 5.0
-    if "serve" not in skip:
+    if "serve" not in skip or models:
         serve_bench.check_args(p, args)
         if args.face_bundle is not None and not (args.face_bundle / "manifest.json").is_file():
             p.error(f"--face-bundle {args.face_bundle}: no manifest.json (make it with bench/face_bundle.py)")
@@ -164,6 +198,12 @@ def main() -> None:
             serve_bench.print_report(report)
             settings = dict(server_env)
             result["serve"].append({"bundle": str(bundle), "server_env": settings, **asdict(report)})
+    if models:
+        print("\n== serving per model size: /v1/embed vs raw ORT, ORT + decode and Triton ==", flush=True)
+        runs = model_sizes.run_all(models, args)
+        result["models"] = [asdict(r) for r in runs]
+        result["models_table"] = model_sizes.table(runs)
+        print("\n" + result["models_table"])
     result["machine"]["load_average_at_end"] = os.getloadavg()  # type: ignore[index]
     result["targets"] = check_targets(result)
     print("\n== targets ==")

@@ -35,7 +35,7 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _run(overrides: dict[str, Any]) -> None:
+def _run(overrides: dict[str, Any], processes: int = 1) -> None:
     import uvicorn
     from threadpoolctl import threadpool_limits
 
@@ -54,6 +54,15 @@ def _run(overrides: dict[str, Any]) -> None:
     # (2 threads doubled p50 at 100k and raised p99 at 10k from 20 to 160 ms on a busy 2-core host), and the
     # cores are needed by onnxruntime and the event loop.
     threadpool_limits(limits=1, user_api="blas")
+    if processes > 1:
+        from service.multiprocess import MultiProcessRefused, serve_processes
+
+        try:
+            serve_processes(settings, overrides, processes)
+        except MultiProcessRefused as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -90,6 +99,10 @@ LevelOpt = Annotated[
     str | None, typer.Option(help=f"DEBUG, INFO, WARNING or ERROR (default: {_default('log_level')})")
 ]
 FormatOpt = Annotated[str | None, typer.Option(help=f"json or text (default: {_default('log_format')})")]
+ProcessesOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="server processes on the port (> 1: PostgreSQL store; docs/service.md)"),
+]
 
 
 def _options(**values: object) -> dict[str, Any]:
@@ -107,6 +120,7 @@ def serve(
     batch_wait_ms: WaitOpt = None,
     log_level: LevelOpt = None,
     log_format: FormatOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Start the service; it is ready when GET /readyz returns 200."""
     given = _options(
@@ -120,14 +134,16 @@ def serve(
         log_format=log_format,
     )
     if ctx.parent is None:  # called as the app itself: `idembed-serve [OPTIONS] [COMMAND]`
-        ctx.obj = given
+        ctx.obj = {"options": given, "processes": processes}
         if ctx.invoked_subcommand is not None:
             return  # the command runs with these options as its defaults
     else:
         # Options before the command (`idembed-serve --port 9000 serve`) count too; the command's own win.
         before = ctx.parent.obj or {}
-        given = {k: v if v is not None else before.get(k) for k, v in given.items()}
-    _run(given)
+        earlier = before.get("options", {})
+        given = {k: v if v is not None else earlier.get(k) for k, v in given.items()}
+        processes = processes if processes is not None else before.get("processes")
+    _run(given, processes or 1)
 
 
 # One option list: the same function is the app's callback (no command: serve) and the `serve` command.

@@ -1,7 +1,6 @@
 """Fixtures of the reliability suite: tiny bundles and a live server process shared per session.
 
-Helper modules here have names unique across tests/ (`fault_bundles`, `server_process`, `load_generator`)
-because pytest imports them as top-level modules from this folder (rootdir-relative, no __init__.py).
+The helpers (`fault_bundles`, the server process, `load_generator`) live in the `testkit` package.
 """
 
 from __future__ import annotations
@@ -9,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import fault_bundles
 import httpx
 import pytest
-from server_process import API_KEY, LIVE_LIMITS, ServerProcess
+
+from testkit import fault_bundles
+from testkit.reliability import API_KEY, LIVE_LIMITS, ServerProcess
 
 
 @pytest.fixture(scope="session")

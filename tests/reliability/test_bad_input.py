@@ -19,12 +19,13 @@ from functools import cache
 from typing import Any
 from urllib.parse import quote
 
-import fault_bundles
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_process import LIVE_LIMITS, ServerProcess
+
+from testkit import fault_bundles
+from testkit.reliability import LIVE_LIMITS, ServerProcess
 
 DIM = fault_bundles.DIM
 MAX_IMAGES = int(LIVE_LIMITS["max_images_per_request"])

@@ -11,12 +11,13 @@ import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import fault_bundles
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_process import API_KEY, ServerProcess
+
+from testkit import fault_bundles
+from testkit.reliability import API_KEY, ServerProcess
 
 pytestmark = pytest.mark.slow
 

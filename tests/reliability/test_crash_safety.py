@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import fault_bundles
 import httpx
 import numpy as np
 import pytest
-from server_process import API_KEY, ServerProcess
+
+from testkit import fault_bundles
+from testkit.reliability import API_KEY, ServerProcess
 
 DIM = fault_bundles.DIM
 

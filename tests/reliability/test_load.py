@@ -11,15 +11,16 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import fault_bundles
 import httpx
 import pytest
+
+from testkit import fault_bundles
 
 # The load client; a dev dependency, so a plain serve install skips these tests instead of failing collection.
 pytest.importorskip("aiohttp", reason="the load tests need aiohttp (dev dependency): pip install aiohttp")
 
-from load_generator import LoadResult, run_load
-from server_process import API_KEY, REPO, ServerProcess
+from testkit.load_generator import LoadResult, run_load
+from testkit.reliability import API_KEY, REPO, ServerProcess
 
 # p99 ceiling for a saturated server that sheds or queues correctly; unbounded queueing blows far past it.
 P99_BOUND_MS = 2000.0

@@ -24,7 +24,8 @@ from schemathesis.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
-from server_process import API_KEY, ServerProcess  # noqa: E402
+
+from testkit.reliability import API_KEY, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.heavy
 

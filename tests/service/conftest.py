@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-import tiny_bundle
-from service_testkit import API_KEY, LiveServer, TinyBundle, start_server
 
 from service.app import create_app
 from service.core.config import Settings
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, LiveServer, TinyBundle, start_server
 
 
 @pytest.fixture(scope="session")

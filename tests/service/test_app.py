@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from http_checks import assert_error
+
+from testkit.http_checks import assert_error
 
 pytestmark = pytest.mark.asyncio
 

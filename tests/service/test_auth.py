@@ -12,13 +12,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from service_testkit import API_KEY, TinyBundle
 
 from service.api.auth import KeyRing, key_id
 from service.api.hot_routes import HotRoutes
 from service.app import create_app, log_access_policy
 from service.core.audit import AuditLog, read_audit
 from service.core.config import Settings
+from testkit.service_helpers import API_KEY, TinyBundle
 
 READ = "read-only-key-0001"
 WRITE = "write-only-key-0002"

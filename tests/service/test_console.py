@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_testkit import API_KEY, LiveServer, TinyBundle, start_server
+
+from testkit.service_helpers import API_KEY, LiveServer, TinyBundle, start_server
 
 
 @pytest.mark.asyncio

@@ -9,17 +9,16 @@ server).
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from service_testkit import API_KEY
 
 from service.app import create_app
 from service.core.config import Settings
+from testkit.service_helpers import API_KEY
 
 AUTH = {"X-API-Key": API_KEY}
 DIM = 16
@@ -92,8 +91,7 @@ async def test_deleted_identity_leaves_no_vector_bytes_in_sqlite_wal_or_snapshot
 def pg_url() -> Iterator[str]:
     pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
     pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from pg_local import LocalPostgresUnavailable, local_postgres
+    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
     try:
         with local_postgres() as url:

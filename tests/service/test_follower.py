@@ -5,7 +5,6 @@ PostgreSQL when a local server can be started)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_testkit import API_KEY, TinyBundle
 
 from service.app import create_app
 from service.core.config import Settings
 from service.gallery.service import GalleryService
+from testkit.service_helpers import API_KEY, TinyBundle
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
@@ -26,8 +25,7 @@ AUTH = {"X-API-Key": API_KEY}
 @pytest.fixture(scope="module")
 def pg_server() -> Iterator[str]:
     pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from pg_local import LocalPostgresUnavailable, local_postgres
+    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
     try:
         with local_postgres() as url:

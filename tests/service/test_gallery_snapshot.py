@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_testkit import API_KEY, TinyBundle, start_server
 
 from service.app import create_app
 from service.client import IdembedClient
@@ -33,6 +32,7 @@ from service.gallery.snapshot import (
     save_snapshot,
 )
 from service.gallery.store import SQLiteIdentityStore
+from testkit.service_helpers import API_KEY, TinyBundle, start_server
 
 DIM = 16
 N = 120

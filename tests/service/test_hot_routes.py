@@ -12,7 +12,6 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
-from service_testkit import API_KEY, TinyBundle, b64
 
 from service import app as app_module
 from service.api.deps import require_read_key
@@ -22,6 +21,7 @@ from service.api.routes import verify as verify_routes
 from service.api.schemas import VerifyRequest
 from service.app import create_app
 from service.core.config import Settings
+from testkit.service_helpers import API_KEY, TinyBundle, b64
 
 pytestmark = pytest.mark.asyncio
 

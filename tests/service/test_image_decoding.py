@@ -8,13 +8,13 @@ import zlib
 
 import numpy as np
 import pytest
-import tiny_bundle
 from PIL import Image
 
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
 from service.errors import InvalidImageError, PayloadTooLargeError, ServiceError, UnsupportedMediaTypeError
 from service.preprocess import ImagePreprocessor, decode_base64, decode_image
+from testkit import tiny_bundle
 
 FIELDS = tiny_bundle.manifest_fields()
 PRE = Preprocessing(**FIELDS["preprocessing"])

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_testkit import API_KEY, REPO, LiveServer, TinyBundle, start_server
 
 from service.client import AsyncIdembedClient, IdembedClient, IdembedError
+from testkit.service_helpers import API_KEY, REPO, LiveServer, TinyBundle, start_server
 
 
 def test_typed_client_covers_every_endpoint(live_server: LiveServer, tiny: TinyBundle) -> None:

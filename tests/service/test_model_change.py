@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import tiny_bundle
-from service_testkit import API_KEY, b64, serving
 
 from service.app import create_app
 from service.client import AsyncIdembedClient, IdembedError
 from service.gallery.store import StoreError
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, b64, serving
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import sys
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import httpx
 import pytest
-import tiny_bundle
-from service_testkit import API_KEY, serving
+
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, serving
 
 pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
@@ -25,9 +24,7 @@ import psycopg
 from service.app import create_app
 from service.gallery.store import ServedModel, StoreError
 from service.gallery.store.postgres import PostgresIdentityStore
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from pg_local import LocalPostgresUnavailable, local_postgres
+from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 AUTH = {"X-API-Key": API_KEY}
 V1, V2 = "tiny-digits:1", "tiny-digits:2"

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tiny_bundle
 from onnx import TensorProto, helper, numpy_helper
-from service_testkit import TinyBundle
 
 from bundle import write_bundle
 from bundle.errors import BundleError
 from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
 from service.model import EmbeddingModel, RuntimeOptions
+from testkit import tiny_bundle
+from testkit.service_helpers import TinyBundle
 
 
 def write_with_model(directory: Path, model_bytes: bytes, **manifest_overrides: object) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +22,7 @@ from service.gallery.store import ChangeBatch, IdentityExistsError, IdentityStor
 from service.gallery.store.postgres import PostgresIdentityStore
 
 # The server launcher is shared with the benchmarks, which live outside the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from pg_local import LocalPostgresUnavailable, local_postgres
+from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 DIM = 8
 _db_names = itertools.count()

@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import tiny_bundle
-from service_testkit import API_KEY, TinyBundle, b64, serving
 
 from service import runtime as runtime_module
 from service.gallery.gallery import Gallery
 from service.gallery.index import ExactIndex
 from service.gallery.store import SQLiteIdentityStore
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, TinyBundle, b64, serving
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}

@@ -4,21 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import httpx
 import pytest
-from service_testkit import API_KEY, TinyBundle
+
+from testkit.service_helpers import API_KEY, TinyBundle
 
 pytest.importorskip("psycopg", reason="replica tests need the pg extra: pip install '.[pg]'")
 
 from service.app import create_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from pg_local import LocalPostgresUnavailable, local_postgres
+from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 pytestmark = pytest.mark.slow
 AUTH = {"X-API-Key": API_KEY}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from service_testkit import TinyBundle
 
 from bundle.files import load_bundle
 from service.app import create_app
@@ -13,6 +12,7 @@ from service.core.config import Settings
 from service.gallery.ann import AutoIndex, HnswIndex
 from service.gallery.index import ExactIndex
 from service.model import EmbeddingModel, RuntimeOptions
+from testkit.service_helpers import TinyBundle
 
 
 @pytest.mark.asyncio

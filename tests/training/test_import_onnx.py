@@ -25,7 +25,7 @@ from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_pil
 from service.app import create_app
 from service.core.config import Settings
-from tests.training.onnx_graphs import conv_nchw, dense_nhwc
+from testkit.onnx_graphs import conv_nchw, dense_nhwc
 from training import quantize as q
 from training.cli import app
 

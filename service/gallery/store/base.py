@@ -258,6 +258,9 @@ class SqlIdentityStore:
     _INFO: ClassVar[str]  # the key/value table: dim, store id, served model, fingerprints, pruned_through
     _COLUMNS: ClassVar[str]  # identity columns, in the order `_record` reads them
     transient_errors: ClassVar[tuple[type[Exception], ...]]
+    # Whether DELETE still erases a vector's bytes while other server processes hold the store open (the
+    # erasure guarantee of docs/service.md, Privacy); `idembed-serve serve --processes N` needs it.
+    erases_with_other_processes: ClassVar[bool]
 
     dim: int
     where: str

@@ -84,6 +84,7 @@ class PostgresIdentityStore(SqlIdentityStore):
     _INFO = "idembed_store_info"
     _COLUMNS = "key, name, embedding, image_count, model_id, metadata, created_at"
     transient_errors = (psycopg.Error,)  # a restart or failover: the follower retries
+    erases_with_other_processes = True  # DELETE + VACUUM FULL; see its erasure limits in docs/service.md
 
     def __init__(self, url: str, dim: int, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url

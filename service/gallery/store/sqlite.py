@@ -69,6 +69,9 @@ class SQLiteIdentityStore(SqlIdentityStore):
     _INFO = "store_info"
     _COLUMNS = "key, name, embedding, dim, image_count, model_id, metadata, created_at"
     transient_errors = (sqlite3.OperationalError,)  # e.g. "database is locked" past the busy timeout
+    # The WAL checkpoint that overwrites a deleted vector's old pages cannot finish while another process
+    # reads the file; erasure is verified with one process per file only.
+    erases_with_other_processes = False
 
     def __init__(self, path: Path | str, dim: int) -> None:
         self.path = Path(path)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import tiny_bundle
-from http_checks import AUTH, assert_error
-from service_testkit import TinyBundle
 
 from service.app import create_app
+from testkit import tiny_bundle
+from testkit.http_checks import AUTH, assert_error
+from testkit.service_helpers import TinyBundle
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,11 +10,11 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from http_checks import assert_error
 from PIL import Image
-from service_testkit import TinyBundle, b64
 
 from service.app import create_app
+from testkit.http_checks import assert_error
+from testkit.service_helpers import TinyBundle, b64
 
 pytestmark = pytest.mark.asyncio
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from http_checks import assert_error
-from service_testkit import TinyBundle, b64
 
 from service.app import create_app
+from testkit.http_checks import assert_error
+from testkit.service_helpers import TinyBundle, b64
 
 pytestmark = pytest.mark.asyncio
 

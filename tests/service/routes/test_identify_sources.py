@@ -15,8 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import tiny_bundle
-from service_testkit import API_KEY, TinyBundle, b64, serving
 
 from service.app import create_app
 from service.client import AsyncIdembedClient
@@ -24,6 +22,8 @@ from service.core.config import Settings
 from service.gallery.ann import make_index
 from service.gallery.service import GalleryService
 from service.gallery.store import SQLiteIdentityStore
+from testkit import tiny_bundle
+from testkit.service_helpers import API_KEY, TinyBundle, b64, serving
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}

@@ -7,10 +7,10 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from http_checks import AUTH, assert_error
-from service_testkit import TinyBundle, b64
 
 from service.app import create_app
+from testkit.http_checks import AUTH, assert_error
+from testkit.service_helpers import TinyBundle, b64
 
 pytestmark = pytest.mark.asyncio
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from service_testkit import API_KEY, LiveServer, TinyBundle, start_server
 
 from bundle.files import load_bundle
 from service.preprocess import ImagePreprocessor
+from testkit.service_helpers import API_KEY, LiveServer, TinyBundle, start_server
 
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the dev extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402

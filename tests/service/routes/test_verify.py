@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from http_checks import assert_error
-from service_testkit import TinyBundle, b64
+
+from testkit.http_checks import assert_error
+from testkit.service_helpers import TinyBundle, b64
 
 pytestmark = pytest.mark.asyncio
 

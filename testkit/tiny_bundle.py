@@ -1,7 +1,8 @@
-"""A real, tiny ONNX bundle for service tests: a fixed linear projection of 8x8 digit images to 16-d.
+"""A real, tiny ONNX bundle for tests: a fixed linear projection of 8x8 digit images to 16-d.
 
-Built with onnx.helper (no TensorFlow) and written with `bundle.write_bundle`, so the service loads it
-through exactly the path it uses for a trained bundle. Centers are the normalised class means of the digits
+The one tiny-bundle builder of the tests (fault_bundles.py makes its variants from it). Built with
+onnx.helper (no TensorFlow) and written with `bundle.write_bundle`, so the service loads it through exactly
+the path it uses for a trained bundle. Centers are the normalised class means of the digits
 0-7 ("identities" seen in training); 8 and 9 play unseen identities for enrollment tests.
 """
 
@@ -39,18 +40,33 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def onnx_model(weights: np.ndarray, bias: np.ndarray, *, output_name: str = "embedding") -> bytes:
-    """input [N, 8, 8, 1] -> Flatten -> MatMul -> Add -> output [N, DIM]."""
+def layered_model(
+    weights: list[np.ndarray],
+    bias: np.ndarray | None = None,
+    *,
+    output_name: str = "embedding",
+    name: str = "tiny",
+) -> bytes:
+    """input [N, 8, 8, 1] -> Flatten -> (MatMul W_i -> Relu) per hidden W_i -> MatMul W_last (-> Add bias)
+    -> output [N, W_last.shape[1]]: the one graph builder of the tiny test bundles."""
+    nodes = [helper.make_node("Flatten", ["input"], ["x0"], axis=1)]
+    inits = []
+    for i, w in enumerate(weights):
+        inits.append(numpy_helper.from_array(np.asarray(w, np.float32), f"W{i}"))
+        last = i == len(weights) - 1
+        out = (output_name if bias is None else "proj") if last else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"W{i}"], [out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"x{i + 1}"]))
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "b"))
+        nodes.append(helper.make_node("Add", ["proj", "b"], [output_name]))
     graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], ["proj"]),
-            helper.make_node("Add", ["proj", "b"], [output_name]),
-        ],
-        "tiny",
+        nodes,
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIDE, SIDE, 1])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", weights.shape[1]])],
-        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", weights[-1].shape[1]])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -58,11 +74,26 @@ def onnx_model(weights: np.ndarray, bias: np.ndarray, *, output_name: str = "emb
     return model.SerializeToString()
 
 
+def onnx_model(weights: np.ndarray, bias: np.ndarray, *, output_name: str = "embedding") -> bytes:
+    """input [N, 8, 8, 1] -> Flatten -> MatMul -> Add -> output [N, DIM]."""
+    return layered_model([weights], bias, output_name=output_name)
+
+
 def manifest_fields(
-    *, version: str = "1", dim: int = DIM, num_classes: int = len(TRAIN_CLASSES), threshold: float = 0.8
+    *,
+    version: str = "1",
+    dim: int = DIM,
+    num_classes: int = len(TRAIN_CLASSES),
+    threshold: float = 0.8,
+    name: str = "tiny-digits",
+    train_classes: list[str] = TRAIN_CLASSES,
+    heldout_classes: tuple[str, ...] = ("8", "9"),
+    eer_threshold: float = 0.7,
+    pairs: int = 100,
+    dataset: str = "sklearn-digits",
 ) -> dict:
     return {
-        "name": "tiny-digits",
+        "name": name,
         "version": version,
         "created_at": "2026-01-01T00:00:00+00:00",
         "input": {"name": "input", "layout": "NHWC", "height": SIDE, "width": SIDE, "channels": 1},
@@ -79,9 +110,9 @@ def manifest_fields(
             "default": threshold,
             "target_far": 0.01,
             "at_target_far": {"threshold": threshold, "far": 0.01, "tar": 0.9},
-            "eer": {"threshold": 0.7, "far": 0.05, "tar": 0.95},
-            "num_genuine_pairs": 100,
-            "num_impostor_pairs": 100,
+            "eer": {"threshold": eer_threshold, "far": 0.05, "tar": 0.95},
+            "num_genuine_pairs": pairs,
+            "num_impostor_pairs": pairs,
         },
         "training": {
             "backbone": "linear",
@@ -91,9 +122,9 @@ def manifest_fields(
             "epochs": 1,
             "batch_size": 1,
             "seed": 0,
-            "dataset": "sklearn-digits",
-            "train_classes": TRAIN_CLASSES,
-            "heldout_classes": ["8", "9"],
+            "dataset": dataset,
+            "train_classes": list(train_classes),
+            "heldout_classes": list(heldout_classes),
             "val_fraction": 0.0,
         },
     }

@@ -7,12 +7,7 @@ a conftest module (the whole suite imports whichever came first).
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,10 +15,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import tiny_bundle
+
+from testkit import tiny_bundle
+from testkit.server import REPO, ServerProcess
+
+__all__ = ["API_KEY", "REPO", "LiveServer", "TinyBundle", "b64", "serving", "start_server"]
 
 API_KEY = "test-key-0123456789"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -44,51 +42,21 @@ class TinyBundle:
         return [int(i) for i in np.flatnonzero(self.labels == digit)[:count]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class LiveServer(ServerProcess):
+    """`idembed-serve` in a child process on 127.0.0.1 (`testkit.server.ServerProcess`)."""
 
-
-@dataclass
-class LiveServer:
-    """`idembed-serve` in a child process on 127.0.0.1."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout)
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.proc is not None, "not started"
+        return self.proc
 
 
 def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float = 60.0) -> LiveServer:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMBED_")}
-    env.update({"IDEMBED_HOST": "127.0.0.1", "IDEMBED_PORT": str(port), "IDEMBED_LOG_LEVEL": "INFO"})
-    env.update(env_overrides)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not ready within {timeout} s:\n{server.log()}")
+    """Start the service with these IDEMBED_* settings (this process's own IDEMBED_* are not inherited)
+    and return it once /readyz answers 200."""
+    server = LiveServer({"IDEMBED_LOG_LEVEL": "INFO", **env_overrides}, log_path)
+    server.start(timeout_s=timeout)
+    return server
 
 
 def b64(data: bytes) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import httpx
-from service_testkit import API_KEY
+
+from testkit.service_helpers import API_KEY
 
 AUTH = {"X-API-Key": API_KEY}
 

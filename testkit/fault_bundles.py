@@ -1,7 +1,8 @@
 """Tiny real bundles for the reliability suite, and the faulty variants operators actually meet.
 
-The model is a seeded linear projection of an 8x8 grayscale image to 16-d, built with onnx.helper (no
-TensorFlow) and written through `bundle.write_bundle`, so the service loads it exactly as a trained bundle.
+The model is a seeded linear projection of an 8x8 grayscale image to 16-d, built by `tiny_bundle`
+(onnx.helper, no TensorFlow) and written through `bundle.write_bundle`, so the service loads it exactly as a
+trained bundle.
 The faults are made the way they happen in practice: a file edited after export (tampered), a copy cut
 short (truncated), and files from two different exports mixed in one folder (mismatched).
 """
@@ -14,13 +15,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from bundle import write_bundle
 from bundle.manifest import CENTERS_FILE, MANIFEST_FILE, MODEL_FILE
+from testkit import tiny_bundle
 
-SIDE = 8
+SIDE = tiny_bundle.SIDE
 DIM = 16
 LABELS = ["ada", "grace", "alan", "edsger"]
 
@@ -32,59 +32,26 @@ def onnx_linear(dim: int, seed: int, hidden_layers: int = 0, hidden: int = 1024)
     """
     rng = np.random.default_rng(seed)
     sizes = [SIDE * SIDE] + [hidden] * hidden_layers + [dim]
-    nodes = [helper.make_node("Flatten", ["input"], ["x0"], axis=1)]
-    weights = []
-    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
-        weights.append(numpy_helper.from_array(w, f"W{i}"))
-        last = i == len(sizes) - 2
-        nodes.append(helper.make_node("MatMul", [f"x{i}", f"W{i}"], ["embedding" if last else f"h{i}"]))
-        if not last:
-            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"x{i + 1}"]))
-    graph = helper.make_graph(
-        nodes,
-        "reliability-mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SIDE, SIDE, 1])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
-        weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    weights = [
+        (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        for fan_in, fan_out in itertools.pairwise(sizes)
+    ]
+    return tiny_bundle.layered_model(weights, name="reliability-mlp")
 
 
 def manifest_fields(version: str, dim: int) -> dict:
-    return {
-        "name": "reliability",
-        "version": version,
-        "created_at": "2026-01-01T00:00:00+00:00",
-        "input": {"name": "input", "layout": "NHWC", "height": SIDE, "width": SIDE, "channels": 1},
-        "preprocessing": {"color_mode": "L", "scale": 1 / 255, "mean": [0.5], "std": [0.5]},
-        "embedding": {"output_name": "embedding", "dim": dim},
-        "num_classes": len(LABELS),
-        "thresholds": {
-            "default": 0.5,
-            "target_far": 0.01,
-            "at_target_far": {"threshold": 0.5, "far": 0.01, "tar": 0.9},
-            "eer": {"threshold": 0.4, "far": 0.05, "tar": 0.95},
-            "num_genuine_pairs": 10,
-            "num_impostor_pairs": 10,
-        },
-        "training": {
-            "backbone": "linear",
-            "center_update": "none",
-            "center_lambda": 0.0,
-            "center_alpha": 0.5,
-            "epochs": 1,
-            "batch_size": 1,
-            "seed": 0,
-            "dataset": "synthetic",
-            "train_classes": LABELS,
-            "heldout_classes": [],
-            "val_fraction": 0.0,
-        },
-    }
+    return tiny_bundle.manifest_fields(
+        version=version,
+        dim=dim,
+        num_classes=len(LABELS),
+        threshold=0.5,
+        name="reliability",
+        train_classes=LABELS,
+        heldout_classes=(),
+        eer_threshold=0.4,
+        pairs=10,
+        dataset="synthetic",
+    )
 
 
 def write_good(

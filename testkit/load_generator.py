@@ -2,7 +2,7 @@
 
 Used by the load tests here, and runnable on its own against any server (a compose deployment included):
 
-    python tests/reliability/load_generator.py --url http://127.0.0.1:8000 --concurrency 64 --duration 60
+    python -m testkit.load_generator --url http://127.0.0.1:8000 --concurrency 64 --duration 60
 
 Each client sends its next request as soon as the previous one answers, so the server is saturated; the
 result counts statuses, transport errors, 503s with and without Retry-After, and latency percentiles.
