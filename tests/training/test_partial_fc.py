@@ -112,7 +112,8 @@ def test_rate_one_logits_loss_and_gradient_equal_the_full_head(name: str, params
         xent = keras.losses.sparse_categorical_crossentropy
         loss_ours = tf.reduce_mean(xent(labels, ours, from_logits=True))
         loss_theirs = tf.reduce_mean(xent(labels, theirs, from_logits=True))
-    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+    # Logits reach s = 64: float32 rounding of a cosine times s is ~1e-5 there, so the check is relative too.
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(loss_ours.numpy(), loss_theirs.numpy(), rtol=1e-6)
     grad_ours = tape.gradient(loss_ours, rows).numpy()
     grad_theirs = tape.gradient(loss_theirs, full.kernel).numpy()

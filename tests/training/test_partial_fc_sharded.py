@@ -193,7 +193,9 @@ def test_empty_share_of_the_last_batch_trains(report, kind):
     # Before the fix, replica 1's empty share failed in Conv2D (oneDNN returns the input's shape for 0 rows).
     result = report[f"empty/{kind}"]
     assert result["center_scale"] > 1e-3
-    assert result["centers"] < 1e-5 and result["backbone"] < 1e-5
+    # Two replicas sum their half-batch gradients in another order than one device does: the backbone ends
+    # 1.5e-5 apart on main (the unit-norm epsilon and uint8-input changes moved the rounding), so 5e-5.
+    assert result["centers"] < 1e-5 and result["backbone"] < 5e-5
     np.testing.assert_allclose(result["loss"][1], result["loss"][0], rtol=1e-5)
 
 

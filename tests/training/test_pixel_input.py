@@ -424,7 +424,7 @@ def test_imported_nchw_bgr_model_with_the_subgraph_serves_as_without(tmp_path):
     does the transpose, the channel swap and the normalisation; embeddings and check-bundle agree."""
     from typer.testing import CliRunner
 
-    from tests.training.onnx_graphs import conv_nchw
+    from testkit.onnx_graphs import conv_nchw
     from training.cli import app
 
     root = tmp_path / "faces"
