@@ -99,7 +99,7 @@ def _rates(datasets: dict, batches: int, repeats: int) -> dict[str, float]:
 def throughput(args: argparse.Namespace, work: Path) -> dict:
     import tensorflow as tf
 
-    from training.data.in_memory import build_splits
+    from training.data import build_splits
     from training.data.packing import pack_folder
 
     rng = np.random.default_rng(0)
@@ -198,7 +198,7 @@ def _rss_child(kind: str, n: int, work: str) -> None:
     """Runs in a fresh process: list + split + stream the N-record set, print peak RSS."""
     import tensorflow as tf  # noqa: F401  (imported first so the baseline includes TensorFlow)
 
-    from training.data.in_memory import build_splits
+    from training.data import build_splits
 
     root = Path(work) / f"{kind}-{n}"
     dataset = str(root / "train.rec") if kind == "rec" else str(root)

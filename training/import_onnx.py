@@ -203,7 +203,8 @@ def _embed(sess: ort.InferenceSession, inputs, n: int, input_name: str, output_n
 
 def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     """Check, embed, calibrate and write the bundle; nothing is written if any step fails."""
-    from training.data.sources import DataError, load_dataset
+    from training.data.datasets import load_dataset
+    from training.data.sources import DataError
     from training.data.splits import choose_heldout, choose_heldout_groups
 
     seconds: dict[str, float] = {}
@@ -429,7 +430,7 @@ def heldout_inputs(manifest: BundleManifest) -> tuple[np.ndarray, np.ndarray, li
     """An imported bundle's held-out images (model inputs, preprocessed as the service does), labels and the
     group of each held-out identity (None without groups), re-read from its recorded `training.dataset`:
     what `check-bundle` re-measures its numbers on."""
-    from training.data.sources import load_dataset
+    from training.data.datasets import load_dataset
 
     data = load_dataset(manifest.training.dataset, manifest.preprocessing.color_mode)
     held = [data.class_names.index(n) for n in manifest.training.heldout_classes]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.sources import DataError, ImageSet, load_dataset
+from training.data.sources import DataError, ImageSet, is_idx_source, load_digits_set, load_idx_set
 
 HELDOUT_FILE = "heldout.txt"
 PROVENANCE_FILE = "composite.json"
@@ -147,7 +147,7 @@ def digit_pairs(seed: int = 0) -> ImageSet:
     """The built-in `digit-pairs` data set: 100 identities "ab" x 64 images (8x16) from sklearn's digits, with
     the balanced 30 held-out identities as its suggested split (the same as `python -m training.data.composite
     --out D` writes, seed 0, in memory)."""
-    base = load_dataset("digits")
+    base = load_digits_set()
     composite = build_composite_set(base, parts=2, per_identity=64, seed=seed)
     images = composite.image_set
     heldout = balanced_heldout(
@@ -231,7 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of samples, images and held-out set")
     args = parser.parse_args(argv)
     try:
-        base = load_dataset(args.base)
+        if args.base == "digits":
+            base = load_digits_set()
+        elif is_idx_source(Path(args.base)):
+            base = load_idx_set(Path(args.base))
+        else:
+            raise DataError(f"--base {args.base}: not 'digits' or an IDX folder/prefix")
         composite = build_composite_set(
             base, parts=args.parts, per_identity=args.per_identity, seed=args.seed
         )

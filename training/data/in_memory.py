@@ -19,7 +19,8 @@ from bundle.manifest import InputSpec, Preprocessing
 from bundle.preprocess import preprocess_image
 from training.config import RunConfig
 from training.data.augment import Augmentation, augment_batch, batch_key
-from training.data.sources import ImageSet, idx_image_size, is_idx_source, load_dataset
+from training.data.datasets import load_dataset
+from training.data.sources import ImageSet, idx_image_size, is_idx_source
 from training.data.splits import SplitIndices, choose_heldout, choose_heldout_groups, split_identities
 
 # Input size when the dataset has no single native size (an image folder) and --image-size is not given.
@@ -117,14 +118,9 @@ def split_indices(config: RunConfig, image_set: ImageSet) -> SplitIndices:
     )
 
 
-def build_splits(config: RunConfig, image_set: ImageSet | None = None) -> Splits:
-    """Load (unless given), split and preprocess the dataset of `config`; rebuilds a finished run's splits."""
-    # --- streaming input (.rec, TFRecord shards, folder + --streaming): training images are not loaded
-    from training.data.streaming import build_streaming_splits, is_streaming
-
-    if image_set is None and is_streaming(config):
-        return build_streaming_splits(config)
-    # --- end streaming input
+def build_in_memory_splits(config: RunConfig, image_set: ImageSet | None = None) -> Splits:
+    """Load (unless given), split and preprocess the dataset of `config` in memory
+    (`training.data.build_splits` chooses between this and the streamed input)."""
     if image_set is None:
         image_set = load_dataset(config.dataset, config.color_mode)
     idx = split_indices(config, image_set)

@@ -165,28 +165,3 @@ def load_folder_set(path: Path | str, color_mode: str = "L") -> ImageSet:
             images.append(_read_image(f, color_mode))
             labels.append(k)
     return ImageSet(images, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs], str(root))
-
-
-# Data sets a fresh install has (built from scikit-learn's bundled digits), by name.
-BUILTIN_DATASETS = ("digits", "digit-pairs")
-
-
-def load_dataset(dataset: str, color_mode: str = "L") -> ImageSet:
-    """`digits`, `digit-pairs`, an IDX folder/prefix, an identity-folder tree (flat or with a group level),
-    one zip of such a tree or a folder of zips (see `RunConfig.dataset` and `training.data.grouped`)."""
-    from training.data.grouped import is_grouped_folder, load_grouped_set, zip_paths
-
-    if dataset == "digits":
-        return load_digits_set()
-    if dataset == "digit-pairs":
-        from training.data.composite import digit_pairs  # composite builds on this module
-
-        return digit_pairs()
-    path = Path(dataset)
-    if is_idx_source(path):
-        return load_idx_set(path)
-    if zip_paths(path) or is_grouped_folder(path):
-        return load_grouped_set(path, color_mode)
-    if path.is_dir():
-        return load_folder_set(path, color_mode)
-    raise DataError(f"{dataset}: not 'digits', an IDX folder/prefix, a .zip, or an image folder")
