@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -85,3 +86,31 @@ def live_server(tiny: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> I
     server = start_server(env, tmp / "server.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A throwaway local PostgreSQL with pgvector for one test module; skipped where none can start."""
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
+    pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
+    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
+
+    try:
+        with local_postgres() as url:
+            yield url
+    except LocalPostgresUnavailable as exc:
+        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
+
+
+_pg_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_database(pg_url: str) -> str:
+    """A fresh, empty database on the module's PostgreSQL server, for one test."""
+    import psycopg
+
+    name = f"idembed_test_{next(_pg_databases)}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg_url.rsplit("/", 1)[0] + "/" + name

@@ -9,7 +9,7 @@ server).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -85,19 +85,6 @@ async def test_deleted_identity_leaves_no_vector_bytes_in_sqlite_wal_or_snapshot
         # The change feed says a key was deleted, and nothing about its vector.
         with sqlite3.connect(db) as conn:
             assert {r[1] for r in conn.execute("PRAGMA table_info(identity_changes)")} == {"seq", "key", "op"}
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
-    pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
-    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
-
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
 
 
 def test_deleted_identity_leaves_no_vector_bytes_in_the_postgres_table(pg_url: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -22,25 +22,13 @@ pytestmark = pytest.mark.asyncio
 AUTH = {"X-API-Key": API_KEY}
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[str]:
-    pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
-    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
-
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     import psycopg
 
-    server = request.getfixturevalue("pg_server")
+    server = request.getfixturevalue("pg_url")
     name = f"idembed_follow_{abs(hash(request.node.name)) % 10**8}"
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name}")

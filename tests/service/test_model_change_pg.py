@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import httpx
@@ -19,33 +17,13 @@ from testkit.service_helpers import API_KEY, serving
 pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 
-import psycopg
 
 from service.app import create_app
 from service.gallery.store import ServedModel, StoreError
 from service.gallery.store.postgres import PostgresIdentityStore
-from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 AUTH = {"X-API-Key": API_KEY}
 V1, V2 = "tiny-digits:1", "tiny-digits:2"
-_db_names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[str]:
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
-
-
-@pytest.fixture
-def pg_url(pg_server: str) -> str:
-    name = f"idembed_model_change_{next(_db_names)}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return pg_server.rsplit("/", 1)[0] + "/" + name
 
 
 async def enroll(c: httpx.AsyncClient, name: str, image: bytes) -> None:
@@ -61,8 +39,8 @@ async def names_found(c: httpx.AsyncClient, image: bytes) -> list[str]:
     return [m["identity"] for m in r.json()["results"][0]["matches"]]
 
 
-def test_store_counts_identities_by_model_and_remembers_the_served_model(pg_url: str) -> None:
-    store = PostgresIdentityStore(pg_url, tiny_bundle.DIM)
+def test_store_counts_identities_by_model_and_remembers_the_served_model(pg_database: str) -> None:
+    store = PostgresIdentityStore(pg_database, tiny_bundle.DIM)
     try:
         unit = [1.0] + [0.0] * (tiny_bundle.DIM - 1)
         assert store.count_by_model() == {} and store.model_history().served is None
@@ -79,8 +57,8 @@ def test_store_counts_identities_by_model_and_remembers_the_served_model(pg_url:
         store.close()
 
 
-def test_store_keeps_images_with_their_identity_and_re_embeds_them(pg_url: str) -> None:
-    store = PostgresIdentityStore(pg_url, tiny_bundle.DIM)
+def test_store_keeps_images_with_their_identity_and_re_embeds_them(pg_database: str) -> None:
+    store = PostgresIdentityStore(pg_database, tiny_bundle.DIM)
     try:
         unit = [1.0] + [0.0] * (tiny_bundle.DIM - 1)
         other = [0.0, 1.0] + [0.0] * (tiny_bundle.DIM - 2)
@@ -106,9 +84,9 @@ def test_store_keeps_images_with_their_identity_and_re_embeds_them(pg_url: str) 
 
 
 @pytest.mark.asyncio
-async def test_reload_and_restart_policy_on_postgres(make_settings, pg_url, models, tiny) -> None:
+async def test_reload_and_restart_policy_on_postgres(make_settings, pg_database, models, tiny) -> None:
     eight = tiny.png(tiny.of_digit(8, 1)[0])
-    async with serving(make_settings(bundle_path=models / "v1", store_url=pg_url)) as c:
+    async with serving(make_settings(bundle_path=models / "v1", store_url=pg_database)) as c:
         await enroll(c, "alice", eight)
         r = await c.post("/v1/admin/reload", json={"bundle": "v2"}, headers=AUTH)
         assert r.status_code == 409 and r.json()["error"]["detail"]["orphaned"] == 1, r.text
@@ -117,10 +95,10 @@ async def test_reload_and_restart_policy_on_postgres(make_settings, pg_url, mode
         assert await names_found(c, eight) == []
         assert (await c.get("/v1/identities/alice")).json()["stale"] is True
     # v2 was served last and enrolled nothing: v1 may start, and matches alice again.
-    async with serving(make_settings(bundle_path=models / "v1", store_url=pg_url)) as c:
+    async with serving(make_settings(bundle_path=models / "v1", store_url=pg_database)) as c:
         assert await names_found(c, eight) == ["alice"]
     # Now v1 is the last served model, with one identity: starting v2 is refused by default.
-    app = create_app(make_settings(bundle_path=models / "v2", store_url=pg_url))
+    app = create_app(make_settings(bundle_path=models / "v2", store_url=pg_database))
     with pytest.raises(StoreError, match="IDEMBED_ON_MODEL_CHANGE"):
         async with app.router.lifespan_context(app):
             pass
@@ -129,17 +107,17 @@ async def test_reload_and_restart_policy_on_postgres(make_settings, pg_url, mode
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_replicas_serving_two_models_never_index_each_others_identities(
-    make_settings, pg_url, models, tiny
+    make_settings, pg_database, models, tiny
 ) -> None:
     """A rolling upgrade: replica A still serves v1 while replica B already serves v2 (started with
     IDEMBED_ON_MODEL_CHANGE=orphan). Each follows the other's writes, and indexes only its own model's."""
     eight = tiny.png(tiny.of_digit(8, 1)[0])
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(
-            serving(make_settings(bundle_path=models / "v1", store_url=pg_url))
+            serving(make_settings(bundle_path=models / "v1", store_url=pg_database))
         )
         await enroll(a, "old", eight)
-        b_settings = make_settings(bundle_path=models / "v2", store_url=pg_url, on_model_change="orphan")
+        b_settings = make_settings(bundle_path=models / "v2", store_url=pg_database, on_model_change="orphan")
         b = await stack.enter_async_context(serving(b_settings))
         await enroll(b, "new", eight)
         await enroll(a, "old-2", eight)
@@ -167,9 +145,9 @@ async def test_replicas_serving_two_models_never_index_each_others_identities(
 
 
 @pytest.mark.asyncio
-async def test_reload_re_embeds_kept_images_on_postgres(make_settings, pg_url, models, tiny) -> None:
+async def test_reload_re_embeds_kept_images_on_postgres(make_settings, pg_database, models, tiny) -> None:
     images = [tiny.png(i) for i in tiny.of_digit(9, 3)]
-    settings = make_settings(bundle_path=models / "v1", store_url=pg_url, keep_enrollment_images=True)
+    settings = make_settings(bundle_path=models / "v1", store_url=pg_database, keep_enrollment_images=True)
     async with serving(settings) as c:
         for i, image in enumerate(images):
             await enroll(c, f"p{i}", image)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,18 +23,6 @@ from testkit.service_helpers import API_KEY, TinyBundle
 
 pytestmark = pytest.mark.slow
 AUTH = {"X-API-Key": API_KEY}
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    pytest.importorskip("psycopg", reason="needs the pg extra: pip install '.[pg]'")
-    from testkit.pg_local import LocalPostgresUnavailable, local_postgres
-
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
 
 
 def settings(tiny: TinyBundle, store_url: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -14,41 +13,18 @@ import pytest
 pytest.importorskip("psycopg", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 pytest.importorskip("pgvector", reason="PostgreSQL tests need the pg extra: pip install '.[pg]'")
 
-import psycopg
 
 from service.gallery.ann import HnswIndex
 from service.gallery.follower import ChangeFollower
 from service.gallery.store import ChangeBatch, IdentityExistsError, IdentityStore, StoreError, open_store
 from service.gallery.store.postgres import PostgresIdentityStore
 
-# The server launcher is shared with the benchmarks, which live outside the package.
-from testkit.pg_local import LocalPostgresUnavailable, local_postgres
-
 DIM = 8
-_db_names = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
 
 
 @pytest.fixture
-def pg_url(pg_server: str) -> str:
-    """A fresh, empty database on the shared server for each test."""
-    name = f"idembed_test_{next(_db_names)}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return pg_server.rsplit("/", 1)[0] + "/" + name
-
-
-@pytest.fixture
-def store(pg_url: str) -> Iterator[PostgresIdentityStore]:
-    s = PostgresIdentityStore(pg_url, DIM)
+def store(pg_database: str) -> Iterator[PostgresIdentityStore]:
+    s = PostgresIdentityStore(pg_database, DIM)
     yield s
     s.close()
 
@@ -62,8 +38,8 @@ def test_store_satisfies_identity_store_protocol(store: PostgresIdentityStore) -
     assert isinstance(store, IdentityStore)
 
 
-def test_open_store_selects_postgres_by_url_scheme(pg_url: str) -> None:
-    s = open_store(pg_url, DIM)
+def test_open_store_selects_postgres_by_url_scheme(pg_database: str) -> None:
+    s = open_store(pg_database, DIM)
     try:
         assert isinstance(s, PostgresIdentityStore)
     finally:
@@ -115,21 +91,21 @@ def test_iter_all_pages_through_every_identity(store: PostgresIdentityStore) -> 
     assert [r.name for b in batches for r in b] == [f"p{i}" for i in range(25)]
 
 
-def test_identities_survive_closing_and_reopening(pg_url: str) -> None:
-    s = PostgresIdentityStore(pg_url, DIM)
+def test_identities_survive_closing_and_reopening(pg_database: str) -> None:
+    s = PostgresIdentityStore(pg_database, DIM)
     s.add("erin", unit(6), image_count=1, model_id="m1")
     s.close()
-    reopened = PostgresIdentityStore(pg_url, DIM)
+    reopened = PostgresIdentityStore(pg_database, DIM)
     try:
         assert reopened.get("erin") is not None
     finally:
         reopened.close()
 
 
-def test_reopening_with_another_dimension_names_both(pg_url: str) -> None:
-    PostgresIdentityStore(pg_url, DIM).close()
+def test_reopening_with_another_dimension_names_both(pg_database: str) -> None:
+    PostgresIdentityStore(pg_database, DIM).close()
     with pytest.raises(StoreError, match="holds 8-d embeddings but the model produces 16-d"):
-        PostgresIdentityStore(pg_url, 16)
+        PostgresIdentityStore(pg_database, 16)
 
 
 def test_wrong_embedding_size_and_nan_are_refused(store: PostgresIdentityStore) -> None:
@@ -173,9 +149,9 @@ def test_pruned_feed_tells_a_lagging_replica_to_rebuild(store: PostgresIdentityS
         store.changes_since(0)
 
 
-def test_follower_keeps_another_replicas_index_in_sync(pg_url: str) -> None:
-    writer = PostgresIdentityStore(pg_url, DIM)
-    reader = PostgresIdentityStore(pg_url, DIM)
+def test_follower_keeps_another_replicas_index_in_sync(pg_database: str) -> None:
+    writer = PostgresIdentityStore(pg_database, DIM)
+    reader = PostgresIdentityStore(pg_database, DIM)
     index = HnswIndex(DIM, dtype="f32")
     applied = threading.Event()
 
@@ -207,8 +183,8 @@ def test_follower_keeps_another_replicas_index_in_sync(pg_url: str) -> None:
         reader.close()
 
 
-def test_concurrent_writers_from_two_replicas_lose_no_change(pg_url: str) -> None:
-    stores = [PostgresIdentityStore(pg_url, DIM) for _ in range(2)]
+def test_concurrent_writers_from_two_replicas_lose_no_change(pg_database: str) -> None:
+    stores = [PostgresIdentityStore(pg_database, DIM) for _ in range(2)]
     cursor = stores[0].change_cursor()
 
     def enroll(s: PostgresIdentityStore, prefix: str) -> None:
@@ -233,7 +209,7 @@ def test_concurrent_writers_from_two_replicas_lose_no_change(pg_url: str) -> Non
 
 
 def test_gallery_snapshot_catches_up_through_the_change_feed(
-    store: PostgresIdentityStore, pg_url: str, tmp_path: Path
+    store: PostgresIdentityStore, pg_database: str, tmp_path: Path
 ) -> None:
     from functools import partial
 
@@ -255,6 +231,6 @@ def test_gallery_snapshot_catches_up_through_the_change_feed(
     assert start.source == "snapshot" and start.replayed == 2 and start.cursor == store.change_cursor()
     found = {m.name for m in start.gallery.search(np.stack([unit(50), unit(3)]), 20)[0]}
     assert "late" in found and "p3" not in found and start.gallery.num_enrolled == 10
-    other = PostgresIdentityStore(pg_url, DIM)
+    other = PostgresIdentityStore(pg_database, DIM)
     assert other.store_id() == store.store_id() and len(store.store_id()) == 32
     other.close()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 
 import httpx
@@ -15,19 +14,9 @@ from testkit.service_helpers import API_KEY, TinyBundle
 pytest.importorskip("psycopg", reason="replica tests need the pg extra: pip install '.[pg]'")
 
 from service.app import create_app
-from testkit.pg_local import LocalPostgresUnavailable, local_postgres
 
 pytestmark = pytest.mark.slow
 AUTH = {"X-API-Key": API_KEY}
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    try:
-        with local_postgres() as url:
-            yield url
-    except LocalPostgresUnavailable as exc:
-        pytest.skip(f"no local PostgreSQL with pgvector could be started: {exc}")
 
 
 async def _names_seen(client: httpx.AsyncClient, embedding: list[float]) -> set[str]:
