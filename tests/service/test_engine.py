@@ -223,3 +223,36 @@ async def test_lone_batches_use_lone_run_and_concurrent_ones_the_worker_run() ->
         np.testing.assert_array_equal(y, x * 2.0)
     assert lone.batch_sizes == [1, 1, 1], "a batch with others queued or running must use the worker run"
     assert shared.most_active == 2
+
+
+@pytest.mark.asyncio
+async def test_stop_timeout_fails_queued_requests_and_does_not_hang_on_a_stuck_batch() -> None:
+    model = RecordingModel()
+    model.gate.clear()  # the first batch never finishes within the drain timeout
+    engine = BatchingEngine(model, max_batch_size=1)
+    engine.start()
+    stuck = asyncio.ensure_future(engine.embed(np.ones((1, 1), np.float32)))
+    queued = asyncio.ensure_future(engine.embed(np.ones((1, 1), np.float32)))
+    await asyncio.sleep(0.02)
+    start = time.perf_counter()
+    await engine.stop(timeout_s=0.1)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(EngineClosedError):
+        await queued
+    assert not stuck.done()
+    model.gate.set()  # the stuck call ends; its thread delivers the result and exits
+    np.testing.assert_array_equal(await asyncio.wait_for(stuck, 5.0), np.full((1, 1), 2.0))
+
+
+@pytest.mark.asyncio
+async def test_requests_of_one_loop_iteration_share_a_batch_and_later_ones_form_the_next() -> None:
+    model = RecordingModel(delay_s=0.01)
+    engine = BatchingEngine(model, max_batch_size=8, workers=1)
+    engine.start()
+    first = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5)]
+    await asyncio.sleep(0.002)  # the first batch (all five) is running
+    later = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5, 8)]
+    outputs = await asyncio.gather(*first, *later)
+    await engine.stop()
+    assert model.batch_sizes == [5, 3]
+    assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(8)]
