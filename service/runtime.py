@@ -262,6 +262,7 @@ class ServiceRuntime:
             inline_max_ms=s.inline_inference_max_ms,
             workers=s.inference_workers,
             lone_run=None if lone_model is None else lone_model.run,
+            lone_inline_max_ms=s.lone_inline_max_ms,
         )
         manifest = model.manifest
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)

@@ -256,3 +256,38 @@ async def test_requests_of_one_loop_iteration_share_a_batch_and_later_ones_form_
     await engine.stop()
     assert model.batch_sizes == [5, 3]
     assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(8)]
+
+
+@pytest.mark.asyncio
+async def test_lone_batches_predicted_cheap_enough_run_on_the_event_loop_with_the_lone_run() -> None:
+    threads: list[tuple[str, str]] = []
+
+    def recorder(kind: str):
+        def run(batch: np.ndarray) -> np.ndarray:
+            threads.append((kind, threading.current_thread().name))
+            time.sleep(0.002)
+            return batch * 2.0
+
+        return run
+
+    engine = BatchingEngine(
+        recorder("worker"), max_batch_size=1, workers=2, lone_run=recorder("lone"), lone_inline_max_ms=50.0
+    )
+    engine.start()
+    for i in range(3):  # sequential: each batch starts alone
+        np.testing.assert_array_equal(await engine.embed(np.full((1, 1), i, np.float32)), [[2.0 * i]])
+    # The first has no timing yet and goes to a thread; the next run on the loop, on the lone run.
+    assert threads[0][0] == "lone" and threads[0][1].startswith("idembed-infer")
+    assert threads[1:] == [("lone", threading.main_thread().name)] * 2
+    threads.clear()
+    # Four at once: none starts alone, so none runs inline (50 ms would allow it) and none on the lone run.
+    outputs = await asyncio.gather(*(engine.embed(np.full((1, 1), i, np.float32)) for i in range(4)))
+    await engine.stop()
+    assert [float(o[0, 0]) for o in outputs] == [0.0, 2.0, 4.0, 6.0]
+    assert {kind for kind, _ in threads} == {"worker"}
+    assert all(name.startswith("idembed-infer") for _, name in threads)
+
+
+def test_inline_limits_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="lone_inline_max_ms"):
+        BatchingEngine(RecordingModel(), lone_inline_max_ms=-1.0)
