@@ -39,6 +39,10 @@ from service.errors import NotReadyError, OverloadedError
 
 logger = logging.getLogger("idembed.engine")
 
+# A batch that starts alone goes to the all-cores session while that is measured no slower per image than a
+# worker's session; every this-many lone batches the other one is tried, so the choice follows the host.
+_EXPLORE_EVERY = 20
+
 BatchObserver = Callable[[int, float], None]
 
 
@@ -65,6 +69,7 @@ class _Job:
     inputs: np.ndarray
     run: Callable[[np.ndarray], np.ndarray]
     dispatched_at: float
+    alone: str | None  # for a batch that started alone: "lone" or "worker", the session it runs on
     run_s: float = 0.0
 
 
@@ -120,6 +125,9 @@ class BatchingEngine:
         # milliseconds on a busy one. Requests arriving meanwhile wait in the socket until it is done.
         self.lone_inline_max_s = lone_inline_max_ms / 1000.0
         self._per_row_s: float | None = None
+        # Model time per image of batches that started alone, by session ("lone", "worker"); see _alone_run.
+        self._alone_row_s: dict[str, float] = {}
+        self._alone_batches = 0
 
     @property
     def queue_depth(self) -> int:
@@ -216,20 +224,37 @@ class BatchingEngine:
                 continue
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
             alone = self._running == 0 and not self._pending
-            run = self._lone_run if alone and self._lone_run is not None else self._run
+            kind = self._alone_run() if alone and self._lone_run is not None else None
+            run = self._lone_run if kind == "lone" and self._lone_run is not None else self._run
             predicted = None if self._per_row_s is None else self._per_row_s * len(inputs)
             if predicted is not None and (
                 predicted <= self.inline_max_s or (alone and predicted <= self.lone_inline_max_s)
             ):
-                self._run_inline(batch, inputs, run)
+                self._run_inline(batch, inputs, run, kind)
                 continue
             self._idle_workers -= 1
             self._running += 1
-            self._jobs.put(_Job(batch, inputs, run, time.perf_counter()))
+            self._jobs.put(_Job(batch, inputs, run, time.perf_counter(), kind))
         self._check_drained()
 
+    def _alone_run(self) -> str:
+        """The session for a batch that starts alone: "lone" (every core) unless it has been measured slower
+        per image than a worker's share of the cores, as on a busy host, where the other processes
+        deschedule one of its threads mid-call and the whole call waits for it (measured: 2 threads spinning
+        5-12 ms for a 112x112 image that 1 thread does in 2.5 ms). Every `_EXPLORE_EVERY`-th lone batch
+        tries the other session, so the choice follows the host's load."""
+        self._alone_batches += 1
+        lone, worker = self._alone_row_s.get("lone"), self._alone_row_s.get("worker")
+        prefer_lone = worker is None or lone is None or lone <= worker
+        explore = self._alone_batches % _EXPLORE_EVERY == 0
+        return "lone" if prefer_lone != explore else "worker"
+
     def _run_inline(
-        self, batch: list[_Request], inputs: np.ndarray, run: Callable[[np.ndarray], np.ndarray]
+        self,
+        batch: list[_Request],
+        inputs: np.ndarray,
+        run: Callable[[np.ndarray], np.ndarray],
+        alone: str | None,
     ) -> None:
         start = time.perf_counter()
         try:
@@ -238,7 +263,7 @@ class BatchingEngine:
             self._fail(batch, exc)
             return
         elapsed = time.perf_counter() - start
-        self._finish(batch, outputs, elapsed, elapsed)
+        self._finish(batch, outputs, elapsed, elapsed, alone)
 
     def _serve_jobs(self) -> None:
         """An inference thread: run each job, then hand the result to the event loop in one callback."""
@@ -262,7 +287,7 @@ class BatchingEngine:
         if error is not None or outputs is None:
             self._fail(job.batch, error or RuntimeError("the model returned no output"))
         else:
-            self._finish(job.batch, outputs, job.run_s, time.perf_counter() - job.dispatched_at)
+            self._finish(job.batch, outputs, job.run_s, time.perf_counter() - job.dispatched_at, job.alone)
         # The next batch goes to the thread before the finished requests' responses are written.
         self._dispatch()
 
@@ -279,7 +304,14 @@ class BatchingEngine:
             if not request.future.done():
                 request.future.set_exception(exc)
 
-    def _finish(self, batch: list[_Request], outputs: np.ndarray, run_s: float, elapsed: float) -> None:
+    def _finish(
+        self,
+        batch: list[_Request],
+        outputs: np.ndarray,
+        run_s: float,
+        elapsed: float,
+        alone: str | None = None,
+    ) -> None:
         self._last_batch_s = elapsed
         rows = sum(r.rows for r in batch)
         # The inline decision uses the model's own time (`run_s`), not `elapsed`: that includes the hand-off
@@ -288,6 +320,9 @@ class BatchingEngine:
         per_row = run_s / rows
         # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
         self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
+        if alone is not None:
+            seen = self._alone_row_s.get(alone)
+            self._alone_row_s[alone] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
         if self._observer is not None:
             self._observer(rows, elapsed)
         offset = 0

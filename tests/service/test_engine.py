@@ -291,3 +291,18 @@ async def test_lone_batches_predicted_cheap_enough_run_on_the_event_loop_with_th
 def test_inline_limits_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="lone_inline_max_ms"):
         BatchingEngine(RecordingModel(), lone_inline_max_ms=-1.0)
+
+
+@pytest.mark.asyncio
+async def test_lone_batches_move_to_the_worker_run_when_the_lone_run_is_measured_slower() -> None:
+    worker = RecordingModel()  # fast: as a 1-thread session is on a busy host
+    lone = RecordingModel(delay_s=0.01)  # slow: its threads are descheduled mid-call
+    engine = BatchingEngine(worker, max_batch_size=1, workers=2, lone_run=lone)
+    engine.start()
+    for i in range(45):  # sequential: every batch starts alone
+        np.testing.assert_array_equal(await engine.embed(np.full((1, 1), i, np.float32)), [[2.0 * i]])
+    await engine.stop()
+    # Batches 1-19 lone (nothing measured on the worker run yet), the 20th tries the worker run, which is
+    # faster, so 21-39 use it; the 40th tries the lone run again (still slower), 41-45 the worker run.
+    assert len(lone.batch_sizes) == 20
+    assert len(worker.batch_sizes) == 25
