@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.inflight import IN_FLIGHT
 from service.errors import NotReadyError, OverloadedError
 
 logger = logging.getLogger("idembed.engine")
@@ -223,7 +224,9 @@ class BatchingEngine:
             if not batch:
                 continue
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
-            alone = self._running == 0 and not self._pending
+            # Alone: nothing running or queued, and no other HTTP request in the server (one still being read
+            # or decoded would arrive mid-call: the first of a burst must not take every core or the loop).
+            alone = self._running == 0 and not self._pending and IN_FLIGHT.count <= len(batch)
             kind = self._alone_run() if alone and self._lone_run is not None else None
             run = self._lone_run if kind == "lone" and self._lone_run is not None else self._run
             predicted = None if self._per_row_s is None else self._per_row_s * len(inputs)

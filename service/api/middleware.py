@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_json
 from service.api.metrics import ServiceMetrics
+from service.core.inflight import IN_FLIGHT
 from service.core.logging import request_id_var
 
 logger = logging.getLogger("idembed.access")
@@ -57,6 +58,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
+        IN_FLIGHT.count += 1
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -81,6 +83,7 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:
+            IN_FLIGHT.count -= 1
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             # The route template (/v1/identities/{name}), never the raw path: bounded label cardinality.

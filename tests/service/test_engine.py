@@ -306,3 +306,19 @@ async def test_lone_batches_move_to_the_worker_run_when_the_lone_run_is_measured
     # faster, so 21-39 use it; the 40th tries the lone run again (still slower), 41-45 the worker run.
     assert len(lone.batch_sizes) == 20
     assert len(worker.batch_sizes) == 25
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_not_alone_while_other_http_requests_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.core.inflight import IN_FLIGHT
+
+    worker, lone = RecordingModel(), RecordingModel()
+    engine = BatchingEngine(worker, max_batch_size=4, workers=2, lone_run=lone)
+    engine.start()
+    await engine.embed(np.ones((1, 1), np.float32))  # nothing else in the server: the lone run
+    monkeypatch.setattr(IN_FLIGHT, "count", 3)  # two more requests being received or decoded
+    await engine.embed(np.ones((1, 1), np.float32))
+    await engine.stop()
+    assert (len(lone.batch_sizes), len(worker.batch_sizes)) == (1, 1)
