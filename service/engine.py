@@ -223,7 +223,11 @@ class BatchingEngine:
             batch = self._take_batch()
             if not batch:
                 continue
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+            try:
+                inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+            except ValueError as exc:  # requests of different shapes: fail them, never leave them waiting
+                self._fail(batch, exc)
+                continue
             # Alone: nothing running or queued, and no other HTTP request in the server (one still being read
             # or decoded would arrive mid-call: the first of a burst must not take every core or the loop).
             alone = self._running == 0 and not self._pending and IN_FLIGHT.count <= len(batch)

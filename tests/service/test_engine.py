@@ -322,3 +322,19 @@ async def test_a_batch_is_not_alone_while_other_http_requests_are_in_flight(
     await engine.embed(np.ones((1, 1), np.float32))
     await engine.stop()
     assert (len(lone.batch_sizes), len(worker.batch_sizes)) == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging() -> None:
+    engine = BatchingEngine(RecordingModel(), max_batch_size=8)
+    engine.start()
+    results = await asyncio.gather(
+        engine.embed(np.ones((1, 2), np.float32)),
+        engine.embed(np.ones((1, 3), np.float32)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, ValueError) for r in results)
+    np.testing.assert_array_equal(
+        await engine.embed(np.ones((1, 2), np.float32)), [[2.0, 2.0]]
+    )  # still serves
+    await engine.stop()
