@@ -129,6 +129,7 @@ class BatchingEngine:
         # Model time per image of batches that started alone, by session ("lone", "worker"); see _alone_run.
         self._alone_row_s: dict[str, float] = {}
         self._alone_batches = 0
+        self._exploring = False  # the lone batch in flight tries the session not preferred
 
     @property
     def queue_depth(self) -> int:
@@ -253,8 +254,8 @@ class BatchingEngine:
         self._alone_batches += 1
         lone, worker = self._alone_row_s.get("lone"), self._alone_row_s.get("worker")
         prefer_lone = worker is None or lone is None or lone <= worker
-        explore = self._alone_batches % _EXPLORE_EVERY == 0
-        return "lone" if prefer_lone != explore else "worker"
+        self._exploring = self._alone_batches % _EXPLORE_EVERY == 0
+        return "lone" if prefer_lone != self._exploring else "worker"
 
     def _run_inline(
         self,
@@ -328,7 +329,9 @@ class BatchingEngine:
         # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
         self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
         if alone is not None:
-            seen = self._alone_row_s.get(alone)
+            # The session not preferred is timed once per `_EXPLORE_EVERY` lone batches, so its figure is old:
+            # the fresh one replaces it, and a host that has gone quiet (or busy) flips the choice at once.
+            seen = None if self._exploring else self._alone_row_s.get(alone)
             self._alone_row_s[alone] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
         if self._observer is not None:
             self._observer(rows, elapsed)

@@ -338,3 +338,19 @@ async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging(
         await engine.embed(np.ones((1, 2), np.float32)), [[2.0, 2.0]]
     )  # still serves
     await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_lone_session_comes_back_at_the_first_try_once_it_is_faster_again() -> None:
+    worker = RecordingModel(delay_s=0.002)
+    lone = RecordingModel(delay_s=0.01)  # a busy host
+    engine = BatchingEngine(worker, max_batch_size=1, workers=2, lone_run=lone)
+    engine.start()
+    for i in range(39):  # 1-19 lone, the 20th tries the worker run (faster): 21-39 use it
+        await engine.embed(np.full((1, 1), i, np.float32))
+    lone.delay_s = 0.0  # the host went quiet
+    for i in range(6):  # the 40th tries the lone run: at once preferred again, 41-45 use it
+        await engine.embed(np.full((1, 1), i, np.float32))
+    await engine.stop()
+    assert len(lone.batch_sizes) == 19 + 1 + 5
+    assert len(worker.batch_sizes) == 20
