@@ -1,8 +1,12 @@
 """Dynamic micro-batching: concurrent embed requests are grouped into one onnxruntime call.
 
-Each request puts its images (one float32 block) and a future on a bounded queue. A single worker coroutine
-takes whatever is queued (up to `max_batch_size` images, optionally waiting `batch_wait_ms` for more), runs
-the model in a dedicated thread, and hands each request exactly its own rows of the result, by position.
+Each request puts its images (one float32 block) and a future on a bounded queue. Whenever an inference
+thread is idle and requests wait, the event loop takes whatever is queued (up to `max_batch_size` images,
+optionally waiting `batch_wait_ms` for more) and hands it to that thread, which runs the model and gives each
+request exactly its own rows of the result, by position. There is no batcher task to wake: a batch is started
+at the end of the loop iteration in which a request arrives (so requests read in the same iteration share
+it) and, under load, the moment a batch finishes, in the same callback that delivers its results
+(`call_soon_threadsafe`; a `run_in_executor` future chain cost two more loop wake-ups per batch).
 
 With `batch_wait_ms = 0` a lone request is run at once; under load, requests that arrive while a batch runs
 form the next batch, so batching grows with load without adding latency at low load (the infinity design).
@@ -20,20 +24,25 @@ Such a call is slower alone, though (2.4 ms instead of 1.6 ms for one 112x112 RG
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.inflight import IN_FLIGHT
 from service.errors import NotReadyError, OverloadedError
 
 logger = logging.getLogger("idembed.engine")
+
+# A batch that starts alone goes to the all-cores session while that is measured no slower per image than a
+# worker's session; every this-many lone batches the other one is tried, so the choice follows the host.
+_EXPLORE_EVERY = 20
 
 BatchObserver = Callable[[int, float], None]
 
@@ -42,14 +51,27 @@ class EngineClosedError(NotReadyError):
     """The engine is draining (shutdown or replaced by a hot reload) and takes no new work."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     inputs: np.ndarray
     future: asyncio.Future[np.ndarray]
+    queued_at: float
 
     @property
     def rows(self) -> int:
         return len(self.inputs)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One batch handed to an inference thread."""
+
+    batch: list[_Request]
+    inputs: np.ndarray
+    run: Callable[[np.ndarray], np.ndarray]
+    dispatched_at: float
+    alone: str | None  # for a batch that started alone: "lone" or "worker", the session it runs on
+    run_s: float = 0.0
 
 
 class BatchingEngine:
@@ -66,9 +88,12 @@ class BatchingEngine:
         inline_max_ms: float = 0.0,
         workers: int = 1,
         lone_run: Callable[[np.ndarray], np.ndarray] | None = None,
+        lone_inline_max_ms: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_depth < 1 or batch_wait_ms < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_depth, workers must be >= 1 and batch_wait_ms >= 0")
+        if inline_max_ms < 0 or lone_inline_max_ms < 0:
+            raise ValueError("inline_max_ms and lone_inline_max_ms must be >= 0")
         self._run = run
         # For a batch that starts while nothing else runs or waits: all cores are idle, so one call that uses
         # them all finishes sooner than `run`'s share of them (several workers, see the module doc).
@@ -79,24 +104,36 @@ class BatchingEngine:
         self._observer = observer
         self._pending: deque[_Request] = deque()
         self._pending_rows = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
-        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # One thread per concurrent batch. With the default single worker, onnxruntime parallelises inside a
         # call; several workers suit single-threaded calls (`ort_intra_op_threads=1`), see the module doc.
         self.workers = workers
-        self._slots = asyncio.Semaphore(workers)
-        self._running: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="idembed-infer")
+        self._idle_workers = workers
+        self._running = 0  # batches handed to an inference thread and not finished yet
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._dispatch_scheduled = False
+        self._window: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._last_batch_s = 0.001
         # Batches predicted to take less than this run on the event loop itself: handing a 50 us inference
         # to a thread costs a wake-up and a GIL hand-back that can exceed the inference (profiled).
         self.inline_max_s = inline_max_ms / 1000.0
+        # A batch that starts alone (nothing running or queued) and is predicted to take less than this runs
+        # on the event loop too: nothing else needs the loop then, and it saves both thread wake-ups (the
+        # hand-off to the thread and the result back), each tens of microseconds on an idle host and up to
+        # milliseconds on a busy one. Requests arriving meanwhile wait in the socket until it is done.
+        self.lone_inline_max_s = lone_inline_max_ms / 1000.0
         self._per_row_s: float | None = None
+        # Model time per image of batches that started alone, by session ("lone", "worker"); see _alone_run.
+        self._alone_row_s: dict[str, float] = {}
+        self._alone_batches = 0
+        self._exploring = False  # the lone batch in flight tries the session not preferred
 
     @property
     def queue_depth(self) -> int:
-        """Images waiting for inference (not counting the batch being run)."""
+        """Images waiting for inference (not counting the batches being run)."""
         return self._pending_rows
 
     @property
@@ -104,12 +141,20 @@ class BatchingEngine:
         return self._closing
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._work(), name="idembed-batcher")
+        """Bind to the running event loop and start the inference threads."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        for i in range(self.workers):
+            # Daemon: a thread blocked in a stuck model call must not keep the process alive after stop().
+            thread = threading.Thread(target=self._serve_jobs, name=f"idembed-infer_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     async def embed(self, inputs: np.ndarray) -> np.ndarray:
         """Embeddings for `inputs` [n, ...]; raises `OverloadedError` when the queue is full."""
-        if self._closing or self._worker is None:
+        loop = self._loop
+        if self._closing or loop is None:
             raise EngineClosedError("inference engine takes no work now (starting, reloading or stopping)")
         n = len(inputs)
         if n == 0:
@@ -119,25 +164,19 @@ class BatchingEngine:
                 f"inference queue is full ({self._pending_rows} images queued, limit {self.max_queue_depth})",
                 retry_after_s=self._retry_after(),
             )
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(inputs, future))
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append(_Request(inputs, future, time.perf_counter()))
         self._pending_rows += n
-        self._wakeup.set()
+        if not self._dispatch_scheduled:
+            # At the end of this loop iteration, not now: requests made ready by the same network read
+            # (several connections at once) join this one's batch.
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
         return await future
 
     def _retry_after(self) -> int:
         batches_ahead = math.ceil(self._pending_rows / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._last_batch_s))
-
-    async def _wait_for_more(self) -> None:
-        deadline = time.perf_counter() + self.batch_wait_s
-        while self._pending_rows < self.max_batch_size and not self._closing:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
 
     def _take_batch(self) -> list[_Request]:
         taken: list[_Request] = []
@@ -155,65 +194,115 @@ class BatchingEngine:
             rows += head.rows
         return taken
 
-    def _timed_run(
-        self, inputs: np.ndarray, run: Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> tuple[np.ndarray, float]:
-        """The model's outputs and its own run time, timed in whichever thread runs it."""
-        start = time.perf_counter()
-        outputs = (run or self._run)(inputs)
-        return outputs, time.perf_counter() - start
+    def _hold_for_window(self) -> bool:
+        """With `batch_wait_ms`: whether to wait for more requests (a timer dispatches at the deadline)."""
+        if self.batch_wait_s <= 0 or self._closing or self._pending_rows >= self.max_batch_size:
+            return False
+        if self._window is not None:
+            return True
+        remaining = self._pending[0].queued_at + self.batch_wait_s - time.perf_counter()
+        if remaining <= 0:
+            return False
+        assert self._loop is not None
+        self._window = self._loop.call_later(remaining, self._window_closed)
+        return True
 
-    async def _work(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    if self._running:
-                        await asyncio.wait(set(self._running))
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self.batch_wait_s > 0:
-                await self._wait_for_more()
-            # Take the batch only once a worker is free: requests arriving meanwhile join it.
-            await self._slots.acquire()
+    def _window_closed(self) -> None:
+        self._window = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start batches while an inference thread is idle and requests wait: runs on the event loop, when
+        requests arrive and the moment a batch finishes, so no core idles while work is queued."""
+        self._dispatch_scheduled = False
+        while self._pending and self._idle_workers > 0:
+            if self._hold_for_window():
+                return
+            if self._window is not None:
+                self._window.cancel()
+                self._window = None
             batch = self._take_batch()
             if not batch:
-                self._slots.release()
                 continue
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
-            inline = self._per_row_s is not None and self._per_row_s * len(inputs) <= self.inline_max_s
-            if inline:
-                try:
-                    start = time.perf_counter()
-                    try:
-                        outputs, run_s = self._timed_run(inputs)
-                    except Exception as exc:
-                        self._fail(batch, exc)
-                        continue
-                    self._finish(batch, outputs, run_s, time.perf_counter() - start)
-                finally:
-                    self._slots.release()
-            else:
-                lone = self._lone_run is not None and not self._running and not self._pending
-                run = self._lone_run if lone else None
-                task = asyncio.get_running_loop().create_task(self._run_in_thread(batch, inputs, run))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            try:
+                inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+            except ValueError as exc:  # requests of different shapes: fail them, never leave them waiting
+                self._fail(batch, exc)
+                continue
+            # Alone: nothing running or queued, and no other HTTP request in the server (one still being read
+            # or decoded would arrive mid-call: the first of a burst must not take every core or the loop).
+            alone = self._running == 0 and not self._pending and IN_FLIGHT.count <= len(batch)
+            kind = self._alone_run() if alone and self._lone_run is not None else None
+            run = self._lone_run if kind == "lone" and self._lone_run is not None else self._run
+            predicted = None if self._per_row_s is None else self._per_row_s * len(inputs)
+            if predicted is not None and (
+                predicted <= self.inline_max_s or (alone and predicted <= self.lone_inline_max_s)
+            ):
+                self._run_inline(batch, inputs, run, kind)
+                continue
+            self._idle_workers -= 1
+            self._running += 1
+            self._jobs.put(_Job(batch, inputs, run, time.perf_counter(), kind))
+        self._check_drained()
 
-    async def _run_in_thread(
-        self, batch: list[_Request], inputs: np.ndarray, run: Callable[[np.ndarray], np.ndarray] | None
+    def _alone_run(self) -> str:
+        """The session for a batch that starts alone: "lone" (every core) unless it has been measured slower
+        per image than a worker's share of the cores, as on a busy host, where the other processes
+        deschedule one of its threads mid-call and the whole call waits for it (measured: 2 threads spinning
+        5-12 ms for a 112x112 image that 1 thread does in 2.5 ms). Every `_EXPLORE_EVERY`-th lone batch
+        tries the other session, so the choice follows the host's load."""
+        self._alone_batches += 1
+        lone, worker = self._alone_row_s.get("lone"), self._alone_row_s.get("worker")
+        prefer_lone = worker is None or lone is None or lone <= worker
+        self._exploring = self._alone_batches % _EXPLORE_EVERY == 0
+        return "lone" if prefer_lone != self._exploring else "worker"
+
+    def _run_inline(
+        self,
+        batch: list[_Request],
+        inputs: np.ndarray,
+        run: Callable[[np.ndarray], np.ndarray],
+        alone: str | None,
     ) -> None:
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         try:
-            outputs, run_s = await loop.run_in_executor(self._executor, self._timed_run, inputs, run)
+            outputs = run(inputs)
         except Exception as exc:
             self._fail(batch, exc)
+            return
+        elapsed = time.perf_counter() - start
+        self._finish(batch, outputs, elapsed, elapsed, alone)
+
+    def _serve_jobs(self) -> None:
+        """An inference thread: run each job, then hand the result to the event loop in one callback."""
+        loop = self._loop
+        assert loop is not None
+        while (job := self._jobs.get()) is not None:
+            start = time.perf_counter()
+            try:
+                outputs, error = job.run(job.inputs), None
+            except Exception as exc:
+                outputs, error = None, exc
+            job.run_s = time.perf_counter() - start
+            try:
+                loop.call_soon_threadsafe(self._job_done, job, outputs, error)
+            except RuntimeError:  # the event loop is closed: nobody waits for this batch any more
+                return
+
+    def _job_done(self, job: _Job, outputs: np.ndarray | None, error: Exception | None) -> None:
+        self._idle_workers += 1
+        self._running -= 1
+        if error is not None or outputs is None:
+            self._fail(job.batch, error or RuntimeError("the model returned no output"))
         else:
-            self._finish(batch, outputs, run_s, time.perf_counter() - start)
-        finally:
-            self._slots.release()
+            self._finish(job.batch, outputs, job.run_s, time.perf_counter() - job.dispatched_at, job.alone)
+        # The next batch goes to the thread before the finished requests' responses are written.
+        self._dispatch()
+
+    def _check_drained(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done() and not self._pending and self._running == 0:
+            drained.set_result(None)
 
     @staticmethod
     def _fail(batch: list[_Request], exc: Exception) -> None:
@@ -223,7 +312,14 @@ class BatchingEngine:
             if not request.future.done():
                 request.future.set_exception(exc)
 
-    def _finish(self, batch: list[_Request], outputs: np.ndarray, run_s: float, elapsed: float) -> None:
+    def _finish(
+        self,
+        batch: list[_Request],
+        outputs: np.ndarray,
+        run_s: float,
+        elapsed: float,
+        alone: str | None = None,
+    ) -> None:
         self._last_batch_s = elapsed
         rows = sum(r.rows for r in batch)
         # The inline decision uses the model's own time (`run_s`), not `elapsed`: that includes the hand-off
@@ -232,6 +328,11 @@ class BatchingEngine:
         per_row = run_s / rows
         # Exponential average: one slow batch (a page fault, a noisy neighbour) does not flip the mode.
         self._per_row_s = per_row if self._per_row_s is None else 0.8 * self._per_row_s + 0.2 * per_row
+        if alone is not None:
+            # The session not preferred is timed once per `_EXPLORE_EVERY` lone batches, so its figure is old:
+            # the fresh one replaces it, and a host that has gone quiet (or busy) flips the choice at once.
+            seen = None if self._exploring else self._alone_row_s.get(alone)
+            self._alone_row_s[alone] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
         if self._observer is not None:
             self._observer(rows, elapsed)
         offset = 0
@@ -244,18 +345,24 @@ class BatchingEngine:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking work, finish every queued and running batch (up to `timeout_s`), then shut down."""
         self._closing = True
-        self._wakeup.set()
-        if self._worker is not None:
+        loop = self._loop
+        if loop is None:
+            return
+        self._dispatch()  # an open batch window closes now
+        if self._pending or self._running:
+            self._drained = loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout_s)
             except TimeoutError:
                 logger.warning("engine did not drain within %.1f s; cancelling pending requests", timeout_s)
-                self._worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._worker
                 for request in self._pending:
                     if not request.future.done():
                         request.future.set_exception(EngineClosedError("the inference engine stopped"))
                 self._pending.clear()
                 self._pending_rows = 0
-        self._executor.shutdown(wait=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+        # Idle threads exit at once; one still inside a model call (after a timeout) ends with that call.
+        for thread in self._threads:
+            thread.join(timeout=0.1 if self._running else 5.0)
+        self._threads.clear()

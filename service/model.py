@@ -20,6 +20,10 @@ class RuntimeOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     allow_spinning: bool = True
+    # With spinning: the threads spin between the parallel sections of one call, not after it (onnxruntime's
+    # `session.force_spinning_stop`), so a lone request gets the fast hand-over between operators without
+    # burning a core until the next one (docs/service.md, Speed).
+    stop_spinning_after_run: bool = False
     # The last warm-up call runs a batch this large, so onnxruntime's memory arena is sized for the largest
     # batch before the first request: memory is flat from start-up, and no early request pays the growth.
     warmup_batch_size: int = 2
@@ -59,6 +63,8 @@ class EmbeddingModel:
         so.log_severity_level = 3
         if not options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif options.stop_spinning_after_run:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(
                 bundle.model_bytes, sess_options=so, providers=["CPUExecutionProvider"]

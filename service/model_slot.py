@@ -134,10 +134,14 @@ class ModelSlot:
         lone_model = None
         if lone_threads is not None:
             # The same verified bundle, a second session: every core, for batches that run alone (engine doc).
-            # Its threads spin between parallel sections (onnxruntime's default): a lone batch has the cores
-            # to itself; waking sleeping threads costs 0.3 ms per 112x112 image (docs/service.md, Speed).
+            # Its threads spin between the parallel sections of a call (waking sleeping threads costs 0.3 ms
+            # per 112x112 image) and stop when it ends, burning no core between requests (docs/service.md).
             lone_options = replace(
-                options, intra_op_threads=lone_threads, allow_spinning=True, warmup_concurrency=1
+                options,
+                intra_op_threads=lone_threads,
+                allow_spinning=True,
+                stop_spinning_after_run=True,
+                warmup_concurrency=1,
             )
             lone_model = EmbeddingModel(model.bundle, lone_options)
         engine = BatchingEngine(
@@ -149,6 +153,7 @@ class ModelSlot:
             inline_max_ms=s.inline_inference_max_ms,
             workers=s.inference_workers,
             lone_run=None if lone_model is None else lone_model.run,
+            lone_inline_max_ms=s.lone_inline_max_ms,
         )
         manifest = model.manifest
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)

@@ -7,11 +7,11 @@ pass on the request path.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 
 import numpy as np
+import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from bundle.manifest import InputSpec, Preprocessing
@@ -32,12 +32,13 @@ def decode_base64(text: str, *, where: str = "image") -> bytes:
         _, _, text = text.partition(",")
     try:
         # Most clients send one unbroken line: decode it as is (strict), without copying the string first.
-        return base64.b64decode(text, validate=True)
+        # pybase64 (SIMD): 2.4 us for a 50 kB string, CPython's base64 89 us (docs/service.md, Speed).
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         pass
     try:
         # `base64 file` wraps lines at 76 columns; whitespace carries no data, anything else is an error.
-        return base64.b64decode("".join(text.split()), validate=True)
+        return pybase64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImageError(f"{where} is not valid base64: {exc}") from exc
 

@@ -58,6 +58,18 @@ class ServiceMetrics:
         self.model_info = Gauge(
             "idembed_model_info", "1 for the model being served", ["model_id"], registry=r
         )
+        # (route, method, status) -> (counter, histogram) children; bounded like the labels themselves.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request and observe its latency (label children cached: no lookup per request)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_json
 from service.api.metrics import ServiceMetrics
+from service.core.inflight import IN_FLIGHT
 from service.core.logging import request_id_var
 
 logger = logging.getLogger("idembed.access")
@@ -40,23 +41,33 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        supplied = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = supplied if _SAFE_ID.match(supplied) else f"{_ID_PREFIX}-{next(_ID_COUNTER):08x}"
+        supplied = length = None
+        framed = True  # the body is framed by Content-Length alone (no Transfer-Encoding)
+        for name, value in scope["headers"]:  # three headers wanted: no dict of all of them per request
+            if name == b"content-length":
+                length = value
+            elif name == b"x-request-id":
+                supplied = value.decode("latin-1")
+            elif name == b"transfer-encoding":
+                framed = False
+        if supplied is not None and _SAFE_ID.match(supplied):
+            request_id = supplied
+        else:
+            request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER):08x}"
+        id_header = (b"x-request-id", request_id.encode())
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
+        IN_FLIGHT.count += 1
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
-            length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 too_big = error_json(
                     413,
@@ -65,26 +76,31 @@ class RequestContextMiddleware:
                     {"max_payload_bytes": self.max_body_bytes},
                 )
                 await too_big(scope, receive, send_with_id)
+            elif length is not None and framed:
+                # The declared length is within the limit and the server never passes more body than that
+                # (httptools/h11 frame the request by it), so no counting wrapper is needed.
+                await self.app(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:
+            IN_FLIGHT.count -= 1
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             # The route template (/v1/identities/{name}), never the raw path: bounded label cardinality.
             path = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(elapsed)
-            logger.info(
-                "request",
-                extra={
-                    "method": method,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "client": (scope.get("client") or ("-",))[0],
-                },
-            )
+            self.metrics.observe_request(path, method, status, elapsed)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "client": (scope.get("client") or ("-",))[0],
+                    },
+                )
             request_id_var.reset(token)
 
     def _limited(self, receive: Receive) -> Receive:

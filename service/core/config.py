@@ -11,6 +11,12 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# `IDEMBED_INFERENCE_WORKERS=0` (the default): one worker per usable core, at most this many. On a small host
+# one single-threaded batch per core beats one call split across the cores, under load and (with the
+# lone-batch session) alone; beyond a few workers, each more copies a batch's activations at once for
+# little gain, and the cores are better split inside each call.
+AUTO_WORKERS_MAX = 4
+
 
 class Settings(BaseSettings):
     """Every knob of the service, with a default that works for `idembed-serve` on `models/default`.
@@ -84,12 +90,22 @@ class Settings(BaseSettings):
         "0 = always use the inference thread)",
     )
     inference_workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
-        description="batches run at the same time, each in its own thread; with several, each onnxruntime "
-        "call gets a share of the cores, so cores run separate batches instead of splitting one call "
-        "(more throughput under load, slower lone requests; docs/service.md, Speed)",
+        validate_default=True,
+        description="batches run at the same time, each in its own thread (0: one per usable core, at most "
+        f"{AUTO_WORKERS_MAX}); with several, each onnxruntime call gets a share of the cores, so cores run "
+        "separate batches instead of splitting one call, and a batch that starts alone uses every core (the "
+        "lone-batch session; docs/service.md, Speed)",
+    )
+    lone_inline_max_ms: float = Field(
+        5.0,
+        ge=0.0,
+        le=1000.0,
+        description="a batch that starts while no other batch runs or waits, predicted to run faster than "
+        "this, runs on the event loop instead of a thread (saves the two thread wake-ups of a lone request; "
+        "requests arriving meanwhile wait for it; 0 = always use the inference thread)",
     )
     lone_batch_session: bool = Field(
         True,
@@ -174,6 +190,12 @@ class Settings(BaseSettings):
             if len(key.get_secret_value()) < 8:
                 raise ValueError("every API key must have at least 8 characters")
         return keys
+
+    @field_validator("inference_workers")
+    @classmethod
+    def _auto_workers(cls, workers: int) -> int:
+        # Resolved here, so every reader (the runtime, the start-up log of the settings) sees the real count.
+        return workers or min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX)
 
     @field_validator("gallery_snapshot_path")
     @classmethod

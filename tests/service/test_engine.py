@@ -223,3 +223,134 @@ async def test_lone_batches_use_lone_run_and_concurrent_ones_the_worker_run() ->
         np.testing.assert_array_equal(y, x * 2.0)
     assert lone.batch_sizes == [1, 1, 1], "a batch with others queued or running must use the worker run"
     assert shared.most_active == 2
+
+
+@pytest.mark.asyncio
+async def test_stop_timeout_fails_queued_requests_and_does_not_hang_on_a_stuck_batch() -> None:
+    model = RecordingModel()
+    model.gate.clear()  # the first batch never finishes within the drain timeout
+    engine = BatchingEngine(model, max_batch_size=1)
+    engine.start()
+    stuck = asyncio.ensure_future(engine.embed(np.ones((1, 1), np.float32)))
+    queued = asyncio.ensure_future(engine.embed(np.ones((1, 1), np.float32)))
+    await asyncio.sleep(0.02)
+    start = time.perf_counter()
+    await engine.stop(timeout_s=0.1)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(EngineClosedError):
+        await queued
+    assert not stuck.done()
+    model.gate.set()  # the stuck call ends; its thread delivers the result and exits
+    np.testing.assert_array_equal(await asyncio.wait_for(stuck, 5.0), np.full((1, 1), 2.0))
+
+
+@pytest.mark.asyncio
+async def test_requests_of_one_loop_iteration_share_a_batch_and_later_ones_form_the_next() -> None:
+    model = RecordingModel(delay_s=0.01)
+    engine = BatchingEngine(model, max_batch_size=8, workers=1)
+    engine.start()
+    first = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5)]
+    await asyncio.sleep(0.002)  # the first batch (all five) is running
+    later = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(5, 8)]
+    outputs = await asyncio.gather(*first, *later)
+    await engine.stop()
+    assert model.batch_sizes == [5, 3]
+    assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(8)]
+
+
+@pytest.mark.asyncio
+async def test_lone_batches_predicted_cheap_enough_run_on_the_event_loop_with_the_lone_run() -> None:
+    threads: list[tuple[str, str]] = []
+
+    def recorder(kind: str):
+        def run(batch: np.ndarray) -> np.ndarray:
+            threads.append((kind, threading.current_thread().name))
+            time.sleep(0.002)
+            return batch * 2.0
+
+        return run
+
+    engine = BatchingEngine(
+        recorder("worker"), max_batch_size=1, workers=2, lone_run=recorder("lone"), lone_inline_max_ms=50.0
+    )
+    engine.start()
+    for i in range(3):  # sequential: each batch starts alone
+        np.testing.assert_array_equal(await engine.embed(np.full((1, 1), i, np.float32)), [[2.0 * i]])
+    # The first has no timing yet and goes to a thread; the next run on the loop, on the lone run.
+    assert threads[0][0] == "lone" and threads[0][1].startswith("idembed-infer")
+    assert threads[1:] == [("lone", threading.main_thread().name)] * 2
+    threads.clear()
+    # Four at once: none starts alone, so none runs inline (50 ms would allow it) and none on the lone run.
+    outputs = await asyncio.gather(*(engine.embed(np.full((1, 1), i, np.float32)) for i in range(4)))
+    await engine.stop()
+    assert [float(o[0, 0]) for o in outputs] == [0.0, 2.0, 4.0, 6.0]
+    assert {kind for kind, _ in threads} == {"worker"}
+    assert all(name.startswith("idembed-infer") for _, name in threads)
+
+
+def test_inline_limits_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="lone_inline_max_ms"):
+        BatchingEngine(RecordingModel(), lone_inline_max_ms=-1.0)
+
+
+@pytest.mark.asyncio
+async def test_lone_batches_move_to_the_worker_run_when_the_lone_run_is_measured_slower() -> None:
+    worker = RecordingModel()  # fast: as a 1-thread session is on a busy host
+    lone = RecordingModel(delay_s=0.01)  # slow: its threads are descheduled mid-call
+    engine = BatchingEngine(worker, max_batch_size=1, workers=2, lone_run=lone)
+    engine.start()
+    for i in range(45):  # sequential: every batch starts alone
+        np.testing.assert_array_equal(await engine.embed(np.full((1, 1), i, np.float32)), [[2.0 * i]])
+    await engine.stop()
+    # Batches 1-19 lone (nothing measured on the worker run yet), the 20th tries the worker run, which is
+    # faster, so 21-39 use it; the 40th tries the lone run again (still slower), 41-45 the worker run.
+    assert len(lone.batch_sizes) == 20
+    assert len(worker.batch_sizes) == 25
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_not_alone_while_other_http_requests_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.core.inflight import IN_FLIGHT
+
+    worker, lone = RecordingModel(), RecordingModel()
+    engine = BatchingEngine(worker, max_batch_size=4, workers=2, lone_run=lone)
+    engine.start()
+    await engine.embed(np.ones((1, 1), np.float32))  # nothing else in the server: the lone run
+    monkeypatch.setattr(IN_FLIGHT, "count", 3)  # two more requests being received or decoded
+    await engine.embed(np.ones((1, 1), np.float32))
+    await engine.stop()
+    assert (len(lone.batch_sizes), len(worker.batch_sizes)) == (1, 1)
+
+
+@pytest.mark.asyncio
+async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging() -> None:
+    engine = BatchingEngine(RecordingModel(), max_batch_size=8)
+    engine.start()
+    results = await asyncio.gather(
+        engine.embed(np.ones((1, 2), np.float32)),
+        engine.embed(np.ones((1, 3), np.float32)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, ValueError) for r in results)
+    np.testing.assert_array_equal(
+        await engine.embed(np.ones((1, 2), np.float32)), [[2.0, 2.0]]
+    )  # still serves
+    await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_lone_session_comes_back_at_the_first_try_once_it_is_faster_again() -> None:
+    worker = RecordingModel(delay_s=0.002)
+    lone = RecordingModel(delay_s=0.01)  # a busy host
+    engine = BatchingEngine(worker, max_batch_size=1, workers=2, lone_run=lone)
+    engine.start()
+    for i in range(39):  # 1-19 lone, the 20th tries the worker run (faster): 21-39 use it
+        await engine.embed(np.full((1, 1), i, np.float32))
+    lone.delay_s = 0.0  # the host went quiet
+    for i in range(6):  # the 40th tries the lone run: at once preferred again, 41-45 use it
+        await engine.embed(np.full((1, 1), i, np.float32))
+    await engine.stop()
+    assert len(lone.batch_sizes) == 19 + 1 + 5
+    assert len(worker.batch_sizes) == 20

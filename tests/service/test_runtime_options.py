@@ -65,6 +65,13 @@ async def test_several_workers_get_a_lone_batch_session_on_every_core_with_the_s
         assert lone is not loaded.model and lone.bundle is loaded.model.bundle  # verified once, two sessions
         assert lone.session.get_session_options().intra_op_num_threads == 0  # onnxruntime's all cores
         assert loaded.model.session.get_session_options().intra_op_num_threads == 1  # 2 cores / 2 workers
+        # The lone session spins within a call and stops when it ends: no core burnt between requests.
+        lone_options = lone.session.get_session_options()
+        assert lone_options.get_session_config_entry("session.force_spinning_stop") == "1"
+        main_options = loaded.model.session.get_session_options()
+        assert main_options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        with pytest.raises(RuntimeError):  # not set: onnxruntime's default, spinning on
+            lone_options.get_session_config_entry("session.intra_op.allow_spinning")
         r = await client.post("/v1/embed", json={"images": [base64.b64encode(tiny.png(3)).decode()]})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json()["embeddings"]), tiny.reference([3]), atol=1e-5)

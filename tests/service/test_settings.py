@@ -41,7 +41,8 @@ def test_dotenv_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("batch_wait_ms", -1.0),
         ("api_keys", ["short"]),
         ("log_level", "LOUD"),
-        ("inference_workers", 0),
+        ("inference_workers", -1),
+        ("lone_inline_max_ms", -1.0),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(field: str, value: object) -> None:
@@ -61,7 +62,7 @@ def test_api_keys_are_hidden_in_repr() -> None:
 
 def test_several_workers_share_the_cores_unless_threads_are_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert Settings(_env_file=None).intra_op_threads() == 0  # one worker: onnxruntime's own default
+    assert Settings(_env_file=None, inference_workers=1).intra_op_threads() == 0  # onnxruntime's own default
     assert Settings(_env_file=None, inference_workers=2).intra_op_threads() == 4
     assert Settings(_env_file=None, inference_workers=16).intra_op_threads() == 1
     assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=3).intra_op_threads() == 3
@@ -71,8 +72,21 @@ def test_lone_batch_session_only_when_each_call_gets_fewer_than_all_cores(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert Settings(_env_file=None).lone_batch_threads() is None  # one worker already uses every core
+    assert Settings(_env_file=None, inference_workers=1).lone_batch_threads() is None  # it has every core
     assert Settings(_env_file=None, inference_workers=2).lone_batch_threads() == 0  # 4 each: all 8 alone
     off = Settings(_env_file=None, inference_workers=2, lone_batch_session=False)
     assert off.lone_batch_threads() is None
     assert Settings(_env_file=None, inference_workers=2, ort_intra_op_threads=8).lone_batch_threads() is None
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 2), (3, 3), (8, 4), (64, 4)])
+def test_default_workers_are_one_per_core_up_to_four(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    s = Settings(_env_file=None)
+    assert s.inference_workers == workers
+    assert s.intra_op_threads() == (0 if workers == 1 else cores // workers)
+    # Several workers with a share of the cores each: a lone batch gets the all-cores session.
+    assert s.lone_batch_threads() == (None if workers == 1 else 0)
+    assert Settings(_env_file=None, inference_workers=1).inference_workers == 1

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from service.api.bodies import read_body, request_body_doc
 from service.api.deps import read_context
 from service.api.errors import error_responses
-from service.api.responses import json_response
+from service.api.responses import embed_response
 from service.api.schemas import EmbedRequest, EmbedResponse
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
@@ -28,4 +28,4 @@ async def embed(request: Request) -> Response:
     runtime, settings = read_context(request)
     _, files = await read_body(request, EmbedRequest, settings, file_fields=FILES)
     vectors, model_id = await runtime.embed_images(files["images"])
-    return json_response(EmbedResponse(model_id=model_id, dim=vectors.shape[1], embeddings=vectors.tolist()))
+    return embed_response(model_id, vectors)

@@ -95,7 +95,12 @@ async def test_unknown_field_is_422(client: httpx.AsyncClient, tiny: TinyBundle)
 async def test_requests_beyond_the_queue_limit_get_503_with_retry_after(
     make_settings, tiny: TinyBundle
 ) -> None:
-    app = create_app(make_settings(max_queue_depth=64, inline_inference_max_ms=0.0))
+    # One worker, every batch on its thread: holding that one model call makes later requests queue up.
+    app = create_app(
+        make_settings(
+            max_queue_depth=64, inference_workers=1, inline_inference_max_ms=0.0, lone_inline_max_ms=0.0
+        )
+    )
     gate = threading.Event()
     png = b64(tiny.png(0))
     async with (
