@@ -59,10 +59,10 @@ def main() -> None:
     )
 
     def start(repo: Path, env: list[str], served: Path) -> tuple:
-        eb.REPO = repo.resolve()
         port = eb.free_port()
         settings = dict(kv.split("=", 1) for kv in env)
-        return eb.start_server(server_args, served.resolve(), port, Path(tempfile.mkdtemp()), settings), port
+        tmp = Path(tempfile.mkdtemp())
+        return eb.start_server(server_args, served.resolve(), port, tmp, settings, repo=repo.resolve()), port
 
     def raw_round() -> tuple[float, float]:
         one = EmbeddingModel.load(bundle, RuntimeOptions())
@@ -112,8 +112,7 @@ def main() -> None:
             )
     finally:
         for _, proc in servers.values():
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     med = statistics.median

@@ -98,9 +98,15 @@ def add_server_env_argument(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def start_server(
-    args: argparse.Namespace, bundle: Path, port: int, tmp: Path, settings: dict[str, str] | None = None
+    args: argparse.Namespace,
+    bundle: Path,
+    port: int,
+    tmp: Path,
+    settings: dict[str, str] | None = None,
+    repo: Path = REPO,
 ) -> ServerProcess:
-    """`python -m service.cli` on `bundle`, logging to a file in `tmp`; returns once /readyz answers 200."""
+    """`python -m service.cli` of checkout `repo` on `bundle`, logging to a file in `tmp`; returns once
+    /readyz answers 200."""
     env = {
         "IDEMBED_BUNDLE_PATH": str(bundle),
         "IDEMBED_STORE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
@@ -114,7 +120,7 @@ def start_server(
         **dict(args.server_env),
     }
     try:
-        return ServerProcess(env, tmp / "server.log", port=port).start(timeout_s=60)
+        return ServerProcess(env, tmp / "server.log", port=port, cwd=repo).start(timeout_s=60)
     except ServerStartError as exc:
         raise SystemExit(str(exc)) from None
 

@@ -111,13 +111,16 @@ def child_pids(pid: int) -> list[int]:
     return sorted(set(found))
 
 
-def service_env(settings: Mapping[str, object], *, inherit_idembed: bool = False) -> dict[str, str]:
+def service_env(
+    settings: Mapping[str, object], *, inherit_idembed: bool = False, repo: Path = REPO
+) -> dict[str, str]:
     """The environment of a service child: this process's, minus its IDEMBED_* variables unless
-    `inherit_idembed` (a developer's settings must not change a test), plus `settings` (IDEMBED_* names)."""
+    `inherit_idembed` (a developer's settings must not change a test), plus `settings` (IDEMBED_* names);
+    `repo` is the checkout whose code it runs (another one for a before/after benchmark)."""
     env = {k: v for k, v in os.environ.items() if inherit_idembed or not k.startswith("IDEMBED_")}
     env.update({k: str(v) for k, v in settings.items()})
     # The checkout under test, not whatever idembed an environment happens to have installed.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -148,7 +151,8 @@ class ServerProcess:
         self.cwd = cwd
         self.ready_path = ready_path
         settings = {"IDEMBED_HOST": "127.0.0.1", "IDEMBED_PORT": self.port, **env}
-        self.env = service_env(settings, inherit_idembed=inherit_idembed)
+        # The code of the checkout it runs in (`cwd`): this one unless a benchmark compares two.
+        self.env = service_env(settings, inherit_idembed=inherit_idembed, repo=cwd)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_s: float | None = None  # process start to the first 200 of the readiness probe
 
