@@ -125,11 +125,17 @@ def main() -> None:
     server_args = argparse.Namespace(
         max_batch_size=32, batch_wait_ms=0.0, log_level=args.log_level, inline_max_ms=0.5, server_env=[]
     )
-    eb.REPO = args.repo.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "samples.txt"
         port = eb.free_port()
-        server = eb.start_server(server_args, args.bundle.resolve(), port, Path(tmp), dict(args.server_env))
+        server = eb.start_server(
+            server_args,
+            args.bundle.resolve(),
+            port,
+            Path(tmp),
+            dict(args.server_env),
+            repo=args.repo.resolve(),
+        )
         try:
             asyncio.run(eb.http_latency(port, requests, 200))  # warm-up
             record = subprocess.Popen(
@@ -169,8 +175,7 @@ def main() -> None:
                 p50, rate = None, phase.requests_per_s
             record.wait(60)
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
         stages, totals = read_samples(raw)
     loop_thread = next(t for t in totals if "MainThread" in t)
     per_request = {s: n / args.rate / served * 1000 for s, n in stages[loop_thread].most_common()}
