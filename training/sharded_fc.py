@@ -235,7 +235,7 @@ class ShardedPartialFCHead(PartialFCHead):
         keras.layers.Layer.build(self, input_shape)
 
     def call(self, features: tf.Tensor, labels: tf.Tensor | None = None, training: bool | None = None):
-        raise NotImplementedError("a sharded head has no full logits; ShardedPartialFCModel evaluates it")
+        raise TypeError("a sharded head has no full logits; ShardedPartialFCModel evaluates it")
 
     def shard_margin_logits(self, cos: tf.Tensor, one_hot: tf.Tensor) -> tf.Tensor:
         """`margin_logits` with the targets as a (possibly all-zero) one-hot row: the margin only where

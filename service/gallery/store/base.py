@@ -16,6 +16,7 @@ how a row becomes a record, and the few statements whose SQL differs.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -247,7 +248,7 @@ class PollingWaiter:
         self._woken.set()
 
 
-class SqlIdentityStore:
+class SqlIdentityStore(ABC):
     """`IdentityStore` and `ChangeFeedStore` over one SQL connection guarded by a lock (store calls are short
     and rare next to searches, which never reach the database).
 
@@ -270,25 +271,26 @@ class SqlIdentityStore:
 
     # --- supplied by a backend -------------------------------------------------------------------------
 
+    @abstractmethod
     def _record(self, row: tuple[Any, ...]) -> EnrolledIdentity:
-        raise NotImplementedError
+        """An identity from one row of `_COLUMNS`."""
 
+    @abstractmethod
     def _transaction(self) -> AbstractContextManager[None]:
         """A write transaction, serialised against every other writer of the store (so change sequence
         numbers are in commit order). Called with `_lock` held."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _vector(self, vec: np.ndarray) -> object:
         """The parameter value that stores an embedding."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _keys_in(self, keys: list[int]) -> tuple[str, tuple[Any, ...]]:
         """A `key` condition matching these keys, and its parameters."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _erase_deleted(self) -> None:
         """Leave no bytes of a deleted or replaced vector behind (called after such a write commits)."""
-        raise NotImplementedError
 
     def _sql(self, query: str) -> str:
         return query
