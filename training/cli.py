@@ -939,6 +939,15 @@ def import_(
             "order and scale/mean/std itself (manifest input.dtype uint8)"
         ),
     ] = _IMPORT["embed_preprocessing"],
+    rewrite_graph: Annotated[
+        bool,
+        typer.Option(
+            "--rewrite-graph/--keep-graph",
+            help="rewrite each PReLU exactly as depthwise Conv + Relu (faster in onnxruntime, and needed for "
+            "a correct int8 model), checked against the source graph on the folder's images; --keep-graph "
+            "serves the source graph node for node",
+        ),
+    ] = _IMPORT["rewrite_graph"],
 ) -> None:
     """Wrap an existing ONNX embedding model as a bundle: centers and calibrated thresholds from a folder."""
     from training.import_onnx import import_model
@@ -975,6 +984,7 @@ def import_(
         quantize=quantize,
         quantize_method=quantize_method,
         embed_preprocessing=embed_preprocessing,
+        rewrite_graph=rewrite_graph,
     )
     started = time.perf_counter()
     try:

@@ -491,3 +491,6 @@ class ImportOptions:
     quantize_method: str = DEFAULT_QUANTIZE_METHOD
     # The served graph takes uint8 pixels and normalises them itself (training.export.add_preprocessing).
     embed_preprocessing: bool = False
+    # training.graph_rewrite's exact rewrites (PReLU -> depthwise Conv + Relu), checked against the source
+    # graph on the folder's images; off keeps the source graph node for node.
+    rewrite_graph: bool = True

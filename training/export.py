@@ -31,6 +31,7 @@ from bundle.files import write_bundle
 from bundle.manifest import BundleManifest, InputSpec, Preprocessing, Thresholds, TrainingRecipe
 from bundle.preprocess import normalization, normalize_pixels
 from training.config import PARITY_TOLERANCE
+from training.graph_rewrite import optimize
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -171,8 +172,12 @@ def keras_to_onnx(
     *,
     output_name: str = "embedding",
     opset: int = DEFAULT_OPSET,
+    optimize_graph: bool = True,
 ) -> bytes:
-    """Convert an embedding model (image batch -> features) to ONNX bytes with a dynamic batch axis."""
+    """Convert an embedding model (image batch -> features) to ONNX bytes with a dynamic batch axis.
+
+    `optimize_graph`: apply training.graph_rewrite's exact rewrites (PReLU, grouped convolutions), which
+    onnxruntime runs 1.3-3x faster; the caller's parity check against Keras covers them."""
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old; the bundle contract needs opset >= {MIN_OPSET}")
     _check_model_input(model, input_spec)
@@ -181,7 +186,8 @@ def keras_to_onnx(
     _rename_io(proto, input_spec.name, output_name)
     _canonical_names(proto)
     onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    model_bytes = proto.SerializeToString()
+    return optimize(model_bytes)[0] if optimize_graph else model_bytes
 
 
 def add_preprocessing(model_bytes: bytes, input_spec: InputSpec, preprocessing: Preprocessing) -> bytes:
@@ -357,7 +363,8 @@ def export_bundle(
     checked by `check_pixel_parity`, and the manifest's input becomes uint8 NHWC pixels.
     """
     centers = np.asarray(centers, dtype=np.float32)
-    model_bytes = keras_to_onnx(model, input_spec, output_name=output_name, opset=opset)
+    converted = keras_to_onnx(model, input_spec, output_name=output_name, opset=opset, optimize_graph=False)
+    model_bytes, rewrites = optimize(converted)
     max_diff = check_parity(model, model_bytes, parity_batch, input_name=input_spec.name, tolerance=tolerance)
     dim = int(model.output_shape[-1])
     if centers.ndim != 2 or centers.shape[1] != dim:
@@ -365,6 +372,7 @@ def export_bundle(
     evaluation = dict(evaluation or {})
     evaluation["export_parity_max_abs_diff"] = float(f"{max_diff:.3g}")
     evaluation["export_parity_batch"] = len(parity_batch)
+    evaluation["export_graph_rewrites"] = rewrites.describe()
     quantization = None
     if quantize is not None:
         done = quantize(model_bytes)

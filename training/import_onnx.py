@@ -201,6 +201,38 @@ def _embed(sess: ort.InferenceSession, inputs, n: int, input_name: str, output_n
     )
 
 
+# Images the rewritten graph is checked on against the source graph, and how far apart they may be,
+# relative to the largest feature magnitude (the rewrites reorder float operations, nothing more).
+_REWRITE_CHECK_IMAGES = 32
+_REWRITE_TOLERANCE = 1e-4
+
+
+def _rewritten(model_bytes, sess, inputs, n: int, input_name: str, output_name: str):
+    """training.graph_rewrite's rewrites, kept only if they give the source graph's features on the first
+    images of the folder: (bytes, session, provenance note), the source ones and "" when there is nothing
+    to rewrite."""
+    from training.graph_rewrite import optimize
+
+    new_bytes, report = optimize(model_bytes)
+    if new_bytes == model_bytes:
+        return model_bytes, sess, ""
+    batch = inputs(np.arange(min(n, _REWRITE_CHECK_IMAGES)))
+    new_sess = _session(new_bytes)
+    before = sess.run([output_name], {input_name: batch})[0]
+    after = new_sess.run([output_name], {input_name: batch})[0]
+    diff = float(np.max(np.abs(before - after))) / max(float(np.max(np.abs(before))), 1e-12)
+    if not np.isfinite(diff) or diff > _REWRITE_TOLERANCE:
+        raise ModelImportError(
+            f"the graph rewrite changed the model's output (max relative difference {diff:.3g} on "
+            f"{len(batch)} images > {_REWRITE_TOLERANCE:g}); import with --keep-graph, and please report it"
+        )
+    return (
+        new_bytes,
+        new_sess,
+        f"{report.describe()}; max relative difference {diff:.2g} on {len(batch)} images",
+    )
+
+
 def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
     """Check, embed, calibrate and write the bundle; nothing is written if any step fails."""
     from training.data.datasets import load_dataset
@@ -289,6 +321,9 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
 
     started = time.perf_counter()
     n = len(data.labels)
+    if opts.rewrite_graph:
+        model_bytes, sess, note = _rewritten(model_bytes, sess, inputs, n, in_value.name, out_value.name)
+        changes += [note] if note else []
     features = _embed(sess, inputs, n, in_value.name, out_value.name)
     if not np.all(np.isfinite(features)):
         raise ModelImportError(f"--model {opts.model}: non-finite embeddings on --dataset {opts.dataset}")

@@ -23,6 +23,7 @@ from training.config import DEFAULT_QUANTIZE_METHOD as DEFAULT_METHOD
 # defined with the config models.
 from training.config import MAX_EER_INCREASE
 from training.config import QUANTIZE_METHODS as METHODS
+from training.graph_rewrite import grouped_as_depthwise, optimize
 
 _EMBED_BATCH = 64
 
@@ -93,6 +94,10 @@ def quantize_int8(
 
     if method not in METHODS:
         raise QuantizationError(f"--quantize-method must be one of {', '.join(METHODS)}, got {method!r}")
+    # Exact rewrites onnxruntime's int8 kernels need (training/graph_rewrite.py): PReLU as depthwise Conv +
+    # Relu (else the quantizer turns Keras' PReLU into a ReLU), grouped convolutions as depthwise ones.
+    model_bytes, _ = optimize(model_bytes)
+    model_bytes, _ = grouped_as_depthwise(model_bytes)
     with tempfile.TemporaryDirectory(prefix="idembed-quant-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model_bytes)

@@ -82,6 +82,46 @@ def test_grouped_conv_equals_a_grouped_convolution() -> None:
     assert np.abs(model(x).numpy() - expected).max() < 1e-5
 
 
+@pytest.mark.parametrize(("channels", "filters", "groups", "stride"), [(8, 12, 4, 2), (16, 16, 8, 1)])
+def test_exported_grouped_conv_becomes_one_onnx_conv(channels, filters, groups, stride) -> None:
+    """training.graph_rewrite.rewrite_grouped_conv turns tf2onnx's depthwise + AveragePool chain back into
+    one grouped Conv (+ the NHWC Transpose), with the Keras model's outputs."""
+    import onnx
+
+    from training.graph_rewrite import rewrite_grouped_conv
+
+    model = _grouped_model(channels, filters, groups, stride, keras.layers.GlobalAveragePooling2D())
+    converted = keras_to_onnx(model, InputSpec(height=10, width=10, channels=3), optimize_graph=False)
+    rewritten, count = rewrite_grouped_conv(converted)
+    assert count == 1
+    nodes = onnx.load_from_string(rewritten).graph.node
+    assert "AveragePool" not in [n.op_type for n in nodes]
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    assert len(convs) == 2 and next(a.i for a in convs[1].attribute if a.name == "group") == groups
+    batch = np.random.default_rng(0).random((3, 10, 10, 3), dtype=np.float32)
+    assert check_parity(model, rewritten, batch) < 1e-5
+
+
+def test_grouped_conv_whose_reshape_tf2onnx_merged_is_left_alone() -> None:
+    # tf2onnx merges `_groups`' Reshape with a Flatten's: the chain no longer ends in [N, H, W, filters], so
+    # it is not rewritten (a grouped Conv + NHWC Transpose would give the wrong shape).
+    from training.graph_rewrite import rewrite_grouped_conv
+
+    model = _grouped_model(8, 12, 4, 2, keras.layers.Flatten())
+    converted = keras_to_onnx(model, InputSpec(height=10, width=10, channels=3), optimize_graph=False)
+    assert rewrite_grouped_conv(converted) == (converted, 0)
+    batch = np.random.default_rng(0).random((3, 10, 10, 3), dtype=np.float32)
+    assert check_parity(model, keras_to_onnx(model, InputSpec(height=10, width=10, channels=3)), batch) < 1e-5
+
+
+def _grouped_model(channels: int, filters: int, groups: int, stride: int, tail) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(channels, 1, name="widen")(inputs)  # an image input has 1 or 3 channels
+    x = _grouped_conv(x, filters, 3, stride, 1, "g", "glorot_uniform", groups=groups)
+    return keras.Model(inputs, tail(x))
+
+
 def test_mixed_precision_output_is_float32_and_exports_as_float32() -> None:
     keras.utils.set_random_seed(0)
     model = build_backbone("mobilefacenet", (32, 32, 3), 64, precision="mixed_bfloat16")
@@ -115,6 +155,7 @@ def _parity(name: str, shape: tuple[int, int, int], dim: int) -> float:
 
 @pytest.mark.slow
 def test_mobilefacenet_onnx_parity_at_112() -> None:
+    # keras_to_onnx's graph rewrites included: conv2 one grouped Conv, every PReLU a depthwise Conv + Relu.
     assert _parity("mobilefacenet", FACE, 512) <= 1e-4
 
 

@@ -148,6 +148,40 @@ def test_nchw_conv_model_built_with_onnx_helper_imports_and_serves(folder: Path,
     _check_served_equals_onnxruntime(out, tmp_path, files[:3])
 
 
+def test_prelu_model_is_rewritten_checked_and_quantized_or_kept_as_is(folder: Path, tmp_path: Path) -> None:
+    """insightface-style PRelu: rewritten as depthwise Conv + Relu (recorded in provenance, same features as
+    the source graph), int8 on the rewritten graph; --keep-graph serves the source bytes."""
+    model = tmp_path / "prelu.onnx"
+    model.write_bytes(conv_nchw(size=16, channels=3, prelu=True))
+    common = ["--dataset", str(folder), "--size", "16", "--heldout-fraction", "0.5"]
+    out = tmp_path / "rewritten"
+    code, text = _import(str(model), *common, "--out", str(out))
+    assert code == 0, text
+    served = onnx.load(out / "model.onnx")
+    assert "PRelu" not in {n.op_type for n in served.graph.node}
+    changes = load_bundle(out).manifest.provenance.changes
+    assert len(changes) == 1 and changes[0].startswith("2 PReLU rewritten exactly (2 as 1x1 depthwise"), (
+        changes
+    )
+    x = np.random.default_rng(1).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_ort(out / "model.onnx", x), _ort(model, x), rtol=1e-4, atol=1e-5)
+
+    kept = tmp_path / "kept"
+    code, text = _import(str(model), *common, "--out", str(kept), "--keep-graph")
+    assert code == 0, text
+    assert (kept / "model.onnx").read_bytes() == model.read_bytes()
+    assert load_bundle(kept).manifest.provenance.changes == []
+
+    int8 = tmp_path / "int8"
+    code, text = _import(str(model), *common, "--out", str(int8), "--quantize", "int8")
+    assert code == 0, text
+    ops = {n.op_type for n in onnx.load(int8 / "model.onnx").graph.node}
+    assert "QLinearConv" in ops and "PRelu" not in ops
+    ref, got = _ort(model, x), _ort(int8 / "model.onnx", x)
+    cosine = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() > 0.99, cosine
+
+
 def test_bgr_channel_order_reverses_the_channels_before_mean_and_std() -> None:
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
