@@ -8,8 +8,9 @@
 `--backbone` is `facecnn` (the project's small CNN) or one of training/face_backbones.py's arcface_torch
 architectures (mobilefacenet, iresnet18/34/50/100: 112x112 RGB and 512-d unless told otherwise).
 
-The weights are untrained (Keras' seeded initialisation, BatchNorm at its initial statistics): inference
-cost depends only on the graph (layer shapes and operators), not on the weight values, so this bundle times
+The weights are untrained (Keras' seeded initialisation, BatchNorm at its initial statistics, every PReLU
+slope 0.25): inference cost depends only on the graph (layer shapes and operators), not on the weight values
+(but for a PReLU whose slopes are all 0, exported as a ReLU; none is here), so this bundle times
 the service exactly as a trained face model of the same architecture would. Its thresholds, centers and
 evaluation are placeholders and it must not be used to embed real faces. The export is the production path
 (tf2onnx, dynamic batch, Keras/onnxruntime parity check, manifest with checksums), so the service loads it
@@ -54,6 +55,7 @@ def build_face_bundle(
     model = build_backbone(backbone, (size, size, channels), feature_dim, width=width)
     rng = np.random.default_rng(seed)
     parity = rng.uniform(-1.0, 1.0, size=(8, size, size, channels)).astype(np.float32)
+    trained_slopes(model)
     if backbone != "facecnn":
         calibrate_batchnorm(model, rng.uniform(-1.0, 1.0, size=(32, size, size, channels)).astype(np.float32))
     placeholder = OperatingPoint(threshold=0.5, far=0.5, tar=0.5)
@@ -98,6 +100,17 @@ def build_face_bundle(
         embed_preprocessing=embed_preprocessing,
     )
     return out
+
+
+def trained_slopes(model, slope: float = 0.25) -> None:
+    """Every PReLU slope = `slope`. The facecnn backbones start theirs at Keras' 0, and the export writes a
+    PReLU whose slopes are all 0 as a plain ReLU (training/graph_rewrite.py), which a trained model's are
+    not: with non-zero slopes the bundle has the graph, and so the cost, of a trained one."""
+    import keras
+
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.PReLU):
+            layer.alpha.assign(np.full(layer.alpha.shape, slope, np.float32))
 
 
 def calibrate_batchnorm(model, images: np.ndarray) -> None:

@@ -2,8 +2,10 @@
 
     python bench/int8_bench.py --quick            # ~2 min: short phases, 1 image/request, 2 workers
     python bench/int8_bench.py --size 112 --color-mode RGB --seconds 10
+    python bench/int8_bench.py --quick --backbone mobilefacenet
 
-The fp32 bundle is bench/face_bundle.py's (untrained `facecnn`, built if missing); the int8 bundle beside it
+The fp32 bundle is bench/face_bundle.py's (untrained `--backbone`, default facecnn, built if missing;
+delete it after a change to the export); the int8 bundle beside it
 holds `training.quantize.quantize_int8` of the same graph (the method `export/import --quantize int8` use),
 with activation ranges from 128 images of sklearn digits resized to the model input. Its manifest is the
 fp32 one with the int8 graph's digests: the weights are untrained, so accuracy (the EER gate) is not what
@@ -30,11 +32,12 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 
-def fp32_bundle(size: int, color_mode: str) -> Path:
-    path = RESULTS / "bundles" / f"facecnn-{size}-{color_mode.lower()}"
+def fp32_bundle(size: int, color_mode: str, backbone: str = "facecnn") -> Path:
+    path = RESULTS / "bundles" / f"{backbone}-{size}-{color_mode.lower()}"
     if not (path / "manifest.json").is_file():
         cmd = [sys.executable, str(REPO / "bench" / "face_bundle.py"), "--size", str(size)]
-        subprocess.run([*cmd, "--color-mode", color_mode, "--out", str(path)], check=True, cwd=REPO)
+        cmd += ["--backbone", backbone, "--color-mode", color_mode, "--out", str(path)]
+        subprocess.run(cmd, check=True, cwd=REPO)
     return path
 
 
@@ -85,6 +88,7 @@ def raw_throughput(bundle: Path, batch: int, seconds: float, threads: int) -> fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="facecnn", help="bench/face_bundle.py's --backbone")
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--color-mode", choices=["L", "RGB"], default="RGB")
     p.add_argument("--method", choices=["static", "dynamic"], default="static")
@@ -97,7 +101,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.seconds, args.raw_seconds = 3.0, 2.0
-    fp32 = fp32_bundle(args.size, args.color_mode)
+    fp32 = fp32_bundle(args.size, args.color_mode, args.backbone)
     int8, quantize_s = int8_bundle(fp32, args.method)
     cores = os.cpu_count() or 1
     raw = {}
