@@ -100,12 +100,13 @@ class Settings(BaseSettings):
         "lone-batch session; docs/service.md, Speed)",
     )
     lone_inline_max_ms: float = Field(
-        5.0,
+        20.0,
         ge=0.0,
         le=1000.0,
         description="a batch that starts while no other batch runs or waits, predicted to run faster than "
-        "this, runs on the event loop instead of a thread (saves the two thread wake-ups of a lone request; "
-        "requests arriving meanwhile wait for it; 0 = always use the inference thread)",
+        "this, runs on the event loop instead of a thread (saves the two thread wake-ups of a lone request: "
+        "MobileFaceNet 112x112, a 5 ms call, 1.21 -> 0.95 ms of overhead; requests arriving meanwhile wait "
+        "for it, as they would for the cores it uses; 0 = always use the inference thread)",
     )
     lone_batch_session: bool = Field(
         True,
