@@ -22,6 +22,7 @@ img/s, static int8 1084 -> 1901 img/s, and the int8 model's worst cosine to fp32
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,17 +219,7 @@ def rewrite_prelu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
             nodes.append(helper.make_node("Add", [linear, relu], [p.out], name=fresh(f"{base}/Add")))
         replacement[p.replaced[-1]] = nodes
         dropped.update(p.replaced[:-1])
-    kept: list[onnx.NodeProto] = []
-    for k, node in enumerate(graph.node):
-        if k in replacement:
-            kept.extend(replacement[k])
-        elif k not in dropped:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    _prune(graph)
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString(), RewriteReport(**counts)
+    return _splice(proto, replacement, dropped), RewriteReport(**counts)
 
 
 # What training.face_backbones._grouped_conv becomes in tf2onnx's NCHW graph, after the depthwise Conv
@@ -258,6 +249,20 @@ def _reshape_target(graph: onnx.GraphProto, consts: dict[str, np.ndarray], name:
     for part in node.input:
         dims += [int(v) for v in consts[part].reshape(-1)] if part in consts else [None]
     return dims
+
+
+def _splice(
+    proto: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]], dropped: Collection[int] = ()
+) -> bytes:
+    """The model with node k replaced by `replaced[k]` and the `dropped` ones gone (then whatever nothing
+    reads any more), checked."""
+    graph = proto.graph
+    kept = [new for k, node in enumerate(graph.node) if k not in dropped for new in replaced.get(k, [node])]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _prune(graph)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -349,12 +354,7 @@ def rewrite_grouped_conv(model_bytes: bytes) -> tuple[bytes, int]:
         ]
     if not replaced:
         return model_bytes, 0
-    kept = [new for k, node in enumerate(graph.node) for new in replaced.get(k, [node])]
-    del graph.node[:]
-    graph.node.extend(kept)
-    _prune(graph)
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString(), len(replaced)
+    return _splice(proto, replaced), len(replaced)
 
 
 def grouped_as_depthwise(model_bytes: bytes) -> tuple[bytes, int]:
@@ -415,12 +415,7 @@ def grouped_as_depthwise(model_bytes: bytes) -> tuple[bytes, int]:
         replaced[k] = nodes
     if not replaced:
         return model_bytes, 0
-    kept = [new for k, node in enumerate(graph.node) for new in replaced.get(k, [node])]
-    del graph.node[:]
-    graph.node.extend(kept)
-    _prune(graph)
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString(), len(replaced)
+    return _splice(proto, replaced), len(replaced)
 
 
 def optimize(model_bytes: bytes) -> tuple[bytes, RewriteReport]:

@@ -50,16 +50,19 @@ def _native(slope: np.ndarray) -> bytes:
     return _conv_then([helper.make_node("PRelu", ["h", "slope"], ["p"])], {"slope": slope})
 
 
-def _keras_form(slope: np.ndarray) -> bytes:
-    """tf2onnx's spelling of keras.layers.PReLU: Relu(x) + (-slope) * Relu(Neg(x))."""
-    nodes = [
+def _keras_nodes() -> list[onnx.NodeProto]:
+    """tf2onnx's spelling of keras.layers.PReLU, h -> p: Relu(h) + c * Relu(Neg(h)) with c = -slope."""
+    return [
         helper.make_node("Relu", ["h"], ["pos"]),
         helper.make_node("Neg", ["h"], ["neg"]),
         helper.make_node("Relu", ["neg"], ["rneg"]),
         helper.make_node("Mul", ["rneg", "c"], ["scaled"]),
         helper.make_node("Add", ["pos", "scaled"], ["p"]),
     ]
-    return _conv_then(nodes, {"c": -slope})
+
+
+def _keras_form(slope: np.ndarray) -> bytes:
+    return _conv_then(_keras_nodes(), {"c": -slope})
 
 
 def _ops(model_bytes: bytes) -> list[str]:
@@ -108,16 +111,8 @@ def test_prelu_on_a_channels_last_tensor_uses_mul() -> None:
 def test_pattern_with_a_shared_intermediate_is_left_alone() -> None:
     # Relu(x) is also an output of its own: removing it would change the graph, so nothing is rewritten.
     slope = np.full((C, 1, 1), 0.25, np.float32)
-    nodes = [
-        helper.make_node("Relu", ["h"], ["pos"]),
-        helper.make_node("Neg", ["h"], ["neg"]),
-        helper.make_node("Relu", ["neg"], ["rneg"]),
-        helper.make_node("Mul", ["rneg", "c"], ["scaled"]),
-        helper.make_node("Add", ["pos", "scaled"], ["p"]),
-        helper.make_node("Add", ["p", "pos"], ["p2"]),
-    ]
     inits = {"w": RNG.normal(size=(C, 3, 3, 3)), "c": -slope}
-    graph_nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), *nodes[:5]]
+    graph_nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]), *_keras_nodes()]
     graph_nodes.append(helper.make_node("Add", ["p", "pos"], ["y"]))
     model = _model(graph_nodes, inits, ["N", 3, 8, 8], ["N", C, 8, 8])
     new, report = rewrite_prelu(model)
