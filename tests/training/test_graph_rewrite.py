@@ -172,3 +172,21 @@ def test_int8_keeps_the_negative_side_of_prelu() -> None:
     ref, got = _run(model, x).reshape(32, -1), _run(int8, x).reshape(32, -1)
     cosine = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cosine.min() > 0.99, cosine.min()
+
+
+def test_int8_runs_a_grouped_conv_as_depthwise_ones() -> None:
+    """quantize_int8 splits a grouped Conv (2 input channels per group) into depthwise QLinearConvs, which
+    onnxruntime has fast int8 kernels for, and keeps its outputs."""
+    from training.quantize import quantize_int8
+
+    weight = RNG.normal(size=(8, 2, 3, 3))
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=4, pads=[1, 1, 1, 1])
+    model = _model([node], {"w": weight}, ["N", 8, 8, 8], ["N", 8, 8, 8])
+    calibration = RNG.normal(size=(32, 8, 8, 8)).astype(np.float32)
+    int8 = quantize_int8(model, method="static", calibration=calibration, input_name="x")
+    convs = [n for n in onnx.load_from_string(int8).graph.node if n.op_type == "QLinearConv"]
+    assert len(convs) == 2 and all(next(a.i for a in n.attribute if a.name == "group") == 8 for n in convs)
+    x = RNG.normal(size=(4, 8, 8, 8)).astype(np.float32)
+    ref, got = _run(model, x).reshape(4, -1), _run(int8, x).reshape(4, -1)
+    cosine = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
