@@ -203,7 +203,8 @@ class Provenance(_Strict):
 
 
 class Quantization(_Strict):
-    """model.onnx is an int8 version of an fp32 graph, accepted because its held-out EER stayed in bounds."""
+    """model.onnx is an int8 version of an fp32 graph, accepted because its held-out EER stayed in bounds and
+    its embeddings stayed close to the fp32 graph's."""
 
     method: Literal["dynamic-int8", "static-int8"]
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -214,6 +215,10 @@ class Quantization(_Strict):
     fp32_bytes: int = Field(ge=0)
     # Held-out images both models embedded for the gate.
     num_images: int = Field(ge=1)
+    # The fidelity gate (absent in bundles made before it): mean cosine of the int8 and fp32 embeddings of
+    # those images, and the least it had to be.
+    mean_cosine_to_fp32: float | None = Field(None, ge=-1.0, le=1.0)
+    min_mean_cosine: float | None = Field(None, ge=-1.0, le=1.0)
 
 
 class BundleManifest(_Strict):

@@ -668,7 +668,10 @@ def export(
         raise _fail(str(exc)) from exc
     if manifest.quantization is not None:
         qr = manifest.quantization
-        typer.echo(f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}")
+        typer.echo(
+            f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}; "
+            f"mean cosine to fp32 {qr.mean_cosine_to_fp32:.4f}"
+        )
     th = manifest.thresholds
     typer.echo(
         f"bundle {out}: {manifest.model_id}, dim {manifest.embedding.dim}, {manifest.num_classes} classes; "

@@ -21,7 +21,7 @@ from training.config import DEFAULT_QUANTIZE_METHOD as DEFAULT_METHOD
 
 # The accuracy gate (MAX_EER_INCREASE), the methods and the calibration image count are option defaults:
 # defined with the config models.
-from training.config import MAX_EER_INCREASE
+from training.config import MAX_EER_INCREASE, MIN_INT8_MEAN_COSINE
 from training.config import QUANTIZE_METHODS as METHODS
 from training.graph_rewrite import grouped_as_depthwise, optimize
 
@@ -39,6 +39,16 @@ class QuantizationRefused(QuantizationError):
             f"--quantize int8 refused: held-out EER {int8_eer:.4f} (int8) vs {fp32_eer:.4f} (fp32), "
             f"+{int8_eer - fp32_eer:.4f} is over the allowed +{max_increase:g}; no bundle written "
             "(try --quantize-method dynamic/static, or keep fp32)"
+        )
+
+
+class QuantizationUnfaithful(QuantizationError):
+    def __init__(self, mean_cosine: float, min_mean_cosine: float) -> None:
+        self.mean_cosine, self.min_mean_cosine = mean_cosine, min_mean_cosine
+        super().__init__(
+            f"--quantize int8 refused: the int8 model's embeddings of the held-out images have a mean "
+            f"cosine of {mean_cosine:.4f} to the fp32 model's, under the required {min_mean_cosine:g}: it is "
+            "not the same model; no bundle written (try --quantize-method dynamic, or keep fp32)"
         )
 
 
@@ -165,9 +175,11 @@ def quantize_gated(
     method: str = DEFAULT_METHOD,
     calibration: np.ndarray | None = None,
     max_eer_increase: float = MAX_EER_INCREASE,
+    min_mean_cosine: float = MIN_INT8_MEAN_COSINE,
 ) -> GateResult:
-    """Quantize, embed the held-out images with the int8 model and accept it only if
-    `eer_of(int8 embeddings) <= fp32_eer + max_eer_increase`; else `QuantizationRefused` naming both EERs.
+    """Quantize, embed the held-out images with both models and accept the int8 one only if its embeddings
+    have a mean cosine of at least `min_mean_cosine` to the fp32 ones (else `QuantizationUnfaithful`) and
+    `eer_of(int8 embeddings) <= fp32_eer + max_eer_increase` (else `QuantizationRefused` naming both EERs).
 
     `eer_of` maps L2-normalised held-out embeddings to their EER under the caller's protocol (same pairs as
     the fp32 figure)."""
@@ -175,6 +187,10 @@ def quantize_gated(
     emb = l2_normalize(embed(int8, heldout, input_name, output_name))
     if not np.all(np.isfinite(emb)):
         raise QuantizationError("the int8 model gives non-finite embeddings on the held-out images")
+    reference = l2_normalize(embed(model_bytes, heldout, input_name, output_name))
+    mean_cosine = float(np.mean(np.sum(reference * emb, axis=1)))
+    if mean_cosine < min_mean_cosine:
+        raise QuantizationUnfaithful(mean_cosine, min_mean_cosine)
     int8_eer = float(eer_of(emb))
     if int8_eer > fp32_eer + max_eer_increase:
         raise QuantizationRefused(fp32_eer, int8_eer, max_eer_increase)
@@ -186,5 +202,7 @@ def quantize_gated(
         fp32_sha256=sha256_bytes(model_bytes),
         fp32_bytes=len(model_bytes),
         num_images=len(heldout),
+        mean_cosine_to_fp32=round(mean_cosine, 6),
+        min_mean_cosine=min_mean_cosine,
     )
     return GateResult(int8, fp32_eer, int8_eer, record, emb)

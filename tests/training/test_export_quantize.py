@@ -37,6 +37,7 @@ def test_export_int8_records_both_eers_and_its_numbers_reproduce(run_dir, tmp_pa
     qr = bundle.manifest.quantization
     assert qr is not None and qr.method == "static-int8" and qr.max_eer_increase == q.MAX_EER_INCREASE
     assert qr.int8_eer <= qr.fp32_eer + q.MAX_EER_INCREASE
+    assert qr.min_mean_cosine == q.MIN_INT8_MEAN_COSINE and qr.mean_cosine_to_fp32 >= q.MIN_INT8_MEAN_COSINE
     assert bundle.manifest.evaluation["eer"] == pytest.approx(qr.int8_eer, abs=1e-6)
     assert bundle.manifest.evaluation["quantized_from_fp32_eer"] == pytest.approx(qr.fp32_eer, abs=1e-6)
     assert "QLinearConv" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
@@ -53,5 +54,20 @@ def test_export_int8_refusal_names_both_eers_and_writes_nothing(run_dir, tmp_pat
     assert result.exit_code == 2
     assert "(int8) vs" in result.output and "(fp32)" in result.output and "no bundle written" in result.output
     assert not out.exists()
+    bad = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--quantize", "int4", *FAST])
+    assert bad.exit_code == 2 and "--quantize must be int8" in bad.output
+
+
+@pytest.mark.slow
+def test_export_int8_that_is_not_the_same_model_is_refused_and_writes_nothing(
+    run_dir, tmp_path, monkeypatch
+) -> None:
+    # A required mean cosine no model reaches: the fidelity gate refuses before the EER is even computed.
+    monkeypatch.setattr(q, "MIN_INT8_MEAN_COSINE", 1.5)
+    out = tmp_path / "int8"
+    result = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--quantize", "int8", *FAST])
+    assert result.exit_code == 2, result.output
+    assert "mean cosine of 0." in result.output and "under the required 1.5" in result.output
+    assert "not the same model" in result.output and not out.exists()
     bad = runner.invoke(app, ["export", str(run_dir), "--out", str(out), "--quantize", "int4", *FAST])
     assert bad.exit_code == 2 and "--quantize must be int8" in bad.output

@@ -97,6 +97,7 @@ def _int8_hook(run: TrainedRun, comparison: Comparison, splits: Splits, *, targe
             method=method,
             calibration=splits.x_train[np.sort(pick)],
             max_eer_increase=q.MAX_EER_INCREASE,
+            min_mean_cosine=q.MIN_INT8_MEAN_COSINE,
         )
         main = next(iter(comparison.evaluations))
         ev8 = evaluate_embeddings(main, gate.int8_embeddings, labels, settings, groups=splits.heldout_groups)
