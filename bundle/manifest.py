@@ -219,6 +219,11 @@ class Quantization(_Strict):
     # those images, and the least it had to be.
     mean_cosine_to_fp32: float | None = Field(None, ge=-1.0, le=1.0)
     min_mean_cosine: float | None = Field(None, ge=-1.0, le=1.0)
+    # Raw onnxruntime throughput of both graphs on one batch of those images, on the machine that quantized
+    # (what int8 bought there; the serving machine's figure can differ). Absent in older bundles.
+    fp32_images_per_s: float | None = Field(None, ge=0.0)
+    int8_images_per_s: float | None = Field(None, ge=0.0)
+    speed_measured_on: str | None = Field(None, max_length=200)
 
 
 class BundleManifest(_Strict):

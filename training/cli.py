@@ -670,7 +670,8 @@ def export(
         qr = manifest.quantization
         typer.echo(
             f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}; "
-            f"mean cosine to fp32 {qr.mean_cosine_to_fp32:.4f}"
+            f"mean cosine to fp32 {qr.mean_cosine_to_fp32:.4f}; raw onnxruntime here "
+            f"{qr.int8_images_per_s:.0f} vs {qr.fp32_images_per_s:.0f} img/s"
         )
     th = manifest.thresholds
     typer.echo(
@@ -1001,7 +1002,12 @@ def import_(
         f"{m.input.layout} {m.input.height}x{m.input.width}x{m.input.channels}, dim {m.embedding.dim}, "
         f"{m.num_classes} centers; held-out EER {m.evaluation['eer']:.4f}; threshold {th.default:.4f} "
         f"(FAR {th.at_target_far.far:.2g}, TAR {th.at_target_far.tar:.3f})"
-        + ("" if q is None else f"; int8 EER {q.int8_eer:.4f} vs fp32 {q.fp32_eer:.4f}")
+        + (
+            ""
+            if q is None
+            else f"; int8 EER {q.int8_eer:.4f} vs fp32 {q.fp32_eer:.4f}, raw onnxruntime here "
+            f"{q.int8_images_per_s:.0f} vs {q.fp32_images_per_s:.0f} img/s"
+        )
         + f"; {time.perf_counter() - started:.1f} s"
     )
 

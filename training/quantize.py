@@ -6,7 +6,9 @@ both models run in onnxruntime on CPU, as the service runs them, on the same hel
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,29 @@ def embed(
         for i in range(0, len(batch), _EMBED_BATCH)
     ]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+# The speed figure recorded with an int8 bundle: raw onnxruntime (default threads) on one batch of at most
+# this many held-out images, each model timed for at least SPEED_SECONDS, best of SPEED_REPEATS.
+SPEED_BATCH = 32
+SPEED_SECONDS = 0.3
+SPEED_REPEATS = 3
+
+
+def images_per_second(model_bytes: bytes, batch: np.ndarray, input_name: str) -> float:
+    """Raw onnxruntime throughput of `model_bytes` on `batch` on this machine (a benchmark, not a contract:
+    the serving machine's figure can differ)."""
+    sess = session(model_bytes)
+    feed = {input_name: np.ascontiguousarray(batch, np.float32)}
+    sess.run(None, feed)
+    best = 0.0
+    for _ in range(SPEED_REPEATS):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < SPEED_SECONDS or calls == 0:
+            sess.run(None, feed)
+            calls += 1
+        best = max(best, calls * len(batch) / elapsed)
+    return best
 
 
 class _Reader:
@@ -144,6 +169,19 @@ def quantize_int8(
     return out
 
 
+def _speed(fp32: bytes, int8: bytes, batch: np.ndarray, input_name: str) -> dict:
+    """Both models' raw onnxruntime throughput on one batch here, for the manifest."""
+    import platform
+
+    rates = {k: images_per_second(b, batch, input_name) for k, b in (("fp32", fp32), ("int8", int8))}
+    return {
+        "fp32_images_per_s": round(rates["fp32"], 1),
+        "int8_images_per_s": round(rates["int8"], 1),
+        "speed_measured_on": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
+        f"batch {len(batch)}",
+    }
+
+
 @dataclass(frozen=True)
 class Quantized:
     """What replaces the fp32 parts of a bundle being written: the int8 graph and what it measured."""
@@ -204,5 +242,6 @@ def quantize_gated(
         num_images=len(heldout),
         mean_cosine_to_fp32=round(mean_cosine, 6),
         min_mean_cosine=min_mean_cosine,
+        **_speed(model_bytes, int8, heldout[:SPEED_BATCH], input_name),
     )
     return GateResult(int8, fp32_eer, int8_eer, record, emb)
