@@ -48,7 +48,6 @@ from bundle.preprocess import preprocess_pil
 from service.model import EmbeddingModel
 from service.preprocess import ImagePreprocessor
 from testkit import ort_timing
-from testkit.server import ServerStartError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -153,7 +152,8 @@ async def paired_single_latency(
     in-process onnxruntime calls on a ready tensor (each single-caller session configuration in turn; the
     faster one's p50 counts), then PAIR_BLOCK sequential requests, so both see the same machine load, which
     on a shared host moves more than the overhead being measured. (Pairs of one call and one request timed
-    each side with the other's data in the caches: facecnn 1.7-2.0 ms of "overhead", against 0.88 ms in blocks.)"""
+    each side with the other's data in the caches: facecnn 1.7-2.0 ms of "overhead", against 0.88 ms in
+    blocks.)"""
     # Their threads stop spinning when a call ends (as the service's lone-batch session's do): a session left
     # spinning in this process would take the cores from the server's next request and be timed as its
     # overhead (measured: MobileFaceNet 21.4 ms per request paired with spinning sessions, 13.2 ms alone).
@@ -262,26 +262,17 @@ def triton_rows(
     rows: list[serve_bench.LoadRow],
 ) -> str:
     """Triton (PyTriton) rows at every concurrency, appended to `rows`; returns "ok" or why skipped."""
-    python = args.triton_python
-    if python is None:
-        return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)"
-    if not Path(python).is_file():
-        return f"skipped: --triton-python {python} does not exist"
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            triton = serve_bench.start_triton(Path(python), bundle, args.max_batch_size, Path(tmp) / "t.log")
-        except ServerStartError as exc:
-            return f"skipped: Triton did not start: {str(exc)[-500:]}"
-        try:
-            requests = [serve_bench.triton_request(b) for b in pngs]
-            asyncio.run(serve_bench.closed_loop(triton.port, requests, max(args.concurrency), 1.0))
-            for c in args.concurrency:
-                rows += serve_bench.http_rows(
-                    "Triton (PyTriton) HTTP", triton.port, requests, [c], phase_s(c)
-                )
-        finally:
-            triton.stop()
-    return "ok"
+    note, triton = serve_bench.triton_load(
+        args.triton_python,
+        bundle,
+        args.max_batch_size,
+        pngs,
+        args.concurrency,
+        phase_s,
+        warmup=(max(args.concurrency), 1.0),
+    )
+    rows += triton
+    return note
 
 
 def ratio(a: float | None, b: float | None) -> str:

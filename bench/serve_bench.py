@@ -24,6 +24,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -280,25 +281,42 @@ def run(args: argparse.Namespace) -> ServeReport:
 
 
 def triton_rows(args: argparse.Namespace, pngs: list[bytes], report: ServeReport) -> str:
-    python = args.triton_python
+    note, rows = triton_load(
+        args.triton_python, args.bundle, args.max_batch_size, pngs, args.concurrency, lambda c: args.seconds
+    )
+    report.load += rows
+    return note
+
+
+def triton_load(
+    python: Path | str | None,
+    bundle: Path,
+    max_batch_size: int,
+    pngs: list[bytes],
+    levels: list[int],
+    phase_s: Callable[[int], float],
+    warmup: tuple[int, float] = (8, 2.0),
+) -> tuple[str, list[LoadRow]]:
+    """Triton (PyTriton) on `bundle`, warmed with `warmup` = (connections, seconds), then a closed loop at
+    each of `levels` for `phase_s(level)` seconds: ("ok", rows), or (why it was skipped, [])."""
     if python is None:
-        return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)"
+        return "skipped: no --triton-python (a venv with nvidia-pytriton 0.7.0, see docs/performance.md)", []
     if not Path(python).is_file():
-        return f"skipped: --triton-python {python} does not exist"
+        return f"skipped: --triton-python {python} does not exist", []
+    rows: list[LoadRow] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            triton = start_triton(Path(python), args.bundle, args.max_batch_size, Path(tmp) / "triton.log")
+            triton = start_triton(Path(python), bundle, max_batch_size, Path(tmp) / "triton.log")
         except ServerStartError as exc:
-            return f"skipped: Triton did not start: {str(exc)[-500:]}"
+            return f"skipped: Triton did not start: {str(exc)[-500:]}", []
         try:
             requests = [triton_request(b) for b in pngs]
-            asyncio.run(closed_loop(triton.port, requests, 8, 2.0))
-            report.load += http_rows(
-                "Triton (PyTriton) HTTP", triton.port, requests, args.concurrency, args.seconds
-            )
+            asyncio.run(closed_loop(triton.port, requests, *warmup))
+            for c in levels:
+                rows += http_rows("Triton (PyTriton) HTTP", triton.port, requests, [c], phase_s(c))
         finally:
             triton.stop()
-    return "ok"
+    return "ok", rows
 
 
 def print_report(r: ServeReport) -> None:
