@@ -49,6 +49,7 @@ def build_face_bundle(
     from bundle.manifest import InputSpec, OperatingPoint, Preprocessing, Thresholds
     from training.backbones import build_backbone
     from training.export import export_bundle
+    from training.face_backbones import calibrate_batchnorm
 
     channels = 1 if color_mode == "L" else 3
     keras.utils.set_random_seed(seed)
@@ -111,28 +112,6 @@ def trained_slopes(model, slope: float = 0.25) -> None:
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.PReLU):
             layer.alpha.assign(np.full(layer.alpha.shape, slope, np.float32))
-
-
-def calibrate_batchnorm(model, images: np.ndarray) -> None:
-    """Set every BatchNorm's moving statistics to those of its input on `images` (one forward pass in
-    training mode with momentum 0), as training would have.
-
-    At Keras' initial statistics (mean 0, variance 1) a deep residual network amplifies its input block after
-    block: an untrained IResNet-50 outputs values near 1e22, where the export's absolute Keras/onnxruntime
-    parity check cannot pass. Calibrated, every BatchNorm normalises its input as a trained one does, so no
-    activation overflows; the graph, and so the inference cost, is unchanged.
-    """
-    import keras
-
-    layers = [
-        layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(images, training=True)
-    for layer, momentum in zip(layers, momenta, strict=True):
-        layer.momentum = momentum
 
 
 def default_path(size: int, color_mode: str, backbone: str = "facecnn") -> Path:

@@ -13,25 +13,13 @@ from training.backbones import BACKBONES, build_backbone  # noqa: E402
 from training.export import check_parity, keras_to_onnx  # noqa: E402
 from training.face_backbones import (  # noqa: E402
     _grouped_conv,
+    calibrate_batchnorm,
     parameter_count,
     reference_parameter_count,
 )
 from training.precision import float32_copy, is_mixed  # noqa: E402
 
 FACE = (112, 112, 3)
-
-
-def _calibrate(model: keras.Model, batch: np.ndarray) -> None:
-    """Moving BN statistics = this batch's (momentum 0 for one training call), so outputs are O(1)
-    as in a trained model; with the initial statistics (0, 1) IResNet's outputs reach 1e8 and an absolute
-    parity tolerance would test float32 rounding of huge numbers instead of the graph."""
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    saved = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(batch, training=True)
-    for layer, momentum in zip(layers, saved, strict=True):
-        layer.momentum = momentum
 
 
 @pytest.mark.parametrize(
@@ -130,7 +118,7 @@ def test_mixed_precision_output_is_float32_and_exports_as_float32() -> None:
     assert model.output.dtype == "float32"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     batch = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)
-    _calibrate(model, batch)
+    calibrate_batchnorm(model, batch)
     copy = float32_copy(model)
     assert not is_mixed(copy) and all(layer.compute_dtype == "float32" for layer in copy.layers)
     for a, b in zip(model.get_weights(), copy.get_weights(), strict=True):
@@ -146,7 +134,7 @@ def _parity(name: str, shape: tuple[int, int, int], dim: int) -> float:
     keras.utils.set_random_seed(0)
     model = build_backbone(name, shape, dim)
     rng = np.random.default_rng(0)
-    _calibrate(model, rng.random((16, *shape), dtype=np.float32))
+    calibrate_batchnorm(model, rng.random((16, *shape), dtype=np.float32))
     batch = rng.random((4, *shape), dtype=np.float32)
     assert 0.1 < np.abs(model.predict(batch, verbose=0)).max() < 100  # a realistic output scale
     spec = InputSpec(height=shape[0], width=shape[1], channels=shape[2])
