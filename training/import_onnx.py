@@ -363,6 +363,7 @@ def import_model(out: Path | str, opts: ImportOptions) -> ImportResult:
             calibration=calib,
             max_eer_increase=q.MAX_EER_INCREASE,
             min_mean_cosine=q.MIN_INT8_MEAN_COSINE,
+            fp32_features=features[is_held],  # the served fp32 graph's, embedded above
         )
         model_bytes, quantization = gate.int8_bytes, gate.record
         # What is served is the int8 model: its centers, evaluation and thresholds.

@@ -214,18 +214,22 @@ def quantize_gated(
     calibration: np.ndarray | None = None,
     max_eer_increase: float = MAX_EER_INCREASE,
     min_mean_cosine: float = MIN_INT8_MEAN_COSINE,
+    fp32_features: np.ndarray | None = None,
 ) -> GateResult:
     """Quantize, embed the held-out images with both models and accept the int8 one only if its embeddings
     have a mean cosine of at least `min_mean_cosine` to the fp32 ones (else `QuantizationUnfaithful`) and
     `eer_of(int8 embeddings) <= fp32_eer + max_eer_increase` (else `QuantizationRefused` naming both EERs).
 
     `eer_of` maps L2-normalised held-out embeddings to their EER under the caller's protocol (same pairs as
-    the fp32 figure)."""
+    the fp32 figure). `fp32_features`: the fp32 graph's raw features of `heldout` in onnxruntime, when the
+    caller has them (else they are computed here)."""
     int8 = quantize_int8(model_bytes, method=method, calibration=calibration, input_name=input_name)
     emb = l2_normalize(embed(int8, heldout, input_name, output_name))
     if not np.all(np.isfinite(emb)):
         raise QuantizationError("the int8 model gives non-finite embeddings on the held-out images")
-    reference = l2_normalize(embed(model_bytes, heldout, input_name, output_name))
+    if fp32_features is None:
+        fp32_features = embed(model_bytes, heldout, input_name, output_name)
+    reference = l2_normalize(fp32_features)
     mean_cosine = float(np.mean(np.sum(reference * emb, axis=1)))
     if mean_cosine < min_mean_cosine:
         raise QuantizationUnfaithful(mean_cosine, min_mean_cosine)
