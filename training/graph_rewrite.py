@@ -5,28 +5,43 @@
 (`PRelu` with a per-channel slope is slower still than the five nodes), and onnxruntime's static quantizer
 mis-handles the first: the `Relu(x)` is folded into the producing convolution's output range, so the `Neg`
 branch only ever sees `x >= 0` and the int8 model computes a plain ReLU (cosine 0.16-0.6 to the fp32 model
-on the face backbones). Each PReLU is rewritten here as
+on the face backbones). Each PReLU is rewritten here, exactly, in one of two forms:
 
-    y = s * x + Relu((1 - s) * x)                        (every slope s <= 1)
-    y = s * x + sign(1 - s) * Relu(|1 - s| * x)          (some slope above 1)
-    y = Relu(x)                                          (every slope 0)
+    fp32:  y = s * x + Relu((1 - s) * x)                 (every slope s <= 1)
+           y = s * x + sign(1 - s) * Relu(|1 - s| * x)   (some slope above 1)
+    int8:  y = x + Relu((s - 1) * x)                     (every slope s <= 1)
+           y = x + sign(1 - s) * Relu(-|1 - s| * x)      (some slope above 1)
+    both:  y = Relu(x)                                   (every slope 0)
 
-which equals `PReLU(x) = x if x >= 0 else s * x` channel by channel (for x >= 0: s*x + (1-s)*x = x; for
-x < 0: s*x + 0). The per-channel products are 1x1 depthwise `Conv`s when `x` is an NCHW tensor with a known
-channel count (onnxruntime runs those, and their int8 `QLinearConv`s, far faster than a broadcast `Mul`),
-else broadcast `Mul`s; every `Relu` has one consumer, which the quantizer handles correctly. Measured on
-bench/face_bundle.py's 112x112 facecnn with slopes in [0.05, 0.6] (batch 32, 2 threads): fp32 649 -> 876
-img/s, static int8 1084 -> 1901 img/s, and the int8 model's worst cosine to fp32 0.68 -> 0.9998
-(docs/performance.md#int8-models).
+each equal to `PReLU(x) = x if x >= 0 else s * x` channel by channel (fp32, s <= 1: for x >= 0,
+s*x + (1-s)*x = x; for x < 0, s*x + 0. int8, s <= 1: for x >= 0, (s-1)*x <= 0 and y = x; for x < 0,
+y = x + (s-1)*x = s*x. A slope above 1 subtracts the ReLU branch on its channels). The per-channel products
+are 1x1 depthwise `Conv`s when `x` is an NCHW tensor with a known channel count (onnxruntime runs those,
+and their int8 `QLinearConv`s, far faster than a broadcast `Mul`), else broadcast `Mul`s; every `Relu` has
+one consumer, which the quantizer handles correctly (it folds it into the product's output range).
+
+Two forms because each runtime is fastest on its own: fp32 onnxruntime fuses the `Add` into the slope
+product's convolution (its NCHWc `Conv` takes a summand), while int8 has no such fusion and pays per
+`QLinearConv`, so its form has one product instead of two (facecnn 112x112, batch 32, 1 thread: int8
+1,007 -> 1,129 img/s with it; the int8 form in fp32 is 6-12% slower than the fp32 form). `quantize_int8`
+converts an fp32-form graph (what `export` and `import` write) to the int8 form: `_find` reads all four
+spellings, tf2onnx's, ONNX's `PRelu` and both of ours.
+
+Measured with the fp32 form on bench/face_bundle.py's 112x112 facecnn with slopes in [0.05, 0.6] (batch 32,
+2 threads): fp32 649 -> 876 img/s, static int8 1084 -> 1901 img/s, and the int8 model's worst cosine to
+fp32 0.68 -> 0.9998 (docs/performance.md#int8-models).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 
@@ -36,6 +51,7 @@ class RewriteReport:
     prelu_depthwise: int = 0  # PReLUs now written with 1x1 depthwise convolutions
     prelu_mul: int = 0  # ... with broadcast multiplications (x not a known NCHW tensor)
     prelu_relu: int = 0  # ... as a plain Relu (every slope 0)
+    form: str = "fp32"  # which of the module docstring's forms they were written in
 
     @property
     def total(self) -> int:
@@ -56,7 +72,10 @@ class RewriteReport:
             )
             if n
         ]
-        return f"{self.total} PReLU rewritten exactly ({', '.join(parts)})" if parts else "no PReLU rewritten"
+        if not parts:
+            return "no PReLU rewritten"
+        form = ", int8 form" if self.form == "int8" else ""
+        return f"{self.total} PReLU rewritten exactly ({', '.join(parts)}{form})"
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,8 @@ class _PRelu:
     slope: np.ndarray  # as stored (its broadcast shape kept)
     replaced: tuple[int, ...]  # indices of the nodes it replaces
     name: str
+    spelling: str  # "tf2onnx", "PRelu", or this module's "fp32" / "int8" form
+    mul_products: bool = False  # this module's form with broadcast Muls (x was not a known NCHW tensor)
 
 
 def _constant(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -97,7 +118,8 @@ def _find(graph: onnx.GraphProto) -> list[_PRelu]:
     taken: set[int] = set()
     for k, node in enumerate(graph.node):
         if node.op_type == "PRelu" and len(node.input) == 2 and node.input[1] in consts:
-            found.append(_PRelu(node.input[0], node.output[0], consts[node.input[1]], (k,), node.name))
+            slope = consts[node.input[1]]
+            found.append(_PRelu(node.input[0], node.output[0], slope, (k,), node.name, "PRelu"))
             continue
         if node.op_type != "Add" or len(node.input) != 2:
             continue
@@ -119,9 +141,92 @@ def _find(graph: onnx.GraphProto) -> list[_PRelu]:
                 continue
             taken.update(chain)
             slope = -consts[c[0]].astype(np.float32)
-            found.append(_PRelu(x, node.output[0], slope, (*chain, k), node.name or node.output[0]))
+            name = node.name or node.output[0]
+            found.append(_PRelu(x, node.output[0], slope, (*chain, k), name, "tf2onnx"))
             break
+        else:
+            ours = _find_ours(graph, k, consts, made_by, private, taken)
+            if ours is not None:
+                taken.update(ours.replaced)
+                found.append(ours)
     return found
+
+
+def _product(graph: onnx.GraphProto, k: int | None, consts: dict[str, np.ndarray]):
+    """(source, per-channel factor) when node k is one of this module's products: a 1x1 depthwise Conv
+    without bias, padding, stride or dilation, or a Mul by a constant; else None."""
+    if k is None:
+        return None
+    node = graph.node[k]
+    if node.op_type == "Mul" and len(node.input) == 2:
+        c = [f for f in node.input if f in consts]
+        if len(c) == 1:
+            return next(f for f in node.input if f not in consts), consts[c[0]].astype(np.float32)
+        return None
+    if node.op_type != "Conv" or len(node.input) != 2 or node.input[1] not in consts:
+        return None
+    w, attrs = consts[node.input[1]], _attrs(node)
+    plain = (
+        not any(attrs.get("pads", [0]))
+        and all(v == 1 for v in attrs.get("strides", [1]))
+        and all(v == 1 for v in attrs.get("dilations", [1]))
+        and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    )
+    if w.ndim != 4 or w.shape[1:] != (1, 1, 1) or int(attrs.get("group", 1)) != w.shape[0] or not plain:
+        return None
+    return node.input[0], w.reshape(1, -1, 1, 1).astype(np.float32)
+
+
+def _find_ours(graph, k_add, consts, made_by, private, taken) -> _PRelu | None:
+    """A PReLU in either of this module's forms whose last node is the Add k_add, as its slope; else None.
+    Only what is exactly a PReLU matches: the int8 form's factor is <= 0 and the fp32 form's >= 0, with
+    sign * factor = 1 - slope."""
+    add = graph.node[k_add]
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+
+    def product(name: str):
+        k = made_by(name, "Conv")
+        k = made_by(name, "Mul") if k is None else k
+        found = _product(graph, k, consts)
+        return None if found is None else (k, *found)
+
+    for first, second in (add.input, add.input[::-1]):
+        chain: tuple[int, ...] = ()
+        signs: np.ndarray = np.float32(1.0)
+        relu = made_by(second, "Relu")
+        if relu is None:  # a slope above 1: sign * Relu(...)
+            sign = product(second)
+            if sign is None or not set(np.unique(sign[2]).tolist()) <= {-1.0, 1.0}:
+                continue
+            relu, chain, signs = made_by(sign[1], "Relu"), (sign[0],), sign[2]
+            if relu is None:
+                continue
+        inner = product(graph.node[relu].input[0])
+        if inner is None:
+            continue
+        k_inner, x, factor = inner
+        chain = (k_inner, relu, *chain)
+        if first == x:  # int8: x + sign * Relu(-|1-s| * x)
+            if np.any(factor > 0):
+                continue
+            slope, spelling = 1.0 + signs * factor, "int8"
+        else:  # fp32: s * x + sign * Relu(|1-s| * x)
+            lin = product(first)
+            if lin is None or lin[1] != x or np.any(factor < 0):
+                continue
+            slope, spelling = lin[2], "fp32"
+            if not np.allclose(1.0 - slope, signs * factor, rtol=1e-5, atol=1e-6):
+                continue
+            chain = (lin[0], *chain)
+        if not all(private(j) for j in chain) or taken.intersection(chain):
+            continue
+        name = add.name or add.output[0]
+        if name.startswith("idembed_prelu/"):
+            name = name[len("idembed_prelu/") :].rsplit("/Add", 1)[0]
+        muls = any(graph.node[j].op_type == "Mul" for j in chain)
+        return _PRelu(x, add.output[0], np.asarray(slope, np.float32), (*chain, k_add), name, spelling, muls)
+    return None
 
 
 def _channels(proto: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
@@ -158,15 +263,26 @@ def _nchw_channels(slope: np.ndarray, shape: tuple[int, int | None] | None) -> i
     return c if padded == (1, c, 1, 1) else None
 
 
-def rewrite_prelu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
-    """`model_bytes` with every PReLU (tf2onnx's five-node form or ONNX `PRelu` with a constant slope)
-    rewritten exactly as this module's docstring says; the bytes unchanged when there is none."""
+FORMS = ("fp32", "int8")
+
+
+def rewrite_prelu(model_bytes: bytes, form: str = "fp32") -> tuple[bytes, RewriteReport]:
+    """`model_bytes` with every PReLU (tf2onnx's five-node form, ONNX `PRelu` with a constant slope, or
+    this module's other form) rewritten exactly in `form`, as this module's docstring says; the bytes
+    unchanged when there is none (or every one is in `form` already)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     proto = onnx.load_from_string(model_bytes)
     graph = proto.graph
     found = _find(graph)
+    shapes = _channels(proto) if found else {}
+
+    def done(p: _PRelu) -> bool:  # in `form` already, with depthwise products wherever they can be
+        return p.spelling == form and not (p.mul_products and _nchw_channels(p.slope, shapes.get(p.x)))
+
+    found = [p for p in found if not done(p)]
     if not found:
-        return model_bytes, RewriteReport()
-    shapes = _channels(proto)
+        return model_bytes, RewriteReport(form=form)
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     counts = {"prelu_depthwise": 0, "prelu_mul": 0, "prelu_relu": 0}
 
@@ -211,16 +327,18 @@ def rewrite_prelu(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
                 return out
 
             rest = 1.0 - per_channel
-            linear = scale(p.x, per_channel, "slope")
-            positive = scale(p.x, np.abs(rest), "rest")
+            if form == "fp32":  # s * x + sign * Relu(|1-s| * x)
+                linear, branch = scale(p.x, per_channel, "slope"), scale(p.x, np.abs(rest), "rest")
+            else:  # x + sign * Relu(-|1-s| * x)
+                linear, branch = p.x, scale(p.x, -np.abs(rest), "rest")
             relu = fresh(f"{base}/Relu")
-            nodes.append(helper.make_node("Relu", [positive], [relu], name=relu))
+            nodes.append(helper.make_node("Relu", [branch], [relu], name=relu))
             if np.any(rest < 0):  # a slope above 1: the ReLU branch is subtracted on those channels
-                relu = scale(relu, np.sign(rest).astype(np.float32), "sign")
+                relu = scale(relu, np.where(rest < 0, -1.0, 1.0).astype(np.float32), "sign")
             nodes.append(helper.make_node("Add", [linear, relu], [p.out], name=fresh(f"{base}/Add")))
         replacement[p.replaced[-1]] = nodes
         dropped.update(p.replaced[:-1])
-    return _splice(proto, replacement, dropped), RewriteReport(**counts)
+    return _splice(proto, replacement, dropped), RewriteReport(**counts, form=form)
 
 
 # What training.face_backbones._grouped_conv becomes in tf2onnx's NCHW graph, after the depthwise Conv
@@ -419,8 +537,36 @@ def grouped_as_depthwise(model_bytes: bytes) -> tuple[bytes, int]:
     return _splice(proto, replaced), len(replaced)
 
 
-def optimize(model_bytes: bytes) -> tuple[bytes, RewriteReport]:
-    """Every rewrite here, grouped convolutions first (a PReLU after one then sees an NHWC tensor)."""
+def fold(model_bytes: bytes) -> bytes:
+    """onnxruntime's basic graph optimizations, saved: the semantics-preserving, standard-ONNX ones
+    (constant folding, BatchNorm / Mul / Add into the Conv before them, Pad into Conv, Transposes pushed
+    through element-wise nodes and cancelled). onnxruntime would apply them at load anyway; done here they
+    let the rewrites after them see what onnxruntime will run. MobileFaceNet's grouped conv2 is followed by
+    an NHWC Transpose, its BatchNorm and its PReLU: folded, the BatchNorm joins the grouped Conv and the
+    PReLU becomes an NCHW one with depthwise products (fp32 +4%; int8 +15-20%, where the BatchNorm cannot
+    join the grouped Conv once that is split into depthwise ones)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="idembed-fold-") as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        folded = Path(options.optimized_model_filepath).read_bytes()
+    proto = onnx.load_from_string(folded)
+    onnx.checker.check_model(proto)
+    return folded
+
+
+def optimize(model_bytes: bytes, form: str = "fp32") -> tuple[bytes, RewriteReport]:
+    """Every rewrite here: grouped convolutions first (a PReLU after one then sees an NHWC tensor), then
+    `fold` when there is something to rewrite, then PReLUs in `form` ("int8" for a graph about to be
+    quantized). The bytes come back unchanged when nothing is rewritten."""
     model_bytes, grouped = rewrite_grouped_conv(model_bytes)
-    model_bytes, report = rewrite_prelu(model_bytes)
+    proto = onnx.load_from_string(model_bytes)
+    if grouped or _find(proto.graph):
+        folded, report = rewrite_prelu(fold(model_bytes), form)
+        if grouped or report.total:
+            model_bytes = folded
+    else:
+        report = RewriteReport(form=form)
     return model_bytes, replace(report, grouped_conv=grouped)

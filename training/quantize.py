@@ -129,9 +129,10 @@ def quantize_int8(
 
     if method not in METHODS:
         raise QuantizationError(f"--quantize-method must be one of {', '.join(METHODS)}, got {method!r}")
-    # Exact rewrites onnxruntime's int8 kernels need (training/graph_rewrite.py): PReLU as depthwise Conv +
-    # Relu (else the quantizer turns Keras' PReLU into a ReLU), grouped convolutions as depthwise ones.
-    model_bytes, _ = optimize(model_bytes)
+    # Exact rewrites onnxruntime's int8 kernels need (training/graph_rewrite.py): PReLU in the int8 form (one
+    # depthwise Conv + Relu; else the quantizer turns Keras' PReLU into a ReLU), grouped convolutions as
+    # depthwise ones.
+    model_bytes, _ = optimize(model_bytes, form="int8")
     model_bytes, _ = grouped_as_depthwise(model_bytes)
     with tempfile.TemporaryDirectory(prefix="idembed-quant-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from training.graph_rewrite import grouped_as_depthwise, optimize, rewrite_grouped_conv, rewrite_prelu
+from training.graph_rewrite import fold, grouped_as_depthwise, optimize, rewrite_grouped_conv, rewrite_prelu
 
 RNG = np.random.default_rng(0)
 C = 6
@@ -86,6 +86,85 @@ def test_prelu_rewrite_is_exact_as_depthwise(build, slope) -> None:
     assert report.prelu_depthwise == 1 and report.total == 1, report
     assert not {"PRelu", "Neg"} & set(_ops(new))
     np.testing.assert_allclose(_run(new, X), _run(model, X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [_native, _keras_form], ids=["PRelu", "keras"])
+@pytest.mark.parametrize("slope", [MIXED, np.full((C, 1, 1), 0.25, np.float32)], ids=["mixed", "below-1"])
+def test_int8_form_is_exact_with_one_product(build, slope) -> None:
+    """x + Relu((s-1) * x): one depthwise product (two with a slope above 1, the sign); the Add reads x."""
+    model = build(slope)
+    new, report = rewrite_prelu(model, "int8")
+    assert report.prelu_depthwise == 1 and report.form == "int8", report
+    products = 2 if np.any(slope > 1) else 1
+    assert _ops(new).count("Conv") == 2 + products, _ops(new)
+    np.testing.assert_allclose(_run(new, X), _run(model, X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slope", [MIXED, np.full((C, 1, 1), 0.25, np.float32)], ids=["mixed", "below-1"])
+def test_our_forms_are_read_back_and_converted(slope) -> None:
+    """An exported (fp32-form) graph is converted to the int8 form by quantize_int8 and back; a graph in
+    the asked form already comes back byte for byte."""
+    fp32, _ = rewrite_prelu(_keras_form(slope), "fp32")
+    int8, report = rewrite_prelu(fp32, "int8")
+    assert report.total == 1 and _ops(int8).count("Conv") < _ops(fp32).count("Conv")
+    back, again = rewrite_prelu(int8, "fp32")
+    assert again.total == 1 and _ops(back) == _ops(fp32)
+    for graph, form in ((fp32, "fp32"), (int8, "int8")):
+        assert rewrite_prelu(graph, form) == (graph, rewrite_prelu(graph, form)[1])
+        assert rewrite_prelu(graph, form)[1].total == 0
+    for graph in (int8, back):
+        np.testing.assert_allclose(_run(graph, X), _run(fp32, X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_lookalike_that_is_not_a_prelu_is_left_alone() -> None:
+    """x + Relu(w * x) with some w > 0 (y = (1+w) * x for x > 0) and s * x + Relu(r * x) with r != 1 - s
+    have our forms' shape but are no PReLU: neither is rewritten."""
+    w = np.full((C, 1, 1, 1), 0.5, np.float32)
+    w[0] = -0.5
+    not_int8 = [
+        helper.make_node("Conv", ["h", "w_rest"], ["r"], group=C, kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["r"], ["rr"]),
+        helper.make_node("Add", ["h", "rr"], ["p"]),
+    ]
+    not_fp32 = [
+        helper.make_node("Conv", ["h", "w_lin"], ["l"], group=C, kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["h", "w_rest"], ["r"], group=C, kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["r"], ["rr"]),
+        helper.make_node("Add", ["l", "rr"], ["p"]),
+    ]
+    cases = ((not_int8, {"w_rest": w}), (not_fp32, {"w_rest": np.abs(w), "w_lin": np.abs(w) - 0.2}))
+    for nodes, inits in cases:
+        model = _conv_then(nodes, inits)
+        for form in ("fp32", "int8"):
+            new, report = rewrite_prelu(model, form)
+            assert report.total == 0 and new == model, (form, report)
+
+
+def test_fold_joins_batchnorm_and_pad_into_the_conv_and_keeps_outputs() -> None:
+    """fold = onnxruntime's basic optimizations, saved: a Pad + Conv + per-channel Mul + Add (tf2onnx's
+    ZeroPadding2D + Conv + BatchNorm) become one Conv."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w"], ["c"]),
+        helper.make_node("Mul", ["c", "gamma"], ["m"]),
+        helper.make_node("Add", ["m", "beta"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, 8, 8])],
+        [
+            numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+            numpy_helper.from_array(RNG.normal(size=(C, 3, 3, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(RNG.uniform(0.5, 2, (C, 1, 1)).astype(np.float32), "gamma"),
+            numpy_helper.from_array(RNG.normal(size=(C, 1, 1)).astype(np.float32), "beta"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    folded = fold(model)
+    assert _ops(folded) == ["Conv"], _ops(folded)
+    np.testing.assert_allclose(_run(folded, X), _run(model, X), rtol=1e-5, atol=1e-5)
 
 
 def test_prelu_of_zero_slope_is_a_relu() -> None:
@@ -172,6 +251,9 @@ def test_int8_keeps_the_negative_side_of_prelu() -> None:
     ref, got = _run(model, x).reshape(32, -1), _run(int8, x).reshape(32, -1)
     cosine = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cosine.min() > 0.99, cosine.min()
+    # The int8 form: the two model convolutions and one depthwise product for the PReLU (the fp32 form, two).
+    ops = _ops(int8)
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1, ops
 
 
 def test_int8_runs_a_grouped_conv_as_depthwise_ones() -> None:
