@@ -325,6 +325,35 @@ async def test_a_batch_is_not_alone_while_other_http_requests_are_in_flight(
 
 
 @pytest.mark.asyncio
+async def test_a_burst_is_not_alone_and_never_runs_on_the_loop() -> None:
+    """Requests arriving much faster than a batch runs (under load, the others still in the sockets, which
+    IN_FLIGHT does not count) are not alone: their batch goes to a worker thread, not to the all-cores
+    session on the event loop, where it held every arrival back. A sequential client stays alone."""
+    loop_thread = threading.get_ident()
+    threads: dict[str, list[int]] = {"worker": [], "lone": []}
+
+    def model(name: str):
+        def run(batch: np.ndarray) -> np.ndarray:
+            threads[name].append(threading.get_ident())
+            time.sleep(0.005)
+            return batch * 2.0
+
+        return run
+
+    engine = BatchingEngine(
+        model("worker"), max_batch_size=8, workers=2, lone_run=model("lone"), lone_inline_max_ms=50.0
+    )
+    engine.start()
+    for _ in range(3):  # sequential: alone; once timed, cheap enough to run on the loop with every core
+        await engine.embed(np.ones((1, 1), np.float32))
+    assert threads["worker"] == [] and threads["lone"][1:] == [loop_thread] * 2
+    await asyncio.gather(*(engine.embed(np.ones((1, 1), np.float32)) for _ in range(4)))  # a burst
+    await engine.stop()
+    assert len(threads["lone"]) == 3
+    assert len(threads["worker"]) == 1 and threads["worker"][0] != loop_thread
+
+
+@pytest.mark.asyncio
 async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging() -> None:
     engine = BatchingEngine(RecordingModel(), max_batch_size=8)
     engine.start()
