@@ -91,7 +91,6 @@ class BatchingEngine:
         workers: int = 1,
         lone_run: Callable[[np.ndarray], np.ndarray] | None = None,
         lone_inline_max_ms: float = 0.0,
-        inline_run: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_depth < 1 or batch_wait_ms < 0 or workers < 1:
             raise ValueError("max_batch_size, max_queue_depth, workers must be >= 1 and batch_wait_ms >= 0")
@@ -101,10 +100,6 @@ class BatchingEngine:
         # For a batch that starts while nothing else runs or waits: all cores are idle, so one call that uses
         # them all finishes sooner than `run`'s share of them (several workers, see the module doc).
         self._lone_run = lone_run
-        # For batches run on the loop that are not alone (cheaper than `inline_max_ms`): `run` unless told. A
-        # server running one batch at a time on every core (service/model_slot.py) runs those on one thread,
-        # which for a call of microseconds beats waking the others.
-        self._inline_run = inline_run or run
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_queue_depth = max_queue_depth
@@ -262,7 +257,7 @@ class BatchingEngine:
             if predicted is not None and (
                 predicted <= self.inline_max_s or (alone and predicted <= self.lone_inline_max_s)
             ):
-                self._run_inline(batch, inputs, run if kind is not None else self._inline_run, kind)
+                self._run_inline(batch, inputs, run, kind)
                 continue
             self._idle_workers -= 1
             self._running += 1

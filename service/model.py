@@ -132,33 +132,27 @@ class EmbeddingModel:
 
     def _warm_up(self, model_path: Path, largest: int, concurrency: int = 1) -> float:
         # Two different batch sizes at least: the first call allocates, the others prove the batch axis is
-        # dynamic; the largest sizes the memory arena, once per call that can run at the same time. Those
-        # calls, all at once as under load, also give `row_ms`.
+        # dynamic; the largest sizes the memory arena, once per call that can run at the same time.
         start = time.perf_counter()
         self._probe(model_path, 1)
         if concurrency <= 1:
-            seconds = [self._probe(model_path, largest)]
+            self._probe(model_path, largest)
         else:
             with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                calls = [pool.submit(self._probe, model_path, largest) for _ in range(concurrency)]
-                seconds = [done.result() for done in calls]
-        self.row_ms = min(seconds) * 1000.0 / largest
+                for done in [pool.submit(self._probe, model_path, largest) for _ in range(concurrency)]:
+                    done.result()
         return (time.perf_counter() - start) * 1000.0
 
-    def _probe(self, model_path: Path, n: int) -> float:
-        """Runs a batch of n zeros and checks the output shape; returns the call's seconds."""
+    def _probe(self, model_path: Path, n: int) -> None:
         probe = np.zeros((n, *self.input_shape), dtype=self.input_dtype)
-        start = time.perf_counter()
         try:
             out = self.session.run([self.output_name], {self.input_name: probe})[0]
         except Exception as exc:
             raise BundleError(model_path, f"warm-up inference with batch {n} failed: {exc}") from exc
-        elapsed = time.perf_counter() - start
         if out.shape != (n, self.dim):
             raise BundleError(
                 model_path, f"warm-up with batch {n} gave shape {out.shape}, expected ({n}, {self.dim})"
             )
-        return elapsed
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """One onnxruntime call on a batch of model inputs: the raw (unnormalised) features."""

@@ -9,7 +9,6 @@ it stops), requests arriving after the swap use the new one, and nothing in flig
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,8 +25,6 @@ from service.gallery.store import ServedModel
 from service.model import EmbeddingModel, RuntimeOptions
 from service.offload import INLINE_DECODE_BYTES, inline_unless
 from service.preprocess import ImagePreprocessor
-
-logger = logging.getLogger("idembed.models")
 
 
 @dataclass
@@ -147,35 +144,16 @@ class ModelSlot:
                 warmup_concurrency=1,
             )
             lone_model = EmbeddingModel(model.bundle, lone_options)
-        # A model this cheap per image runs one batch at a time on every core (`split_min_ms`): split into
-        # one batch per worker, the requests in flight make batches too small to keep the workers busy (the
-        # int8 facecnn server left 0.36 of 2 cores idle), and onnxruntime's own threads need no GIL. A batch
-        # that starts alone then takes whichever session is measured faster per image (the engine's
-        # `lone_run` choice), and batches cheap enough to run on the loop take the one-thread session:
-        # for a call of microseconds one thread beats waking the others (the default model: 8% less at
-        # concurrency 32 without it).
-        one_call = lone_model is not None and model.row_ms < s.split_min_ms
-        run, lone_run = model.run, None if lone_model is None else lone_model.run
-        if one_call and lone_model is not None:
-            run, lone_run = lone_model.run, model.run
         engine = BatchingEngine(
-            run,
+            model.run,
             max_batch_size=s.max_batch_size,
             batch_wait_ms=s.batch_wait_ms,
             max_queue_depth=s.max_queue_depth,
             observer=self._observer,
             inline_max_ms=s.inline_inference_max_ms,
-            workers=1 if one_call else s.inference_workers,
-            lone_run=lone_run,
+            workers=s.inference_workers,
+            lone_run=None if lone_model is None else lone_model.run,
             lone_inline_max_ms=s.lone_inline_max_ms,
-            inline_run=model.run,
-        )
-        logger.info(
-            "inference batches",
-            extra={
-                "model_ms_per_image_per_worker": round(model.row_ms, 3),
-                "batches": "one at a time on every core" if one_call else f"{engine.workers} workers",
-            },
         )
         manifest = model.manifest
         pre = ImagePreprocessor(manifest.preprocessing, manifest.input, max_pixels=s.max_image_pixels)

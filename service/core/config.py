@@ -108,16 +108,6 @@ class Settings(BaseSettings):
         "MobileFaceNet 112x112, a 5 ms call, 1.21 -> 0.95 ms of overhead; requests arriving meanwhile wait "
         "for it, as they would for the cores it uses; 0 = always use the inference thread)",
     )
-    split_min_ms: float = Field(
-        1.5,
-        ge=0.0,
-        le=1000.0,
-        description="with several inference workers and the lone-batch session, a model that takes less than "
-        "this per image on one worker (timed at warm-up, every worker at once) runs one batch at a time over "
-        "every core instead: its calls are too short to split the requests into several batches (int8 "
-        "facecnn 112x112 on 2 cores, ~1.1 ms per image: 13% more at concurrency 32; fp32 facecnn, 2.3 ms, "
-        "and MobileFaceNet keep the workers; docs/service.md, Speed). 0 = always the workers",
-    )
     lone_batch_session: bool = Field(
         True,
         description="with several inference workers, run a batch that starts while no other batch runs or "

@@ -354,28 +354,6 @@ async def test_a_burst_is_not_alone_and_never_runs_on_the_loop() -> None:
 
 
 @pytest.mark.asyncio
-async def test_batches_run_on_the_loop_take_the_inline_run() -> None:
-    """`inline_run` (a one-thread session, when `run` uses every core) takes the cheap batches run on the
-    loop that are not alone; batches handed to the thread take `run`."""
-    calls: dict[str, list[int]] = {"run": [], "inline": []}
-
-    def model(name: str):
-        def run(batch: np.ndarray) -> np.ndarray:
-            calls[name].append(threading.get_ident())
-            return batch * 2.0
-
-        return run
-
-    engine = BatchingEngine(model("run"), max_batch_size=8, inline_max_ms=50.0, inline_run=model("inline"))
-    engine.start()
-    await engine.embed(np.ones((1, 1), np.float32))  # not timed yet: the thread, with `run`
-    await asyncio.gather(*(engine.embed(np.ones((1, 1), np.float32)) for _ in range(4)))  # cheap: the loop
-    await engine.stop()
-    assert len(calls["run"]) == 1 and calls["run"][0] != threading.get_ident()
-    assert calls["inline"] == [threading.get_ident()]
-
-
-@pytest.mark.asyncio
 async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging() -> None:
     engine = BatchingEngine(RecordingModel(), max_batch_size=8)
     engine.start()

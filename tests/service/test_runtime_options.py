@@ -55,9 +55,7 @@ async def test_several_workers_get_a_lone_batch_session_on_every_core_with_the_s
     import numpy as np
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    # split_min_ms=0: the tiny model is far cheaper per image than the default 1.5 ms, which would run it
-    # one batch at a time on every core (the test below).
-    app = create_app(make_settings(inference_workers=2, split_min_ms=0.0))
+    app = create_app(make_settings(inference_workers=2))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
@@ -80,28 +78,3 @@ async def test_several_workers_get_a_lone_batch_session_on_every_core_with_the_s
     app = create_app(make_settings(inference_workers=2, lone_batch_session=False))
     async with app.router.lifespan_context(app):
         assert app.state.runtime.current.engine._lone_run is None
-
-
-@pytest.mark.asyncio
-async def test_a_model_cheaper_than_split_min_ms_runs_one_batch_at_a_time_on_every_core(
-    make_settings: Callable[..., Settings], tiny: TinyBundle, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Timed at warm-up with every worker at once, the tiny model takes microseconds per image: its batches
-    are not split across the workers but run one at a time on the every-core session."""
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    app = create_app(make_settings(inference_workers=2))
-    async with app.router.lifespan_context(app):
-        loaded = app.state.runtime.current
-        assert 0.0 < loaded.model.row_ms < 1.5
-        engine = loaded.engine
-        assert engine.workers == 1
-        every_core = engine._run.__self__
-        assert every_core is not loaded.model and every_core.bundle is loaded.model.bundle
-        assert every_core.session.get_session_options().intra_op_num_threads == 0
-        # A batch that starts alone may take the one-thread session, if measured faster (the engine's choice).
-        assert engine._lone_run.__self__ is loaded.model
-    # split_min_ms below the model's time per image (0: never): one batch per worker again.
-    app = create_app(make_settings(inference_workers=2, split_min_ms=0.0))
-    async with app.router.lifespan_context(app):
-        loaded = app.state.runtime.current
-        assert loaded.engine.workers == 2 and loaded.engine._run.__self__ is loaded.model
