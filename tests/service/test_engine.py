@@ -29,6 +29,17 @@ class RecordingModel:
         return batch.reshape(len(batch), -1) * 2.0
 
 
+def _recorder(threads: list[tuple[str, str]], kind: str, delay_s: float):
+    """A model run that records (kind, the name of the thread it ran on), sleeps and doubles the batch."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        threads.append((kind, threading.current_thread().name))
+        time.sleep(delay_s)
+        return batch * 2.0
+
+    return run
+
+
 @pytest.mark.asyncio
 async def test_concurrent_distinct_requests_each_get_their_own_rows() -> None:
     model = RecordingModel(delay_s=0.002)
@@ -261,18 +272,8 @@ async def test_requests_of_one_loop_iteration_share_a_batch_and_later_ones_form_
 @pytest.mark.asyncio
 async def test_lone_batches_predicted_cheap_enough_run_on_the_event_loop_with_the_lone_run() -> None:
     threads: list[tuple[str, str]] = []
-
-    def recorder(kind: str):
-        def run(batch: np.ndarray) -> np.ndarray:
-            threads.append((kind, threading.current_thread().name))
-            time.sleep(0.002)
-            return batch * 2.0
-
-        return run
-
-    engine = BatchingEngine(
-        recorder("worker"), max_batch_size=1, workers=2, lone_run=recorder("lone"), lone_inline_max_ms=50.0
-    )
+    worker, lone = _recorder(threads, "worker", 0.002), _recorder(threads, "lone", 0.002)
+    engine = BatchingEngine(worker, max_batch_size=1, workers=2, lone_run=lone, lone_inline_max_ms=50.0)
     engine.start()
     for i in range(3):  # sequential: each batch starts alone
         np.testing.assert_array_equal(await engine.embed(np.full((1, 1), i, np.float32)), [[2.0 * i]])
@@ -329,28 +330,17 @@ async def test_a_burst_is_not_alone_and_never_runs_on_the_loop() -> None:
     """Requests arriving much faster than a batch runs (under load, the others still in the sockets, which
     IN_FLIGHT does not count) are not alone: their batch goes to a worker thread, not to the all-cores
     session on the event loop, where it held every arrival back. A sequential client stays alone."""
-    loop_thread = threading.get_ident()
-    threads: dict[str, list[int]] = {"worker": [], "lone": []}
-
-    def model(name: str):
-        def run(batch: np.ndarray) -> np.ndarray:
-            threads[name].append(threading.get_ident())
-            time.sleep(0.005)
-            return batch * 2.0
-
-        return run
-
-    engine = BatchingEngine(
-        model("worker"), max_batch_size=8, workers=2, lone_run=model("lone"), lone_inline_max_ms=50.0
-    )
+    loop = threading.current_thread().name
+    threads: list[tuple[str, str]] = []
+    worker, lone = _recorder(threads, "worker", 0.005), _recorder(threads, "lone", 0.005)
+    engine = BatchingEngine(worker, max_batch_size=8, workers=2, lone_run=lone, lone_inline_max_ms=50.0)
     engine.start()
     for _ in range(3):  # sequential: alone; once timed, cheap enough to run on the loop with every core
         await engine.embed(np.ones((1, 1), np.float32))
-    assert threads["worker"] == [] and threads["lone"][1:] == [loop_thread] * 2
+    assert [kind for kind, _ in threads] == ["lone"] * 3 and [t for _, t in threads[1:]] == [loop] * 2
     await asyncio.gather(*(engine.embed(np.ones((1, 1), np.float32)) for _ in range(4)))  # a burst
     await engine.stop()
-    assert len(threads["lone"]) == 3
-    assert len(threads["worker"]) == 1 and threads["worker"][0] != loop_thread
+    assert len(threads) == 4 and threads[3][0] == "worker" and threads[3][1].startswith("idembed-infer")
 
 
 @pytest.mark.asyncio
