@@ -52,6 +52,7 @@ class RewriteReport:
     prelu_mul: int = 0  # ... with broadcast multiplications (x not a known NCHW tensor)
     prelu_relu: int = 0  # ... as a plain Relu (every slope 0)
     form: str = "fp32"  # which of the module docstring's forms they were written in
+    folded: bool = False  # onnxruntime's basic optimizations were saved into the graph first (`fold`)
 
     @property
     def total(self) -> int:
@@ -60,7 +61,8 @@ class RewriteReport:
 
     def describe(self) -> str:
         grouped = f"{self.grouped_conv} grouped convolution(s) made one Conv; " if self.grouped_conv else ""
-        return grouped + self._describe_prelu()
+        folded = ", after onnxruntime's basic graph optimizations" if self.folded else ""
+        return grouped + self._describe_prelu() + folded
 
     def _describe_prelu(self) -> str:
         parts = [
@@ -566,7 +568,7 @@ def optimize(model_bytes: bytes, form: str = "fp32") -> tuple[bytes, RewriteRepo
     if grouped or _find(proto.graph):
         folded, report = rewrite_prelu(fold(model_bytes), form)
         if grouped or report.total:
-            model_bytes = folded
+            model_bytes, report = folded, replace(report, folded=True)
     else:
         report = RewriteReport(form=form)
     return model_bytes, replace(report, grouped_conv=grouped)
