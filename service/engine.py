@@ -2,7 +2,8 @@
 
 Each request puts its images (one float32 block) and a future on a bounded queue. Whenever an inference
 thread is idle and requests wait, the event loop takes whatever is queued (up to `max_batch_size` images,
-optionally waiting `batch_wait_ms` for more) and hands it to that thread, which runs the model and gives each
+with several threads no more than one thread's share of the queued and running images, optionally waiting
+`batch_wait_ms` for more) and hands it to that thread, which runs the model and gives each
 request exactly its own rows of the result, by position. There is no batcher task to wake: a batch is started
 at the end of the loop iteration in which a request arrives (so requests read in the same iteration share
 it) and, under load, the moment a batch finishes, in the same callback that delivers its results
@@ -113,6 +114,7 @@ class BatchingEngine:
         self.workers = workers
         self._idle_workers = workers
         self._running = 0  # batches handed to an inference thread and not finished yet
+        self._running_rows = 0  # their images
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._dispatch_scheduled = False
@@ -187,13 +189,24 @@ class BatchingEngine:
         batches_ahead = math.ceil(self._pending_rows / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._last_batch_s))
 
+    def _batch_limit(self) -> int:
+        """Most images the next batch takes: `max_batch_size`, and with several workers no more than its
+        share of the work in the engine (queued and running images over the workers). Taking everything
+        queued left the next worker to finish with nothing while one long batch ran: a burst of 32 requests
+        on two idle workers ran as one batch of 32 on one core, and now runs as two of 16."""
+        if self.workers == 1:
+            return self.max_batch_size
+        share = math.ceil((self._pending_rows + self._running_rows) / self.workers)
+        return max(1, min(self.max_batch_size, share))
+
     def _take_batch(self) -> list[_Request]:
         taken: list[_Request] = []
         rows = 0
+        limit = self._batch_limit()
         while self._pending:
             head = self._pending[0]
-            # A request larger than max_batch_size runs alone rather than being split across calls.
-            if taken and rows + head.rows > self.max_batch_size:
+            # A request larger than the limit runs alone rather than being split across calls.
+            if taken and rows + head.rows > limit:
                 break
             self._pending.popleft()
             self._pending_rows -= head.rows
@@ -261,6 +274,7 @@ class BatchingEngine:
                 continue
             self._idle_workers -= 1
             self._running += 1
+            self._running_rows += len(inputs)
             self._jobs.put(_Job(batch, inputs, run, time.perf_counter(), kind))
         self._check_drained()
 
@@ -311,6 +325,7 @@ class BatchingEngine:
     def _job_done(self, job: _Job, outputs: np.ndarray | None, error: Exception | None) -> None:
         self._idle_workers += 1
         self._running -= 1
+        self._running_rows -= len(job.inputs)
         if error is not None or outputs is None:
             self._fail(job.batch, error or RuntimeError("the model returned no output"))
         else:

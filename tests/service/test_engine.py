@@ -197,6 +197,45 @@ async def test_workers_bound_the_batches_running_at_once_and_never_mix_rows(work
 
 
 @pytest.mark.asyncio
+async def test_a_burst_is_shared_among_the_idle_workers() -> None:
+    # Taking everything queued ran a burst of 32 as one batch on one worker while the other sat idle.
+    model = RecordingModel(delay_s=0.02)
+    engine = BatchingEngine(model, max_batch_size=32, workers=2)
+    engine.start()
+    outputs = await asyncio.gather(*(engine.embed(np.full((1, 1), i, np.float32)) for i in range(32)))
+    await engine.stop()
+    assert sorted(model.batch_sizes) == [16, 16]
+    assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(32)]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_takes_no_more_than_its_share_of_the_queued_and_running_work() -> None:
+    model = RecordingModel(delay_s=0.05)
+    engine = BatchingEngine(model, max_batch_size=32, workers=2)
+    engine.start()
+    first = asyncio.ensure_future(engine.embed(np.full((1, 1), 0, np.float32)))
+    await asyncio.sleep(0.01)  # one batch of one runs on one worker; six requests arrive for the other
+    later = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(1, 7)]
+    outputs = await asyncio.gather(first, *later)
+    await engine.stop()
+    # 7 images in the engine over 2 workers: the idle one takes 4, the last 2 go to whichever is free first.
+    assert sorted(model.batch_sizes) == [1, 2, 4]
+    assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(7)]
+
+
+@pytest.mark.asyncio
+async def test_a_request_larger_than_its_share_still_runs_whole() -> None:
+    model = RecordingModel(delay_s=0.01)
+    engine = BatchingEngine(model, max_batch_size=32, workers=2)
+    engine.start()
+    big, small = np.ones((10, 1), np.float32), np.ones((1, 1), np.float32)
+    outputs = await asyncio.gather(engine.embed(big), engine.embed(small))
+    await engine.stop()
+    assert sorted(model.batch_sizes) == [1, 10]
+    assert [len(o) for o in outputs] == [10, 1]
+
+
+@pytest.mark.asyncio
 async def test_stop_drains_every_running_batch_of_several_workers() -> None:
     model = OverlapModel(delay_s=0.05)
     engine = BatchingEngine(model, max_batch_size=1, workers=2)
@@ -333,7 +372,9 @@ async def test_a_burst_is_not_alone_and_never_runs_on_the_loop() -> None:
     loop = threading.current_thread().name
     threads: list[tuple[str, str]] = []
     worker, lone = _recorder(threads, "worker", 0.005), _recorder(threads, "lone", 0.005)
-    engine = BatchingEngine(worker, max_batch_size=8, workers=2, lone_run=lone, lone_inline_max_ms=50.0)
+    # One worker: with two, a burst is shared among them and its first batch leaves requests queued, which
+    # is not alone on its own count.
+    engine = BatchingEngine(worker, max_batch_size=8, workers=1, lone_run=lone, lone_inline_max_ms=50.0)
     engine.start()
     for _ in range(3):  # sequential: alone; once timed, cheap enough to run on the loop with every core
         await engine.embed(np.ones((1, 1), np.float32))
