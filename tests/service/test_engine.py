@@ -196,13 +196,23 @@ async def test_workers_bound_the_batches_running_at_once_and_never_mix_rows(work
     assert len(model.threads) == workers
 
 
+def _two_workers(delay_s: float) -> tuple[RecordingModel, BatchingEngine]:
+    """A started engine with two workers on a recording model (call it from the running event loop)."""
+    model = RecordingModel(delay_s=delay_s)
+    engine = BatchingEngine(model, max_batch_size=32, workers=2)
+    engine.start()
+    return model, engine
+
+
+def _row(value: int) -> np.ndarray:
+    return np.full((1, 1), value, np.float32)
+
+
 @pytest.mark.asyncio
 async def test_a_burst_is_shared_among_the_idle_workers() -> None:
     # Taking everything queued ran a burst of 32 as one batch on one worker while the other sat idle.
-    model = RecordingModel(delay_s=0.02)
-    engine = BatchingEngine(model, max_batch_size=32, workers=2)
-    engine.start()
-    outputs = await asyncio.gather(*(engine.embed(np.full((1, 1), i, np.float32)) for i in range(32)))
+    model, engine = _two_workers(0.02)
+    outputs = await asyncio.gather(*(engine.embed(_row(i)) for i in range(32)))
     await engine.stop()
     assert sorted(model.batch_sizes) == [16, 16]
     assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(32)]
@@ -210,13 +220,10 @@ async def test_a_burst_is_shared_among_the_idle_workers() -> None:
 
 @pytest.mark.asyncio
 async def test_a_batch_takes_no_more_than_its_share_of_the_queued_and_running_work() -> None:
-    model = RecordingModel(delay_s=0.05)
-    engine = BatchingEngine(model, max_batch_size=32, workers=2)
-    engine.start()
-    first = asyncio.ensure_future(engine.embed(np.full((1, 1), 0, np.float32)))
+    model, engine = _two_workers(0.05)
+    first = asyncio.ensure_future(engine.embed(_row(0)))
     await asyncio.sleep(0.01)  # one batch of one runs on one worker; six requests arrive for the other
-    later = [asyncio.ensure_future(engine.embed(np.full((1, 1), i, np.float32))) for i in range(1, 7)]
-    outputs = await asyncio.gather(first, *later)
+    outputs = await asyncio.gather(first, *(engine.embed(_row(i)) for i in range(1, 7)))
     await engine.stop()
     # 7 images in the engine over 2 workers: the idle one takes 4, the last 2 go to whichever is free first.
     assert sorted(model.batch_sizes) == [1, 2, 4]
@@ -225,11 +232,8 @@ async def test_a_batch_takes_no_more_than_its_share_of_the_queued_and_running_wo
 
 @pytest.mark.asyncio
 async def test_a_request_larger_than_its_share_still_runs_whole() -> None:
-    model = RecordingModel(delay_s=0.01)
-    engine = BatchingEngine(model, max_batch_size=32, workers=2)
-    engine.start()
-    big, small = np.ones((10, 1), np.float32), np.ones((1, 1), np.float32)
-    outputs = await asyncio.gather(engine.embed(big), engine.embed(small))
+    model, engine = _two_workers(0.01)
+    outputs = await asyncio.gather(engine.embed(np.ones((10, 1), np.float32)), engine.embed(_row(1)))
     await engine.stop()
     assert sorted(model.batch_sizes) == [1, 10]
     assert [len(o) for o in outputs] == [10, 1]
