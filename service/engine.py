@@ -6,8 +6,10 @@ with several threads no more than one thread's share of the queued and running i
 `batch_wait_ms` for more) and hands it to that thread, which runs the model and gives each
 request exactly its own rows of the result, by position. There is no batcher task to wake: a batch is started
 at the end of the loop iteration in which a request arrives (so requests read in the same iteration share
-it) and, under load, the moment a batch finishes, in the same callback that delivers its results
-(`call_soon_threadsafe`; a `run_in_executor` future chain cost two more loop wake-ups per batch).
+it) and, under load, the moment a batch finishes: the inference thread that ran it takes the next one itself
+(under the engine's lock) before handing the results to the loop in one `call_soon_threadsafe` callback, so
+it never waits for a loop that is busy reading other requests (a `run_in_executor` future chain cost two more
+loop wake-ups per batch).
 
 With `batch_wait_ms = 0` a lone request is run at once; under load, requests that arrive while a batch runs
 form the next batch, so batching grows with load without adding latency at low load (the infinity design).
@@ -115,6 +117,9 @@ class BatchingEngine:
         self._idle_workers = workers
         self._running = 0  # batches handed to an inference thread and not finished yet
         self._running_rows = 0  # their images
+        # The queue and the counters above are shared with the inference threads, which take their next batch
+        # themselves (see _serve_jobs); everything else is the event loop's alone.
+        self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._dispatch_scheduled = False
@@ -176,8 +181,9 @@ class BatchingEngine:
         future: asyncio.Future[np.ndarray] = loop.create_future()
         now = time.perf_counter()
         self._arrival_gap_s, self._last_arrival = now - self._last_arrival, now
-        self._pending.append(_Request(inputs, future, now))
-        self._pending_rows += n
+        with self._lock:
+            self._pending.append(_Request(inputs, future, now))
+            self._pending_rows += n
         if not self._dispatch_scheduled:
             # At the end of this loop iteration, not now: requests made ready by the same network read
             # (several connections at once) join this one's batch.
@@ -243,7 +249,8 @@ class BatchingEngine:
             if self._window is not None:
                 self._window.cancel()
                 self._window = None
-            batch = self._take_batch()
+            with self._lock:
+                batch = self._take_batch()
             if not batch:
                 continue
             try:
@@ -272,9 +279,10 @@ class BatchingEngine:
             ):
                 self._run_inline(batch, inputs, run, kind)
                 continue
-            self._idle_workers -= 1
-            self._running += 1
-            self._running_rows += len(inputs)
+            with self._lock:
+                self._idle_workers -= 1
+                self._running += 1
+                self._running_rows += len(inputs)
             self._jobs.put(_Job(batch, inputs, run, time.perf_counter(), kind))
         self._check_drained()
 
@@ -307,25 +315,71 @@ class BatchingEngine:
         self._finish(batch, outputs, elapsed, elapsed, alone)
 
     def _serve_jobs(self) -> None:
-        """An inference thread: run each job, then hand the result to the event loop in one callback."""
+        """An inference thread: run each job, take the next batch from the queue if requests wait, hand the
+        results to the event loop in one callback, run the next batch or wait for the loop to send one.
+
+        Waiting for the loop to dispatch cost a worker ~2.4 ms per ~10 ms batch under load (int8 facecnn,
+        concurrency 32, engine trace: 1.35 ms until the busy loop ran the result callback, 1.0 ms until the
+        woken thread held the GIL); taking the next batch itself is +6-7% at one image per request (fp32 and
+        int8; docs/performance.md#int8-models)."""
         loop = self._loop
         assert loop is not None
-        while (job := self._jobs.get()) is not None:
+        job = self._jobs.get()
+        while job is not None:
             start = time.perf_counter()
             try:
                 outputs, error = job.run(job.inputs), None
             except Exception as exc:
                 outputs, error = None, exc
             job.run_s = time.perf_counter() - start
+            batch = self._take_next(job)
             try:
-                loop.call_soon_threadsafe(self._job_done, job, outputs, error)
+                loop.call_soon_threadsafe(self._job_done, job, outputs, error, batch is not None)
             except RuntimeError:  # the event loop is closed: nobody waits for this batch any more
                 return
+            job = self._jobs.get() if batch is None else self._next_job(batch)
 
-    def _job_done(self, job: _Job, outputs: np.ndarray | None, error: Exception | None) -> None:
-        self._idle_workers += 1
-        self._running -= 1
-        self._running_rows -= len(job.inputs)
+    def _take_next(self, finished: _Job) -> list[_Request] | None:
+        """In an inference thread: the finished batch's images leave the engine's count, and the thread takes
+        its next batch (its share, as the loop would) when requests wait and no batch window is open."""
+        with self._lock:
+            self._running_rows -= len(finished.inputs)
+            if not self._pending or self.batch_wait_s > 0:
+                return None
+            batch = self._take_batch()
+            if not batch:
+                return None
+            self._running_rows += sum(r.rows for r in batch)
+            return batch
+
+    def _next_job(self, batch: list[_Request]) -> _Job | None:
+        """In an inference thread: the job for a batch it took; None (the batch failed on the loop and the
+        thread is free again) for requests of different shapes, which cannot be one call."""
+        try:
+            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+        except ValueError as exc:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._abandon, batch, exc)
+            return self._jobs.get()
+        return _Job(batch, inputs, self._run, time.perf_counter(), None)
+
+    def _abandon(self, batch: list[_Request], exc: Exception) -> None:
+        """On the loop: a batch an inference thread took cannot run; fail it and count the thread idle."""
+        with self._lock:
+            self._idle_workers += 1
+            self._running -= 1
+            self._running_rows -= sum(r.rows for r in batch)
+        self._fail(batch, exc)
+        self._dispatch()
+
+    def _job_done(
+        self, job: _Job, outputs: np.ndarray | None, error: Exception | None, continued: bool = False
+    ) -> None:
+        """On the loop: deliver a finished batch; `continued` when its thread already runs its next batch."""
+        if not continued:
+            with self._lock:
+                self._idle_workers += 1
+                self._running -= 1
         if error is not None or outputs is None:
             self._fail(job.batch, error or RuntimeError("the model returned no output"))
         else:
@@ -390,11 +444,13 @@ class BatchingEngine:
                 await asyncio.wait_for(asyncio.shield(self._drained), timeout_s)
             except TimeoutError:
                 logger.warning("engine did not drain within %.1f s; cancelling pending requests", timeout_s)
-                for request in self._pending:
+                with self._lock:
+                    abandoned = list(self._pending)
+                    self._pending.clear()
+                    self._pending_rows = 0
+                for request in abandoned:
                     if not request.future.done():
                         request.future.set_exception(EngineClosedError("the inference engine stopped"))
-                self._pending.clear()
-                self._pending_rows = 0
         for _ in self._threads:
             self._jobs.put(None)
         # Idle threads exit at once; one still inside a model call (after a timeout) ends with that call.

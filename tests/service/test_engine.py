@@ -404,6 +404,56 @@ async def test_requests_that_cannot_be_batched_together_fail_instead_of_hanging(
     await engine.stop()
 
 
+class StartTimes(RecordingModel):
+    """A RecordingModel that also records when each batch starts (perf_counter)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.starts: list[float] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.starts.append(time.perf_counter())
+        return super().__call__(batch)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop() -> None:
+    # A busy loop (reading and decoding other requests) ran the result callback late, and the worker waited
+    # for it to be sent the next batch.
+    model = StartTimes(delay_s=0.05)
+    engine = BatchingEngine(model, max_batch_size=8, workers=1)
+    engine.start()
+    first = asyncio.ensure_future(engine.embed(_row(1)))
+    await asyncio.sleep(0.01)  # the first batch runs
+    second = asyncio.ensure_future(engine.embed(_row(2)))
+    await asyncio.sleep(0)  # the second request is queued
+    time.sleep(0.2)  # the event loop is busy: no callback runs until this returns
+    unblocked = time.perf_counter()
+    outputs = await asyncio.gather(first, second)
+    await engine.stop()
+    assert model.batch_sizes == [1, 1] and [float(o[0, 0]) for o in outputs] == [2.0, 4.0]
+    assert model.starts[1] < unblocked - 0.1, "the second batch waited for the event loop"
+
+
+@pytest.mark.asyncio
+async def test_requests_a_worker_cannot_run_together_fail_and_the_worker_keeps_serving() -> None:
+    model = RecordingModel(delay_s=0.05)
+    engine = BatchingEngine(model, max_batch_size=8, workers=1)
+    engine.start()
+    first = asyncio.ensure_future(engine.embed(np.ones((1, 2), np.float32)))
+    await asyncio.sleep(0.01)  # running; the next two are queued and the worker takes them together
+    results = await asyncio.gather(
+        first,
+        engine.embed(np.ones((1, 2), np.float32)),
+        engine.embed(np.ones((1, 3), np.float32)),
+        return_exceptions=True,
+    )
+    np.testing.assert_array_equal(results[0], [[2.0, 2.0]])
+    assert all(isinstance(r, ValueError) for r in results[1:])
+    np.testing.assert_array_equal(await engine.embed(np.ones((1, 3), np.float32)), [[2.0, 2.0, 2.0]])
+    await engine.stop()
+
+
 @pytest.mark.asyncio
 async def test_the_lone_session_comes_back_at_the_first_try_once_it_is_faster_again() -> None:
     worker = RecordingModel(delay_s=0.002)
