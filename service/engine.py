@@ -320,8 +320,8 @@ class BatchingEngine:
 
         Waiting for the loop to dispatch cost a worker ~2.4 ms per ~10 ms batch under load (int8 facecnn,
         concurrency 32, engine trace: 1.35 ms until the busy loop ran the result callback, 1.0 ms until the
-        woken thread held the GIL); taking the next batch itself is +6-7% at one image per request (fp32 and
-        int8; docs/performance.md#int8-models)."""
+        woken thread held the GIL); taking the next batch itself is +5.5% (int8) and +4.9% (fp32) on
+        facecnn at one image per request, paired (docs/performance.md#int8-models)."""
         loop = self._loop
         assert loop is not None
         job = self._jobs.get()
