@@ -79,6 +79,11 @@ class _Job:
     run_s: float = 0.0
 
 
+def _batch_inputs(batch: list[_Request]) -> np.ndarray:
+    """The one model input of a batch: its requests' rows in order (ValueError if their shapes differ)."""
+    return batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+
+
 class BatchingEngine:
     """Queue + worker around a `run(batch) -> embeddings` callable (an `EmbeddingModel.run`)."""
 
@@ -117,8 +122,9 @@ class BatchingEngine:
         self._idle_workers = workers
         self._running = 0  # batches handed to an inference thread and not finished yet
         self._running_rows = 0  # their images
-        # The queue and the counters above are shared with the inference threads, which take their next batch
-        # themselves (see _serve_jobs); everything else is the event loop's alone.
+        # The queue (`_pending`, `_pending_rows`) and `_running_rows` are shared with the inference threads,
+        # which take their next batch themselves (see _serve_jobs): they change under this lock. Everything
+        # else, `_idle_workers` and `_running` included, changes on the event loop only.
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -254,7 +260,7 @@ class BatchingEngine:
             if not batch:
                 continue
             try:
-                inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+                inputs = _batch_inputs(batch)
             except ValueError as exc:  # requests of different shapes: fail them, never leave them waiting
                 self._fail(batch, exc)
                 continue
@@ -279,9 +285,9 @@ class BatchingEngine:
             ):
                 self._run_inline(batch, inputs, run, kind)
                 continue
+            self._idle_workers -= 1
+            self._running += 1
             with self._lock:
-                self._idle_workers -= 1
-                self._running += 1
                 self._running_rows += len(inputs)
             self._jobs.put(_Job(batch, inputs, run, time.perf_counter(), kind))
         self._check_drained()
@@ -337,7 +343,9 @@ class BatchingEngine:
                 loop.call_soon_threadsafe(self._job_done, job, outputs, error, batch is not None)
             except RuntimeError:  # the event loop is closed: nobody waits for this batch any more
                 return
-            job = self._jobs.get() if batch is None else self._next_job(batch)
+            job = None if batch is None else self._next_job(batch)
+            if job is None:
+                job = self._jobs.get()
 
     def _take_next(self, finished: _Job) -> list[_Request] | None:
         """In an inference thread: the finished batch's images leave the engine's count, and the thread takes
@@ -353,21 +361,21 @@ class BatchingEngine:
             return batch
 
     def _next_job(self, batch: list[_Request]) -> _Job | None:
-        """In an inference thread: the job for a batch it took; None (the batch failed on the loop and the
-        thread is free again) for requests of different shapes, which cannot be one call."""
+        """In an inference thread: the job for a batch it took; None for requests of different shapes, which
+        cannot be one call: they fail on the loop, which counts the thread idle again."""
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+            inputs = _batch_inputs(batch)
         except ValueError as exc:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._abandon, batch, exc)
-            return self._jobs.get()
+            return None
         return _Job(batch, inputs, self._run, time.perf_counter(), None)
 
     def _abandon(self, batch: list[_Request], exc: Exception) -> None:
         """On the loop: a batch an inference thread took cannot run; fail it and count the thread idle."""
+        self._idle_workers += 1
+        self._running -= 1
         with self._lock:
-            self._idle_workers += 1
-            self._running -= 1
             self._running_rows -= sum(r.rows for r in batch)
         self._fail(batch, exc)
         self._dispatch()
@@ -377,9 +385,8 @@ class BatchingEngine:
     ) -> None:
         """On the loop: deliver a finished batch; `continued` when its thread already runs its next batch."""
         if not continued:
-            with self._lock:
-                self._idle_workers += 1
-                self._running -= 1
+            self._idle_workers += 1
+            self._running -= 1
         if error is not None or outputs is None:
             self._fail(job.batch, error or RuntimeError("the model returned no output"))
         else:
