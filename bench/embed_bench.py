@@ -43,6 +43,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from bundle.host import host_record
 from bundle.preprocess import preprocess_pil
 from service.model import EmbeddingModel, RuntimeOptions
 from testkit import ort_timing
@@ -567,6 +568,7 @@ def main() -> None:
         "runs": runs,
         "load_average_at_end": [round(x, 2) for x in load],
         "cpu_count": os.cpu_count(),
+        "host": host_record(),
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),
     }

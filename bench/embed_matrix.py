@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embed_bench as eb
 
+from bundle.host import host_record
 from service.model import EmbeddingModel
 
 
@@ -167,6 +168,7 @@ def main() -> None:
                 "command": "python " + " ".join(sys.argv),
                 "concurrency": a.conc,
                 "seconds_per_phase": a.seconds,
+                "host": host_record(),
                 "servers": [
                     {"name": s.name, "bundle": str(s.bundle), "repo": str(s.repo), "env": s.env}
                     for s in servers

@@ -29,6 +29,8 @@ import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bundle.host import describe, host_record  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 
 
@@ -122,6 +124,8 @@ def main() -> None:
         },
         "raw_ort_images_per_s": raw,
         "cpu_count": cores,
+        # What int8 buys depends on the CPU's int8 instructions (VNNI or not): bundle/host.py.
+        "host": host_record(),
         "load_average_before_service": [round(x, 2) for x in os.getloadavg()],
     }
     if not args.no_service:
@@ -162,6 +166,7 @@ def main() -> None:
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"on {describe()}")
     print("| | fp32 | int8 | int8 / fp32 |\n|---|---|---|---|")
     for key in raw["fp32"]:
         f, i = raw["fp32"][key], raw["int8"][key]

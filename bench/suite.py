@@ -30,19 +30,14 @@ import model_sizes
 import pg_bench
 import serve_bench
 
+from bundle.host import host_record
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, object]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
     return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
+        **host_record(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
     }

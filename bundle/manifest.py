@@ -208,6 +208,10 @@ class Quantization(_Strict):
 
     method: Literal["dynamic-int8", "static-int8"]
     weight_type: Literal["int8", "uint8"] = "int8"
+    # 7: weights in 7 bits, so onnxruntime's int8 products cannot saturate on CPUs without VNNI and every CPU
+    # computes what the gate measured (training/quantize.py). Absent (bundles made before it): 8 bits, whose
+    # products saturate on AVX2/AVX512BW-only CPUs.
+    weight_bits: Literal[7, 8] | None = None
     fp32_eer: float = Field(ge=0.0, le=1.0)
     int8_eer: float = Field(ge=0.0, le=1.0)
     max_eer_increase: float = Field(ge=0.0)

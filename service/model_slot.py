@@ -9,6 +9,7 @@ it stops), requests arriving after the swap use the new one, and nothing in flig
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle.host import Int8Support, int8_support
 from bundle.manifest import MODEL_FILE
 from service.core.config import Settings
 from service.engine import BatchingEngine, BatchObserver, EngineClosedError
@@ -25,6 +27,8 @@ from service.gallery.store import ServedModel
 from service.model import EmbeddingModel, RuntimeOptions
 from service.offload import INLINE_DECODE_BYTES, inline_unless
 from service.preprocess import ImagePreprocessor
+
+logger = logging.getLogger("idembed.model")
 
 
 @dataclass
@@ -46,6 +50,48 @@ class LoadedModel:
     @property
     def served(self) -> ServedModel:
         return ServedModel(self.model_id, model_fingerprint(self.model))
+
+
+def int8_warnings(model: EmbeddingModel, support: Int8Support | None = None) -> list[str]:
+    """Log what an int8 bundle means on this CPU when it has no int8 dot-product instruction (bundle/host.py),
+    and return the concerns logged: "saturation" for a bundle with 8-bit weights, whose products saturate in
+    onnxruntime's int8 kernels here, so it computes another function than the one its gate measured
+    (training/quantize.py), and "speed" for any int8 bundle, whose gain over fp32 is smaller here."""
+    q = model.manifest.quantization
+    support = int8_support() if support is None else support
+    if q is None or support.dot_product is not False:
+        return []
+    concerns = []
+    extra = {"model_id": model.model_id, "int8_instructions": support.instructions}
+    if q.weight_bits != 7:
+        logger.warning(
+            "%s is an int8 model with 8-bit weights and this CPU's int8 is %s: onnxruntime's int8 products "
+            "saturate here, so its embeddings are not the ones its accuracy gate measured (the default "
+            "bundle's graph lost EER 0.0095 -> 0.0128 this way); quantize it again with this version, which "
+            "writes 7-bit weights (docs/performance.md#int8-models)",
+            model.model_id,
+            support,
+            extra={**extra, "int8_concern": "saturation"},
+        )
+        concerns.append("saturation")
+    measured = (
+        f"; where it was quantized ({q.speed_measured_on}) it ran {q.int8_images_per_s:.0f} img/s against "
+        f"fp32's {q.fp32_images_per_s:.0f}"
+        if q.int8_images_per_s and q.fp32_images_per_s
+        else ""
+    )
+    logger.warning(
+        "%s is an int8 model (%s) and this CPU's int8 is %s: without a single-instruction int8 dot "
+        "product (VNNI or AMX on x86, SDOT on Arm) int8 gains less over fp32 than on CPUs that have one%s "
+        "(docs/performance.md#int8-models)",
+        model.model_id,
+        q.method,
+        support,
+        measured,
+        extra={**extra, "int8_concern": "speed"},
+    )
+    concerns.append("speed")
+    return concerns
 
 
 def model_fingerprint(model: EmbeddingModel) -> str:
@@ -130,6 +176,7 @@ class ModelSlot:
             warmup_concurrency=s.inference_workers,
         )
         model = EmbeddingModel.load(path, options)
+        int8_warnings(model)
         lone_threads = s.lone_batch_threads()
         lone_model = None
         if lone_threads is not None:

@@ -22,7 +22,8 @@ import typer
 
 # Only modules that do not import TensorFlow at the top: `--help` and option errors stay instant (~0.3 s
 # instead of ~5 s). Each command imports what it runs (training.data and training.run pull in TensorFlow).
-from bundle.manifest import Preprocessing
+from bundle.host import int8_support
+from bundle.manifest import Preprocessing, Quantization
 from training.baselines import DEFAULT_PCA_COMPONENTS  # numpy only (sklearn is imported lazily)
 from training.center_rules import DEFAULT_ALPHA, RULE_HELP
 from training.config import (
@@ -670,8 +671,7 @@ def export(
         qr = manifest.quantization
         typer.echo(
             f"int8 ({qr.method}): held-out EER {qr.int8_eer:.4f} vs fp32 {qr.fp32_eer:.4f}; "
-            f"mean cosine to fp32 {qr.mean_cosine_to_fp32:.4f}; raw onnxruntime here "
-            f"{qr.int8_images_per_s:.0f} vs {qr.fp32_images_per_s:.0f} img/s"
+            f"mean cosine to fp32 {qr.mean_cosine_to_fp32:.4f}; {_int8_speed(qr)}"
         )
     th = manifest.thresholds
     typer.echo(
@@ -679,6 +679,18 @@ def export(
         f"threshold {th.default:.4f} (FAR {th.at_target_far.far:.2g}, TAR {th.at_target_far.tar:.3f}), "
         f"EER threshold {th.eer.threshold:.4f}"
     )
+
+
+def _int8_speed(q: Quantization) -> str:
+    """What int8 bought on this machine, and why it may buy less here than elsewhere (bundle/host.py)."""
+    line = f"raw onnxruntime here {q.int8_images_per_s:.0f} vs {q.fp32_images_per_s:.0f} img/s"
+    support = int8_support()
+    if support.dot_product is False:
+        line += (
+            f" (this CPU's int8 is {support}: no single-instruction int8 dot product, so int8 gains less"
+            " here than on a CPU with VNNI, AMX or SDOT; docs/performance.md#int8-models)"
+        )
+    return line
 
 
 def _given(**options: object) -> dict[str, object]:
@@ -1002,12 +1014,7 @@ def import_(
         f"{m.input.layout} {m.input.height}x{m.input.width}x{m.input.channels}, dim {m.embedding.dim}, "
         f"{m.num_classes} centers; held-out EER {m.evaluation['eer']:.4f}; threshold {th.default:.4f} "
         f"(FAR {th.at_target_far.far:.2g}, TAR {th.at_target_far.tar:.3f})"
-        + (
-            ""
-            if q is None
-            else f"; int8 EER {q.int8_eer:.4f} vs fp32 {q.fp32_eer:.4f}, raw onnxruntime here "
-            f"{q.int8_images_per_s:.0f} vs {q.fp32_images_per_s:.0f} img/s"
-        )
+        + ("" if q is None else f"; int8 EER {q.int8_eer:.4f} vs fp32 {q.fp32_eer:.4f}, {_int8_speed(q)}")
         + f"; {time.perf_counter() - started:.1f} s"
     )
 

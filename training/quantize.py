@@ -2,11 +2,22 @@
 
 Used by `idembed-train export --quantize int8` and `idembed-train import --quantize int8`. No TensorFlow:
 both models run in onnxruntime on CPU, as the service runs them, on the same held-out identities and pairs.
+
+**The same arithmetic on every CPU: 7-bit weights.** onnxruntime's uint8 x int8 kernels multiply-accumulate
+in one exact int32 instruction on CPUs with VNNI or AMX, but on plain AVX2 and AVX512BW (`VPMADDUBSW`) they
+add each pair of products in int16 first, which saturates once both values are large (255 x 127 x 2 >
+32767). The same int8 graph then computes another function on those CPUs, and the gate below, measured on
+the quantizing machine, does not hold on the serving one. Measured on an AMD EPYC (AVX2 only), the committed
+default bundle's graph imported with `--quantize int8` and 8-bit weights: held-out EER 0.0128 against fp32's
+0.0095, mean cosine to fp32 0.9907 (on an Intel Xeon with VNNI the same graph gave 0.0095 and 0.9997).
+With the weights quantized to 7 bits (onnxruntime's `reduce_range`) no pair can saturate (255 x 63 x 2 <
+32767), and on the same AMD machine: EER 0.0096, mean cosine 0.9994. So every int8 graph here has 7-bit
+weights (`WEIGHT_BITS`, recorded in the manifest); the kernels, and so the speed, are the same
+(docs/performance.md#int8-models).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,6 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from bundle.files import l2_normalize, sha256_bytes
+from bundle.host import describe
 from bundle.manifest import Quantization, Thresholds
 from training.config import DEFAULT_QUANTIZE_METHOD as DEFAULT_METHOD
 
@@ -28,6 +40,8 @@ from training.config import QUANTIZE_METHODS as METHODS
 from training.graph_rewrite import grouped_as_depthwise, optimize
 
 _EMBED_BATCH = 64
+# Weights take 7 of the 8 bits (onnxruntime's reduce_range): no CPU's int8 kernel can saturate (module doc).
+WEIGHT_BITS = 7
 
 
 class QuantizationError(ValueError):
@@ -144,7 +158,13 @@ def quantize_int8(
             pre = src
         try:
             if method == "dynamic":
-                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+                quantize_dynamic(
+                    str(pre),
+                    str(dst),
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    reduce_range=WEIGHT_BITS == 7,
+                )
             else:
                 if calibration is None or len(calibration) == 0:
                     raise QuantizationError("static int8 quantization needs calibration images")
@@ -159,6 +179,8 @@ def quantize_int8(
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     per_channel=True,
+                    # 7-bit weights: the same arithmetic on every CPU (module doc).
+                    reduce_range=WEIGHT_BITS == 7,
                     calibrate_method=CalibrationMethod.MinMax,
                 )
         except QuantizationError:
@@ -172,14 +194,12 @@ def quantize_int8(
 
 def _speed(fp32: bytes, int8: bytes, batch: np.ndarray, input_name: str) -> dict:
     """Both models' raw onnxruntime throughput on one batch here, for the manifest."""
-    import platform
-
     rates = {k: images_per_second(b, batch, input_name) for k, b in (("fp32", fp32), ("int8", int8))}
     return {
         "fp32_images_per_s": round(rates["fp32"], 1),
         "int8_images_per_s": round(rates["int8"], 1),
-        "speed_measured_on": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
-        f"batch {len(batch)}",
+        # The CPU and its int8 instructions decide what int8 buys (bundle/host.py), so they are named.
+        "speed_measured_on": f"{describe()}, onnxruntime {ort.__version__}, batch {len(batch)}",
     }
 
 
@@ -239,6 +259,7 @@ def quantize_gated(
         raise QuantizationRefused(fp32_eer, int8_eer, max_eer_increase)
     record = Quantization(
         method=f"{method}-int8",
+        weight_bits=WEIGHT_BITS,
         fp32_eer=round(fp32_eer, 6),
         int8_eer=round(int8_eer, 6),
         max_eer_increase=max_eer_increase,

@@ -36,10 +36,12 @@ def test_export_int8_records_both_eers_and_its_numbers_reproduce(run_dir, tmp_pa
     bundle = load_bundle(out)
     qr = bundle.manifest.quantization
     assert qr is not None and qr.method == "static-int8" and qr.max_eer_increase == q.MAX_EER_INCREASE
+    assert qr.weight_bits == 7  # no CPU's int8 kernel saturates (training/quantize.py)
     assert qr.int8_eer <= qr.fp32_eer + q.MAX_EER_INCREASE
     assert qr.min_mean_cosine == q.MIN_INT8_MEAN_COSINE and qr.mean_cosine_to_fp32 >= q.MIN_INT8_MEAN_COSINE
     # Both graphs timed on this machine (values depend on it; that they were measured is what is checked).
     assert qr.fp32_images_per_s > 0 and qr.int8_images_per_s > 0 and "onnxruntime" in qr.speed_measured_on
+    assert ", int8: " in qr.speed_measured_on  # names the CPU's int8 instructions (bundle/host.py)
     assert bundle.manifest.evaluation["eer"] == pytest.approx(qr.int8_eer, abs=1e-6)
     assert bundle.manifest.evaluation["quantized_from_fp32_eer"] == pytest.approx(qr.fp32_eer, abs=1e-6)
     assert "QLinearConv" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}

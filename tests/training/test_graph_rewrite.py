@@ -256,6 +256,27 @@ def test_int8_keeps_the_negative_side_of_prelu() -> None:
     assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1, ops
 
 
+@pytest.mark.parametrize("method", ["static", "dynamic"])
+def test_int8_weights_take_7_bits_so_no_cpu_saturates(method: str) -> None:
+    """On CPUs without VNNI onnxruntime adds pairs of uint8 x int8 products in int16 (VPMADDUBSW): 8-bit
+    weights saturate there (255 x 127 x 2 > 32767) and the graph computes another function than the gate
+    measured on a VNNI machine. 7-bit weights cannot (255 x 64 x 2 = 32640); training/quantize.py."""
+    from training.quantize import WEIGHT_BITS, quantize_int8
+
+    model = _keras_form(np.full((C, 1, 1), 0.6, np.float32))
+    calibration = RNG.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    int8 = onnx.load_from_string(quantize_int8(model, method=method, calibration=calibration, input_name="x"))
+    weights = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    slot = {"QLinearConv": 3, "ConvInteger": 1}
+    used = [weights[n.input[slot[n.op_type]]] for n in int8.graph.node if n.op_type in slot]
+    assert WEIGHT_BITS == 7 and len(used) == 3, [n.op_type for n in int8.graph.node]
+    for w in used:
+        assert w.dtype == np.int8 and int(np.abs(w.astype(np.int32)).max()) <= 64
+        assert 255 * int(np.abs(w.astype(np.int32)).max()) * 2 <= 32767
+    # The range is used (7 bits, not fewer): the largest weight of each convolution maps near +-64.
+    assert min(int(np.abs(w.astype(np.int32)).max()) for w in used) >= 60
+
+
 def test_int8_runs_a_grouped_conv_as_depthwise_ones() -> None:
     """quantize_int8 splits a grouped Conv (2 input channels per group) into depthwise QLinearConvs, which
     onnxruntime has fast int8 kernels for, and keeps its outputs."""
