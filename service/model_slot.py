@@ -66,11 +66,13 @@ def int8_warnings(model: EmbeddingModel, support: Int8Support | None = None) -> 
     if q.weight_bits != 7:
         logger.warning(
             "%s is an int8 model with 8-bit weights and this CPU's int8 is %s: onnxruntime's int8 products "
-            "saturate here, so its embeddings are not the ones its accuracy gate measured (the default "
-            "bundle's graph lost EER 0.0095 -> 0.0128 this way); quantize it again with this version, which "
-            "writes 7-bit weights (docs/performance.md#int8-models)",
+            "saturate here, so it computes other embeddings here than on a CPU with VNNI, and its accuracy "
+            "gate (measured on: %s) holds here only if that CPU lacked VNNI too (the default bundle's graph "
+            "lost EER 0.0095 -> 0.0128 this way); quantize it again with this version, which writes 7-bit "
+            "weights (docs/performance.md#int8-models)",
             model.model_id,
             support,
+            q.speed_measured_on or "not recorded",
             extra={**extra, "int8_concern": "saturation"},
         )
         concerns.append("saturation")

@@ -77,7 +77,9 @@ def test_8_bit_weights_on_a_cpu_without_vnni_are_said_to_saturate(tmp_path, tiny
         assert model_slot.int8_warnings(model, AVX2) == ["saturation", "speed"]
     saturation = caplog.records[0]
     assert saturation.int8_concern == "saturation"
-    assert "8-bit weights" in saturation.getMessage() and "saturate here" in saturation.getMessage()
+    text = saturation.getMessage()
+    assert "8-bit weights" in text and "saturate here" in text
+    assert f"gate (measured on: {QUANTIZATION['speed_measured_on']}) holds here only" in text
     with caplog.at_level(logging.WARNING, logger="idembed.model"):
         assert model_slot.int8_warnings(model, Int8Support("AVX512-VNNI", True)) == []
 
