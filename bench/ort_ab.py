@@ -6,11 +6,11 @@
 
 Each argument is a bundle folder (its model.onnx) or an .onnx file; the first is the reference. Every graph
 gets one session per thread count, loaded once; each round runs each session for `--seconds` on one random
-batch of `--batch` inputs, in an order reversed every other round, so a slow minute of a shared host hits
-every graph alike. Prints, per thread count, each graph's median img/s and the median and range of its
-per-round ratio to the first (the figure to quote on a noisy host); writes bench/results/ort_ab.json with
-every round and the host's CPU and int8 instructions (bundle/host.py). ~rounds x graphs x seconds per thread
-count.
+batch of `--batch` inputs (testkit/ort_timing's loop, a few warm-up calls first), in an order reversed
+every other round, so a slow minute of a shared host hits every graph alike. Prints, per thread count, each
+graph's median img/s and the median and range of its per-round ratio to the first (the figure to quote on a
+noisy host); writes bench/results/ort_ab.json with every round and the host's CPU and int8 instructions
+(bundle/host.py). ~rounds x graphs x seconds per thread count.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bundle.host import describe, host_record
+from testkit import ort_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,26 +38,17 @@ def graph_file(path: Path) -> Path:
     return model
 
 
-def session(model: Path, threads: int, batch: int) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+def session(model: Path, threads: int, batch: int) -> tuple[ort_timing.Run, np.ndarray]:
+    """A session of `model` on `threads` intra-op threads as a `run(batch)` callable, and a random batch."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
     shape = [batch, *(d if isinstance(d, int) and d > 0 else 1 for d in inp.shape[1:])]
-    dtype = np.uint8 if inp.type == "tensor(uint8)" else np.float32
     x = np.random.default_rng(0).uniform(-1, 1, shape)
-    feed = {inp.name: (x * 127 + 128).astype(np.uint8) if dtype == np.uint8 else x.astype(np.float32)}
-    sess.run(None, feed)  # warm-up: allocations and prepacking out of the timed phase
-    return sess, feed
-
-
-def throughput(sess: ort.InferenceSession, feed: dict[str, np.ndarray], batch: int, seconds: float) -> float:
-    n, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or n == 0:
-        sess.run(None, feed)
-        n += 1
-    return n * batch / elapsed
+    x = (x * 127 + 128).astype(np.uint8) if inp.type == "tensor(uint8)" else x.astype(np.float32)
+    return (lambda b: sess.run(None, {inp.name: b})), x
 
 
 def main() -> None:
@@ -87,7 +78,8 @@ def main() -> None:
         for r in range(a.rounds):
             order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
             for i in order:
-                rates[i].append(throughput(*sessions[i], a.batch, a.seconds))
+                run, x = sessions[i]
+                rates[i].append(ort_timing.throughput(run, x, a.seconds))
         rows = []
         print(f"\n{threads} thread(s), {a.rounds} rounds of {a.seconds:g} s")
         print("| graph | median img/s | / first, median | range |\n|---|---:|---:|---:|")

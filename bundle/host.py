@@ -21,10 +21,18 @@ from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
 
-# (flag in /proc/cpuinfo, name), best first: the first one present is what onnxruntime's int8 kernels use.
-_X86 = (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"))
-_X86_WITHOUT = (("avx512bw", "AVX512BW"), ("avx2", "AVX2"))
-_ARM = (("i8mm", "I8MM"), ("asimddp", "SDOT"))
+# (flag in /proc/cpuinfo, name, a single-instruction int8 dot product?, what it lacks for one), best first:
+# the first one present is what onnxruntime's int8 kernels use. x86 and Arm flags never meet.
+_INSTRUCTIONS = (
+    ("amx_int8", "AMX-INT8", True, ""),
+    ("avx512_vnni", "AVX512-VNNI", True, ""),
+    ("avx_vnni", "AVX-VNNI", True, ""),
+    ("avx512bw", "AVX512BW", False, "VNNI"),
+    ("avx2", "AVX2", False, "VNNI"),
+    ("i8mm", "I8MM", True, ""),
+    ("asimddp", "SDOT", True, ""),
+    ("asimd", "NEON", False, "SDOT"),
+)
 
 
 @dataclass(frozen=True)
@@ -74,31 +82,25 @@ def int8_support(cpuinfo: str | None = None) -> Int8Support:
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     if not flags:
         return Int8Support("unknown", None)
-    for flag, name in _X86:
+    for flag, name, dot_product, lacks in _INSTRUCTIONS:
         if flag in flags:
-            return Int8Support(name, True)
-    for flag, name in _X86_WITHOUT:
-        if flag in flags:
-            return Int8Support(name, False, "VNNI")
-    for flag, name in _ARM:
-        if flag in flags:
-            return Int8Support(name, True)
-    if "asimd" in flags:
-        return Int8Support("NEON", False, "SDOT")
+            return Int8Support(name, dot_product, lacks)
     return Int8Support("none found", False)
 
 
 def describe(cpuinfo: str | None = None) -> str:
     """One line for a speed figure: "AMD EPYC, x86_64, 2 CPUs, int8: AVX2 without VNNI"."""
-    model = cpu_model(cpuinfo)[:80]
-    return f"{model}, {platform.machine()}, {os.cpu_count()} CPUs, int8: {int8_support(cpuinfo)}"
+    text = _cpuinfo() if cpuinfo is None else cpuinfo
+    model = cpu_model(text)[:80]
+    return f"{model}, {platform.machine()}, {os.cpu_count()} CPUs, int8: {int8_support(text)}"
 
 
 def host_record() -> dict[str, object]:
     """The same facts as fields, for a benchmark's JSON."""
-    support = int8_support()
+    text = _cpuinfo()
+    support = int8_support(text)
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_model(text),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "int8_instructions": support.instructions,

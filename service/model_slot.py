@@ -58,8 +58,10 @@ def int8_warnings(model: EmbeddingModel, support: Int8Support | None = None) -> 
     onnxruntime's int8 kernels here, so it computes another function than the one its gate measured
     (training/quantize.py), and "speed" for any int8 bundle, whose gain over fp32 is smaller here."""
     q = model.manifest.quantization
+    if q is None:  # fp32: nothing to say, and no /proc/cpuinfo to read on its start-up
+        return []
     support = int8_support() if support is None else support
-    if q is None or support.dot_product is not False:
+    if support.dot_product is not False:
         return []
     concerns = []
     extra = {"model_id": model.model_id, "int8_instructions": support.instructions}

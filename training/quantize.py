@@ -146,6 +146,7 @@ def quantize_int8(
     # Exact rewrites onnxruntime's int8 kernels need (training/graph_rewrite.py): PReLU in the int8 form (one
     # depthwise Conv + Relu; else the quantizer turns Keras' PReLU into a ReLU), grouped convolutions as
     # depthwise ones.
+    reduce_range = WEIGHT_BITS == 7  # 7-bit weights: the same arithmetic on every CPU (module doc)
     model_bytes, _ = optimize(model_bytes, form="int8")
     model_bytes, _ = grouped_as_depthwise(model_bytes)
     with tempfile.TemporaryDirectory(prefix="idembed-quant-") as tmp:
@@ -163,7 +164,7 @@ def quantize_int8(
                     str(dst),
                     weight_type=QuantType.QInt8,
                     per_channel=True,
-                    reduce_range=WEIGHT_BITS == 7,
+                    reduce_range=reduce_range,
                 )
             else:
                 if calibration is None or len(calibration) == 0:
@@ -179,8 +180,7 @@ def quantize_int8(
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     per_channel=True,
-                    # 7-bit weights: the same arithmetic on every CPU (module doc).
-                    reduce_range=WEIGHT_BITS == 7,
+                    reduce_range=reduce_range,
                     calibrate_method=CalibrationMethod.MinMax,
                 )
         except QuantizationError:
